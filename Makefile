@@ -1,0 +1,37 @@
+# EventLive Edge. On a fresh machine: `make run` or `make test` (each creates .venv).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config.yaml
+
+.PHONY: run test lint check bench bench-passthrough clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m gateway --config $(CONFIG)
+
+check: $(STAMP)
+	$(BIN)/python -m gateway check --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway
+	$(BIN)/mypy
+
+# Benchmarks need nginx and wrk (Debian packages); bench/ installs them if missing.
+bench-passthrough: $(STAMP)
+	$(BIN)/python bench/passthrough.py
+
+bench: bench-passthrough
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

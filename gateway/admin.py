@@ -1,0 +1,112 @@
+"""The admin listener (its own port, never the public one): `/healthz`, `/readyz`,
+`/metrics` and `/_edge/status`.
+
+Owns: liveness (the process answers), readiness (not draining, store reachable, and the
+detail of each dependency), Prometheus exposition, and the status document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.runtime import Runtime
+from gateway.store import StoreError
+
+
+def _store_state(rt: Runtime) -> dict[str, Any]:
+    h = rt.store.health
+    return {
+        "backend": h.backend,
+        "ok": h.ok,
+        "consecutive_failures": h.consecutive_failures,
+        "backing_off": bool(h.backoff_until and rt.monotonic() < h.backoff_until),
+        "last_error": h.last_error,
+    }
+
+
+def create_admin_app(rt: Runtime) -> Starlette:
+    started = time.time()
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        checks: dict[str, Any] = {}
+        ready = True
+        if rt.draining:
+            ready = False
+            checks["draining"] = True
+        try:
+            async with asyncio.timeout(max(rt.config.store.timeout * 4, 0.2)):
+                await rt.store.ping()
+            store_ok = True
+        except (StoreError, TimeoutError):
+            store_ok = False
+        rt.metrics.store_up.set(1 if store_ok else 0)
+        checks["store"] = {**_store_state(rt), "ok": store_ok}
+        if not store_ok:
+            ready = False
+        for name, fn in rt.services.get("status", {}).items():
+            checks[name] = fn()
+        body = {"status": "ready" if ready else "not_ready", "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(_: Request) -> Response:
+        return Response(
+            rt.metrics.exposition(),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    async def status(_: Request) -> Response:
+        cfg = rt.config
+        return JSONResponse(
+            {
+                "version": rt.version,
+                "config_digest": rt.digest,
+                "uptime_s": round(time.time() - started, 1),
+                "draining": rt.draining,
+                "degraded": rt.degraded(),
+                "store": _store_state(rt),
+                "upstreams": {n: {"url": u.url} for n, u in cfg.upstreams.items()},
+                "routes": [
+                    {
+                        "name": r.name,
+                        "methods": r.match.methods,
+                        "path": r.match.path,
+                        "query": r.match.query,
+                        "upstream": r.upstream,
+                        "auth": r.auth.mode,
+                        "policies": [
+                            p
+                            for p in (
+                                "rate_limit",
+                                "concurrency",
+                                "refresh",
+                                "heartbeat",
+                                "cache",
+                                "breaker",
+                            )
+                            if getattr(r, p)
+                        ],
+                    }
+                    for r in cfg.routes
+                ],
+                **{name: fn() for name, fn in rt.services.get("status", {}).items()},
+            }
+        )
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/_edge/status", status),
+        ]
+    )

@@ -1,0 +1,440 @@
+"""Typed, validated gateway configuration.
+
+Owns: reading config.yaml, `${VAR}` / `${VAR:-default}` interpolation, the pydantic models
+for every top-level section, cross-field checks, and turning every problem into a
+`ConfigIssue` whose `key` is the dotted path (`routes[2].cache.ttl`) an operator can find
+in the file. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from starlette.routing import compile_path
+
+from gateway.model import Section
+from gateway.policies.configs import (
+    BreakerConfig,
+    CacheConfig,
+    ConcurrencyConfig,
+    FailureMode,
+    HeartbeatConfig,
+    RateLimitList,
+    RefreshConfig,
+    RouteAuth,
+)
+from gateway.units import Duration
+
+# --------------------------------------------------------------------------- sections
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port {p} out of range")
+    return host.strip("[]"), p
+
+
+class ServerConfig(Section):
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9091"
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1/32"])
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    workers: int = Field(1, ge=1, le=64)
+    drain_timeout: Duration = 20.0
+    keep_alive_timeout: Duration = 75.0
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Upper bound on concurrent connections per process before uvicorn answers 503.
+    limit_concurrency: int | None = Field(None, ge=1)
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _parse_listen(v)
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IP network: {exc}") from None
+        return v
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return _parse_listen(self.listen)
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return _parse_listen(self.admin_listen)
+
+
+class StoreConfig(Section):
+    url: str = "memory://"
+    key_prefix: str = "edge:"
+    on_failure: FailureMode = "open"
+    timeout: Duration = 0.05
+    # After this many consecutive failures, stop trying the store for `backoff`.
+    failure_threshold: int = Field(3, ge=1)
+    backoff: Duration = 2.0
+    max_connections: int = Field(64, ge=1)
+    memory_max_keys: int = Field(1_000_000, ge=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in {"memory", "redis", "rediss", "unix"}:
+            raise ValueError(
+                f"unsupported store scheme {scheme!r}; use memory://, redis://, rediss://"
+            )
+        return v
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url.startswith("memory:")
+
+
+class UpstreamConfig(Section):
+    url: str
+    connect_timeout: Duration = 2.0
+    read_timeout: Duration = 30.0
+    max_connections: int = Field(256, ge=1)
+    keepalive_timeout: Duration = 30.0
+    # Send the client's Host header upstream instead of the upstream's own host.
+    preserve_host: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("an upstream URL takes no query or fragment")
+        return v.rstrip("/")
+
+
+class AuthSettings(Section):
+    issuer: str | None = None
+    audience: str | list[str] = "authenticated"
+    hs256_secret: str = ""
+    jwks_url: str | None = None
+    jwks_min_refetch: Duration = 30.0
+    jwks_max_age: Duration = 600.0
+    jwks_timeout: Duration = 3.0
+    leeway: Duration = 30.0
+    cookie_name: str | None = None  # default: any sb-<ref>-auth-token
+    token_cache_size: int = Field(100_000, ge=0)
+    identity_hmac_secret: str = ""
+    user_url: str | None = None  # GoTrue /auth/v1/user, for `revalidate`
+    apikey: str = ""
+
+    @field_validator("jwks_url", "user_url")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v and urlsplit(v).scheme not in {"http", "https"}:
+            raise ValueError(f"expected an http(s) URL, got {v!r}")
+        return v or None
+
+
+class RouteMatch(Section):
+    methods: list[str] | None = None
+    path: str
+    query: dict[str, str] | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = [m.upper() for m in v]
+        for m in out:
+            if not re.fullmatch(r"[A-Z]+", m):
+                raise ValueError(f"invalid HTTP method {m!r}")
+        return out
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("a path template starts with '/'")
+        try:
+            compile_path(v)
+        except (ValueError, AssertionError, KeyError) as exc:
+            raise ValueError(f"invalid path template: {exc}") from None
+        return v
+
+
+class Route(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    match: RouteMatch
+    upstream: str
+    auth: RouteAuth = Field(default_factory=RouteAuth)
+    heartbeat: HeartbeatConfig | None = None
+    cache: CacheConfig | None = None
+    refresh: RefreshConfig | None = None
+    breaker: BreakerConfig | None = None
+    rate_limit: RateLimitList | None = None
+    concurrency: ConcurrencyConfig | None = None
+    # Per-route override of the upstream read timeout.
+    read_timeout: Duration | None = None
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_short(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"mode": v}
+        if v is False or v is None:
+            return {"mode": "off"}
+        return v
+
+
+class DegradedIntervals(Section):
+    presence_ping_interval: Duration = 300.0
+    access_track_interval: Duration = 600.0
+    chat_fallback_interval: Duration = 15.0
+    admin_polling_interval: Duration = 30.0
+
+
+class ClientConfig(Section):
+    presence_ping_interval: Duration = 120.0
+    access_track_interval: Duration = 300.0
+    chat_fallback_interval: Duration = 2.0
+    admin_polling_interval: Duration = 10.0
+    degraded: DegradedIntervals = Field(default_factory=DegradedIntervals)
+    # Upstream considered unhealthy above this 5xx/timeout ratio over the last minute.
+    degraded_error_ratio: float = Field(0.25, gt=0, le=1)
+    cache_max_age: Duration = 30.0
+
+
+class Webhook(Section):
+    kind: Literal["slack", "discord", "generic"]
+    url: str
+
+
+class AlertRules(Section):
+    upstream_400_per_min: float | None = 10
+    upstream_409_per_min: float | None = 50
+    upstream_5xx_per_min: float | None = None
+    auth_p95: Duration | None = 5.0
+    realtime_disconnects_per_min: float | None = 100
+    breaker_open: bool = True
+
+
+class AlertsConfig(Section):
+    evaluate_every: Duration = 15.0
+    cooldown: Duration = 600.0
+    webhooks: list[Webhook] = Field(default_factory=list)
+    rules: AlertRules = Field(default_factory=AlertRules)
+
+
+class GatewayConfig(Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    upstreams: dict[str, UpstreamConfig]
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    routes: list[Route] = Field(min_length=1)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _interpolate(
+    node: Any, env: dict[str, str], loc: tuple[int | str, ...], issues: list[ConfigIssue]
+) -> Any:
+    """Substitute `${VAR}` and `${VAR:-default}` in string scalars after YAML parsing, so a
+    value containing `:` or `#` cannot change the document's structure."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, (*loc, k), issues) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, (*loc, i), issues) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            issues.append(
+                ConfigIssue(dotted(loc), f"environment variable {name} is not set (no default)")
+            )
+            return ""
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _semantic_issues(cfg: GatewayConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen: dict[str, int] = {}
+    for i, route in enumerate(cfg.routes):
+        if route.name in seen:
+            issues.append(
+                ConfigIssue(
+                    f"routes[{i}].name",
+                    f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
+                )
+            )
+        seen.setdefault(route.name, i)
+        if route.upstream not in cfg.upstreams:
+            issues.append(
+                ConfigIssue(f"routes[{i}].upstream", f"unknown upstream {route.upstream!r}")
+            )
+        if (
+            route.heartbeat
+            and route.heartbeat.flush_upstream
+            and (route.heartbeat.flush_upstream not in cfg.upstreams)
+        ):
+            issues.append(
+                ConfigIssue(
+                    f"routes[{i}].heartbeat.flush_upstream",
+                    f"unknown upstream {route.heartbeat.flush_upstream!r}",
+                )
+            )
+        if route.cache and route.match.methods and not set(route.match.methods) <= {"GET", "HEAD"}:
+            issues.append(ConfigIssue(f"routes[{i}].cache", "only GET/HEAD routes can be cached"))
+        if route.refresh and route.cache:
+            issues.append(
+                ConfigIssue(f"routes[{i}].refresh", "refresh and cache cannot share a route")
+            )
+        if route.rate_limit:
+            for j, rule in enumerate(route.rate_limit):
+                if rule.by == "webinar" and "{webinar_id" not in route.match.path:
+                    issues.append(
+                        ConfigIssue(
+                            f"routes[{i}].rate_limit[{j}].by",
+                            "by: webinar needs a {webinar_id} parameter in match.path",
+                        )
+                    )
+        if (
+            route.concurrency
+            and route.concurrency.by == "webinar"
+            and ("{webinar_id" not in route.match.path)
+        ):
+            issues.append(
+                ConfigIssue(
+                    f"routes[{i}].concurrency.by",
+                    "by: webinar needs a {webinar_id} parameter in match.path",
+                )
+            )
+    if cfg.store.is_memory and cfg.server.workers > 1:
+        issues.append(
+            ConfigIssue(
+                "store.url",
+                "memory:// is per process; with server.workers > 1 use redis:// so the "
+                "workers share limits, caches and locks",
+            )
+        )
+    if cfg.server.listen_addr == cfg.server.admin_addr:
+        issues.append(ConfigIssue("server.admin_listen", "must differ from server.listen"))
+    needs_keys = any(r.auth.mode != "off" for r in cfg.routes)
+    if needs_keys and not (cfg.auth.hs256_secret or cfg.auth.jwks_url):
+        issues.append(
+            ConfigIssue(
+                "auth",
+                "routes verify tokens but neither auth.hs256_secret nor auth.jwks_url is set",
+            )
+        )
+    if any(r.auth.revalidate for r in cfg.routes) and not cfg.auth.user_url:
+        issues.append(
+            ConfigIssue("auth.user_url", "auth.revalidate on a route needs auth.user_url")
+        )
+    return issues
+
+
+def _validation_issues(exc: ValidationError) -> Iterator[ConfigIssue]:
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        yield ConfigIssue(dotted(loc), msg)
+
+
+def parse_config(text: str, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Parse and validate; raises ConfigError listing every issue found."""
+    env = dict(os.environ) if env is None else env
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue("", f"YAML syntax error at {where}{problem}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", "the config must be a YAML mapping")])
+    issues: list[ConfigIssue] = []
+    data = _interpolate(raw, env, (), issues)
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([*issues, *_validation_issues(exc)]) from None
+    issues.extend(_semantic_issues(cfg))
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from None
+    return parse_config(text, env)
+
+
+def config_digest(cfg: GatewayConfig) -> str:
+    """A digest that changes when the effective config changes; secrets are hashed in,
+    never shown."""
+    return hashlib.sha256(cfg.model_dump_json(by_alias=True).encode()).hexdigest()[:16]

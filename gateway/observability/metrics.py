@@ -1,0 +1,128 @@
+"""Prometheus metrics of the gateway.
+
+Owns: every collector (names follow Prometheus conventions: `edge_` prefix, `_total` for
+counters, `_seconds` for durations), the registry they live on, and exposition (with the
+multiprocess collector when `PROMETHEUS_MULTIPROC_DIR` is set for `server.workers > 1`).
+Labels are small fixed vocabularies (route names, status codes, outcome words): never a
+token, user id, path or claim value.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# `_created` series double the exposition for no use on dashboards.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "edge_requests_total",
+            "Requests answered, by route and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "edge_request_duration_seconds",
+            "Time to answer a request, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "edge_requests_in_flight",
+            "Requests being handled.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_requests = Counter(
+            "edge_upstream_requests_total",
+            "Requests sent upstream, by upstream and status.",
+            ["upstream", "status"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "edge_upstream_errors_total",
+            "Upstream requests that failed without a response, by kind.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "edge_upstream_duration_seconds",
+            "Time to upstream response headers.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.websockets = Gauge(
+            "edge_websockets_open",
+            "Proxied WebSocket connections open.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.websocket_closes = Counter(
+            "edge_websocket_closes_total",
+            "WebSocket closes, by route and who closed.",
+            ["route", "by"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "edge_store_errors_total",
+            "Store operations that failed, by operation and kind.",
+            ["op", "kind"],
+            registry=r,
+        )
+        self.store_fallbacks = Counter(
+            "edge_store_fallbacks_total",
+            "Requests handled by the on_failure rule because the store failed.",
+            ["policy", "mode"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "edge_store_up",
+            "1 when the last store call succeeded.",
+            registry=r,
+            multiprocess_mode="min",
+        )
+
+    def on_store_error(self, op: str, kind: str) -> None:
+        self.store_errors.labels(op, kind).inc()
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            reg = CollectorRegistry()
+            MultiProcessCollector(reg)
+            return generate_latest(reg)
+        return generate_latest(self.registry)

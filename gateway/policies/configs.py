@@ -1,0 +1,140 @@
+"""Config sections of the route policies, kept apart from their behaviour so that config.py
+(and `gateway check`) can validate a file without importing the request path."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.model import Section
+from gateway.units import Duration, Rate
+
+FailureMode = Literal["open", "closed"]
+
+
+class RouteAuth(Section):
+    """`auth: required` or `auth: {mode: required, revalidate: 60s}`."""
+
+    mode: Literal["required", "optional", "off"] = "optional"
+    # Ask GoTrue /auth/v1/user at most once per token per interval, so a logged-out
+    # session stops working within it (0 = never).
+    revalidate: Duration = 0.0
+
+
+class LocalResponse(Section):
+    status: int = Field(200, ge=100, le=599)
+    body: Any = Field(default_factory=lambda: {"success": True})
+    content_type: str = "application/json"
+
+
+_KEY_SOURCE = re.compile(r"^(user|ip|cookie:[!#$%&'*+.^_`|~0-9A-Za-z-]+|header:[A-Za-z0-9-]+)$")
+
+
+class HeartbeatConfig(Section):
+    mode: Literal["sample", "batch"] = "sample"
+    forward_interval: Duration = 300.0
+    local_response: LocalResponse = Field(default_factory=LocalResponse)
+    key: list[str] = Field(default_factory=lambda: ["user", "ip"])
+    negative_ttl: Duration = 60.0
+    negative_statuses: list[int] = Field(default_factory=lambda: [401, 403, 404])
+    presence_window: Duration | None = None
+    flush_interval: Duration = 10.0
+    flush_url: str | None = None
+    flush_upstream: str | None = None
+    flush_headers: dict[str, str] = Field(default_factory=dict)
+    on_failure: FailureMode | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one key source is needed")
+        for src in v:
+            if not _KEY_SOURCE.match(src):
+                raise ValueError(
+                    f"unknown key source {src!r}; use user, ip, cookie:NAME or header:NAME"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _batch_needs_target(self) -> HeartbeatConfig:
+        if self.mode == "batch" and not (self.flush_url and self.flush_upstream):
+            raise ValueError("mode: batch needs flush_upstream and flush_url")
+        return self
+
+
+class CacheAuthorize(Section):
+    claim: str
+    in_: list[str] = Field(alias="in")
+
+
+class CacheConfig(Section):
+    ttl: Duration
+    stale_while_revalidate: Duration = 0.0
+    stale_if_error: Duration = 0.0
+    vary_query: list[str] = Field(default_factory=list)
+    vary_claims: list[str] = Field(default_factory=list)
+    authz_ttl: Duration = 300.0
+    deny_ttl: Duration = 30.0
+    authorize: CacheAuthorize | None = None
+    # Shared cache for anonymous callers too (public data only); off by default.
+    public: bool = False
+    lock_timeout: Duration = 5.0
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    on_failure: FailureMode | None = None
+
+    @field_validator("ttl")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("ttl must be greater than 0")
+        return v
+
+
+class RefreshConfig(Section):
+    grace: Duration = 30.0
+    lock_ttl: Duration = 10.0
+    wait_timeout: Duration | None = None
+    poll_interval: Duration = 0.025
+
+
+class BreakerConfig(Section):
+    group: str
+    failure_threshold: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window: Duration = 10.0
+    min_requests: int = Field(20, ge=1)
+    cooldown: Duration = 30.0
+    max_cooldown: Duration = 300.0
+    half_open_probes: int = Field(1, ge=1)
+    jitter: float = Field(0.2, ge=0, lt=1)
+    negative_ttl: Duration = 0.0
+    negative_statuses: list[int] = Field(default_factory=lambda: [400, 404])
+
+
+_BY = re.compile(r"^(user|ip|webinar|route|header:[A-Za-z0-9-]+)$")
+
+
+class RateLimitRule(Section):
+    by: str
+    rate: Rate
+    burst: int = Field(1, ge=1)
+    on_failure: Literal["open", "closed", "local"] | None = None
+
+    @field_validator("by")
+    @classmethod
+    def _by(cls, v: str) -> str:
+        if not _BY.match(v):
+            raise ValueError(f"unknown key {v!r}; use user, ip, webinar, route or header:NAME")
+        return v
+
+
+class ConcurrencyConfig(Section):
+    by: Literal["webinar", "route", "user", "ip"] = "webinar"
+    max: int = Field(ge=1)
+    retry_after: Duration = 1.0
+
+
+RateLimitList = Annotated[list[RateLimitRule], Field(min_length=1)]

@@ -1,0 +1,21 @@
+"""Placeholder: the heartbeat policy is not implemented yet; it passes requests through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.http import Handler, Receive, RequestContext, Send
+
+
+class HeartbeatPolicy:
+    def __init__(self, next_handler: Handler, *args: Any) -> None:
+        self.next = next_handler
+
+    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        await self.next(ctx, receive, send)
+
+
+async def presence_endpoint(
+    rt: Any, scope: Any, receive: Receive, send: Send, webinar_id: str, client_ip: str
+) -> None:
+    raise NotImplementedError

@@ -1,0 +1,564 @@
+"""The streaming forwarder: HTTP and WebSocket, to a named upstream.
+
+Owns: one aiohttp ClientSession per upstream (opened in lifespan, `auto_decompress=False`
+so bytes pass through untouched), request/response header rewriting (hop-by-hop and
+Connection-nominated headers dropped both ways, X-Forwarded-*, X-Request-Id, inbound
+X-Edge-* stripped), body streaming in both directions with the `max_body_bytes` cap,
+client-disconnect cancellation, and the 502/504 JSON answers when the upstream fails.
+
+The upstream URL is always the configured base plus the request's raw path and query, so
+the upstream host never comes from the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config import ServerConfig, UpstreamConfig
+from gateway.http import Headers, Message, Receive, RequestContext, Scope, Send, send_error
+from gateway.net import TrustedProxies
+from gateway.observability.metrics import Metrics
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request headers the gateway sets itself (or must never pass on from the client).
+_REQUEST_REWRITTEN = HOP_BY_HOP | {
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"x-request-id",
+    b"content-length",
+    b"expect",
+}
+_WS_SKIP = _REQUEST_REWRITTEN | {
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+    b"sec-websocket-protocol",
+    b"sec-websocket-accept",
+}
+_RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
+_EDGE_PREFIX = b"x-edge-"
+# Bodies up to this size (with a Content-Length) are read before the upstream call: one
+# receive() in practice, and aiohttp then sends headers and body in one write.
+_PREREAD_LIMIT = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _nominated(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in Connection (RFC 9110 7.6.1) are hop-by-hop too."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            names.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return frozenset(names)
+
+
+@dataclass
+class Upstream:
+    """A configured upstream and its connection pool."""
+
+    name: str
+    config: UpstreamConfig
+    session: aiohttp.ClientSession | None = None
+
+    def __post_init__(self) -> None:
+        url = URL(self.config.url)
+        self.base = self.config.url
+        self.host_header = url.raw_authority
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.config.connect_timeout,
+            sock_read=self.config.read_timeout,
+        )
+
+    async def open(self) -> None:
+        if self.session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=self.config.max_connections,
+            keepalive_timeout=self.config.keepalive_timeout,
+            ttl_dns_cache=30,
+            enable_cleanup_closed=False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=self.timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def url(self, scope: Scope) -> URL:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        # Some servers put the query in raw_path; the query string is appended once.
+        raw = raw_path.split(b"?", 1)[0].decode("latin-1")
+        qs: bytes = scope.get("query_string", b"")
+        target = self.base + raw + ("?" + qs.decode("latin-1") if qs else "")
+        return URL(target, encoded=True)
+
+
+def _classify(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return 504, "upstream_timeout", "upstream connect timed out"
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+        return 504, "upstream_timeout", "upstream did not answer in time"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return 502, "upstream_unavailable", "upstream refused or unreachable"
+    return 502, "bad_gateway", "upstream connection failed"
+
+
+class UpstreamFailure(Exception):
+    """Raised by `Proxy.fetch` when no upstream response was obtained."""
+
+    def __init__(self, status: int, code: str, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.kind = kind
+
+
+class Proxy:
+    """Terminal handler of a route: forwards to one upstream and streams the answer."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        server: ServerConfig,
+        trusted: TrustedProxies,
+        metrics: Metrics,
+        read_timeout: float | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.max_body = server.max_body_bytes
+        self.trusted = trusted
+        self.metrics = metrics
+        self.timeout = (
+            aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=upstream.config.connect_timeout,
+                sock_read=read_timeout,
+            )
+            if read_timeout
+            else None
+        )
+        self._req_counter = metrics.upstream_requests
+        self._err_counter = metrics.upstream_errors
+        self._latency = metrics.upstream_latency.labels(upstream.name)
+
+    # ------------------------------------------------------------------ headers
+
+    def request_headers(self, ctx: RequestContext, skip: frozenset[bytes]) -> CIMultiDict[str]:
+        scope = ctx.scope
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        nominated = _nominated(raw)
+        out: CIMultiDict[str] = CIMultiDict()
+        xff = proto = fhost = host = None
+        for k, v in raw:
+            if k in skip or k in nominated or k.startswith(_EDGE_PREFIX):
+                if k == b"x-forwarded-for":
+                    xff = v
+                elif k == b"x-forwarded-proto":
+                    proto = v
+                elif k == b"x-forwarded-host":
+                    fhost = v
+                elif k == b"host":
+                    host = v
+                continue
+            out.add(k.decode("latin-1"), v.decode("latin-1"))
+        peer = scope["client"][0] if scope.get("client") else ctx.client_ip
+        trusted_peer = self.trusted.is_trusted(peer)
+        if trusted_peer and xff:
+            out["X-Forwarded-For"] = xff.decode("latin-1") + ", " + peer
+        else:
+            out["X-Forwarded-For"] = peer
+        out["X-Forwarded-Proto"] = (
+            proto.decode("latin-1") if trusted_peer and proto else scope.get("scheme", "http")
+        )
+        fwd_host = fhost if trusted_peer and fhost else host
+        if fwd_host:
+            out["X-Forwarded-Host"] = fwd_host.decode("latin-1")
+        if self.upstream.config.preserve_host and host:
+            out["Host"] = host.decode("latin-1")
+        else:
+            out["Host"] = self.upstream.host_header
+        out["X-Request-Id"] = ctx.request_id
+        for k, v in ctx.upstream_headers:
+            out[k.decode("latin-1")] = v.decode("latin-1")
+        return out
+
+    @staticmethod
+    def response_headers(resp: aiohttp.ClientResponse) -> Headers:
+        raw = resp.raw_headers
+        nominated = _nominated(list(raw))
+        out: Headers = []
+        for k, v in raw:
+            lk = k.lower()
+            if lk in _RESPONSE_SKIP or lk in nominated:
+                continue
+            out.append((lk, v))
+        return out
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        """Forward and stream the response to the client."""
+        try:
+            resp = await self.fetch(ctx, receive)
+        except BodyTooLarge:
+            await send_error(
+                send,
+                413,
+                "payload_too_large",
+                f"request body exceeds {self.max_body} bytes",
+                ctx.response_headers,
+            )
+            return
+        except UpstreamFailure as exc:
+            await send_error(send, exc.status, exc.code, str(exc), ctx.response_headers)
+            return
+        await self.stream_response(ctx, resp, receive, send)
+
+    async def fetch(self, ctx: RequestContext, receive: Receive) -> aiohttp.ClientResponse:
+        """Send the request upstream and return the response with its body unread. Raises
+        BodyTooLarge or UpstreamFailure. The caller must release the response."""
+        scope = ctx.scope
+        session = self.upstream.session
+        assert session is not None, "upstream session not opened (lifespan not run?)"
+        headers = self.request_headers(ctx, _REQUEST_REWRITTEN)
+        data: Any = None
+        length = ctx.header(b"content-length")
+        chunked = ctx.header(b"transfer-encoding")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise UpstreamFailure(400, "bad_request", "invalid Content-Length", "") from None
+            if n > self.max_body:
+                raise BodyTooLarge
+            if n <= _PREREAD_LIMIT:
+                data = await read_body(receive, self.max_body)
+            else:
+                data = _stream_body(receive, self.max_body)
+            headers["Content-Length"] = str(n)
+        elif chunked is not None:
+            data = _stream_body(receive, self.max_body)
+        method = scope["method"]
+        t0 = time.perf_counter()
+        name = self.upstream.name
+        kwargs: dict[str, Any] = {"timeout": self.timeout} if self.timeout else {}
+        try:
+            resp = await session.request(
+                method,
+                self.upstream.url(scope),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                **kwargs,
+            )
+        except (BodyTooLarge, ClientGone):
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if _caused_by(exc, BodyTooLarge):
+                raise BodyTooLarge from None
+            if _caused_by(exc, ClientGone):
+                raise ClientGone from None
+            status, code, message = _classify(exc)
+            kind = code.removeprefix("upstream_")
+            self._err_counter.labels(name, kind).inc()
+            ctx.upstream_seconds = time.perf_counter() - t0
+            raise UpstreamFailure(status, code, message, kind) from None
+        elapsed = time.perf_counter() - t0
+        ctx.upstream_seconds = elapsed
+        self._latency.observe(elapsed)
+        self._req_counter.labels(name, str(resp.status)).inc()
+        return resp
+
+    async def stream_response(
+        self,
+        ctx: RequestContext,
+        resp: aiohttp.ClientResponse,
+        receive: Receive,
+        send: Send,
+        extra_headers: Headers | None = None,
+    ) -> None:
+        headers = self.response_headers(resp)
+        if ctx.response_headers:
+            headers.extend(ctx.response_headers)
+        if extra_headers:
+            headers.extend(extra_headers)
+        task = asyncio.current_task()
+        done = False
+        gone = False
+
+        async def watch() -> None:
+            # Waits for the client to go away; the request body is fully read by now.
+            nonlocal gone
+            while True:
+                msg: Message = await receive()
+                if msg["type"] == "http.disconnect":
+                    if not done and task is not None:
+                        gone = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            content = resp.content
+            if ctx.scope["method"] == "HEAD":
+                chunk = b""
+            else:
+                chunk = await content.readany()
+            while True:
+                if not chunk or content.at_eof():
+                    done = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await content.readany()
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            if task is not None:
+                task.uncancel()
+            ctx.notes.append("client_gone")
+            ctx.status = 499
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are already out: the only honest signal left is to cut the
+            # connection, so the client cannot mistake a truncated body for a whole one.
+            kind = _classify(exc)[1].removeprefix("upstream_")
+            self._err_counter.labels(self.upstream.name, kind).inc()
+            ctx.notes.append("upstream_truncated")
+            raise TruncatedResponse from None
+        finally:
+            done = True
+            watcher.cancel()
+            resp.release()
+
+
+class TruncatedResponse(Exception):
+    """The upstream failed after the response started; app.py closes the connection."""
+
+
+def _caused_by(exc: BaseException, cls: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, cls):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read a whole request body (for small bodies and policies that must see it)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        body: bytes = msg.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(body)
+        if not msg.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        body: bytes = msg.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise BodyTooLarge
+            yield body
+        if not msg.get("more_body", False):
+            return
+
+
+# ---------------------------------------------------------------------- WebSocket
+
+
+class WebSocketProxy:
+    """Relays a WebSocket to the upstream: subprotocol negotiation, text and binary frames
+    both ways, and the close code of whichever side closes first."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        server: ServerConfig,
+        trusted: TrustedProxies,
+        metrics: Metrics,
+        route_name: str,
+    ) -> None:
+        self.upstream = upstream
+        self.http = Proxy(upstream, server, trusted, metrics)
+        self.max_msg = server.max_body_bytes
+        self.metrics = metrics
+        self.route_name = route_name
+        self.open_gauge = metrics.websockets.labels(route_name)
+
+    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        scope = ctx.scope
+        session = self.upstream.session
+        assert session is not None
+        msg = await receive()
+        if msg["type"] != "websocket.connect":
+            return
+        headers = self.http.request_headers(ctx, _WS_SKIP)
+        headers.popall("Host", None)
+        headers["Host"] = self.upstream.host_header
+        protocols = tuple(scope.get("subprotocols") or ())
+        try:
+            ws = await session.ws_connect(
+                self.upstream.url(scope),
+                protocols=protocols,
+                headers=headers,
+                autoping=True,
+                max_msg_size=self.max_msg,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            await self._refuse(
+                scope,
+                send,
+                502,
+                "upstream_refused_upgrade",
+                f"upstream answered {exc.status} to the upgrade",
+            )
+            ctx.status = 502
+            return
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            status, code, message = _classify(exc)
+            await self._refuse(scope, send, status, code, message)
+            ctx.status = status
+            return
+        ctx.status = 101
+        self.open_gauge.inc()
+        closed_by = "client"
+        try:
+            await send({"type": "websocket.accept", "subprotocol": ws.protocol})
+            closed_by = await self._relay(ws, receive, send)
+        finally:
+            self.open_gauge.dec()
+            self.metrics.websocket_closes.labels(self.route_name, closed_by).inc()
+            if not ws.closed:
+                await ws.close()
+
+    async def _relay(
+        self, ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
+    ) -> str:
+        async def client_to_upstream() -> str:
+            while True:
+                msg = await receive()
+                t = msg["type"]
+                if t == "websocket.receive":
+                    if msg.get("text") is not None:
+                        await ws.send_str(msg["text"])
+                    elif msg.get("bytes") is not None:
+                        await ws.send_bytes(msg["bytes"])
+                elif t == "websocket.disconnect":
+                    code = int(msg.get("code", 1000))
+                    if not ws.closed:
+                        await ws.close(code=code if _sendable_close(code) else 1000)
+                    return "client"
+
+        async def upstream_to_client() -> str:
+            async for m in ws:
+                if m.type == aiohttp.WSMsgType.TEXT:
+                    await send({"type": "websocket.send", "text": m.data})
+                elif m.type == aiohttp.WSMsgType.BINARY:
+                    await send({"type": "websocket.send", "bytes": m.data})
+                elif m.type == aiohttp.WSMsgType.ERROR:
+                    break
+            code = ws.close_code or 1011
+            with contextlib.suppress(Exception):
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": code if _sendable_close(code) else 1011,
+                        "reason": "",
+                    }
+                )
+            return "upstream"
+
+        a = asyncio.ensure_future(client_to_upstream())
+        b = asyncio.ensure_future(upstream_to_client())
+        try:
+            finished, _pending = await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (a, b):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(a, b, return_exceptions=True)
+        first = finished.pop()
+        return first.result() if not first.cancelled() and first.exception() is None else "error"
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+        if "websocket.http.response" in scope.get("extensions", {}):
+            from gateway.http import JSON_CT, error_body
+
+            body = error_body(code, message)
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [JSON_CT, (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1011})
+
+
+def _sendable_close(code: int) -> bool:
+    """Codes an endpoint may put on the wire (RFC 6455 7.4)."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999

@@ -1,0 +1,70 @@
+"""The route table: method + path template (Starlette convertors) + optional query match.
+First match wins; the route named `default` (or any catch-all template) takes the rest.
+
+Owns: compiling the templates once and matching a scope to (route, path params). The
+handler chain of each route is attached by app.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.convertors import Convertor
+from starlette.routing import compile_path
+
+from gateway.config import Route
+from gateway.http import Handler, Scope
+
+
+@dataclass(eq=False)
+class CompiledRoute:
+    config: Route
+    regex: re.Pattern[str]
+    convertors: dict[str, Convertor[Any]]
+    methods: frozenset[str] | None
+    query: tuple[tuple[str, str], ...]
+    handler: Handler | None = None
+    # Pre-encoded route name, for the per-request metrics and logs.
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def compile_route(route: Route) -> CompiledRoute:
+    regex, _fmt, convertors = compile_path(route.match.path)
+    methods = frozenset(route.match.methods) if route.match.methods else None
+    if methods and "GET" in methods:
+        methods = methods | {"HEAD"}
+    query = tuple(sorted((route.match.query or {}).items()))
+    return CompiledRoute(route, regex, convertors, methods, query)
+
+
+class RouteTable:
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = [compile_route(r) for r in routes]
+
+    def match(self, scope: Scope) -> tuple[CompiledRoute, dict[str, str]] | None:
+        path: str = scope["path"]
+        method: str = scope.get("method", "GET")
+        is_ws = scope["type"] == "websocket"
+        parsed_qs: dict[str, str] | None = None
+        for route in self.routes:
+            if route.methods is not None and not is_ws and method not in route.methods:
+                continue
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            if route.query:
+                if parsed_qs is None:
+                    qs = scope.get("query_string", b"").decode("latin-1")
+                    parsed_qs = dict(parse_qsl(qs, keep_blank_values=True))
+                if any(parsed_qs.get(k) != v for k, v in route.query):
+                    continue
+            params = {k: str(route.convertors[k].convert(v)) for k, v in m.groupdict().items()}
+            return route, params
+        return None

@@ -1,0 +1,217 @@
+"""Process management: uvicorn run programmatically, both listeners, drain on SIGTERM.
+
+Owns: the uvicorn settings that matter for a proxy (uvloop, httptools, no uvicorn access
+log, no proxy-header rewriting: the gateway decides who the client is itself), the
+drain sequence (readiness 503 → stop accepting → in-flight requests finish within
+`server.drain_timeout` → shutdown hooks → pools close → exit 0), and `server.workers`
+(a supervisor that binds the public socket once, forks N workers, serves the admin port
+itself with Prometheus multiprocess metrics, and forwards SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from gateway.config import GatewayConfig, load_config
+from gateway.observability.logging import setup_logging
+
+log = logging.getLogger("gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose signals are ours: the drain sequence is owned here."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn_config(
+    app: Any, host: str, port: int, cfg: GatewayConfig, **kw: Any
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        ws="websockets-sansio",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=int(cfg.server.keep_alive_timeout),
+        timeout_graceful_shutdown=int(cfg.server.drain_timeout) or 1,
+        limit_concurrency=cfg.server.limit_concurrency,
+        backlog=2048,
+        ws_max_size=max(cfg.server.max_body_bytes, 65536),
+        **kw,
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+
+
+async def _serve_single(
+    cfg: GatewayConfig,
+    config_path: str | None,
+    sock: socket.socket | None = None,
+    admin: bool = True,
+) -> None:
+    from gateway.admin import create_admin_app
+    from gateway.app import create_app
+
+    app = create_app(cfg)
+    rt = app.rt
+    host, port = cfg.server.listen_addr
+    public = _Server(_uvicorn_config(app, host, port, cfg, lifespan="on"))
+    servers = [public.serve(sockets=[sock] if sock else None)]
+    admin_server: _Server | None = None
+    if admin:
+        ahost, aport = cfg.server.admin_addr
+        admin_server = _Server(
+            _uvicorn_config(create_admin_app(rt), ahost, aport, cfg, lifespan="off")
+        )
+    loop = asyncio.get_running_loop()
+
+    def drain(sig: signal.Signals) -> None:
+        if rt.draining:
+            public.force_exit = True
+            return
+        log.info("draining", extra={"signal": sig.name})
+        rt.draining = True
+        public.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, drain, sig)
+
+    async def run_public() -> None:
+        try:
+            await servers[0]
+        finally:
+            if admin_server is not None:
+                admin_server.should_exit = True
+
+    if admin_server is not None:
+        await asyncio.gather(run_public(), admin_server.serve())
+    else:
+        await run_public()
+    log.info("stopped")
+
+
+def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
+    setup_logging(cfg.server.log_level)
+    if cfg.server.workers > 1:
+        return _supervise(cfg, config_path)
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve_single(cfg, config_path))
+    return 0
+
+
+# ------------------------------------------------------------------ multi-worker
+
+
+def _worker(config_path: str, sock: socket.socket, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    cfg = load_config(config_path)
+    setup_logging(cfg.server.log_level)
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve_single(cfg, config_path, sock=sock, admin=False))
+
+
+def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
+    if config_path is None:
+        raise RuntimeError("server.workers > 1 needs a config file path")
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not mp_dir:
+        mp_dir = tempfile.mkdtemp(prefix="edge-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    for f in Path(mp_dir).glob("*.db"):
+        f.unlink()
+    host, port = cfg.server.listen_addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    ctx = multiprocessing.get_context("spawn")
+    env = {"PROMETHEUS_MULTIPROC_DIR": mp_dir}
+    procs = [
+        ctx.Process(target=_worker, args=(config_path, sock, env), name=f"edge-worker-{i}")
+        for i in range(cfg.server.workers)
+    ]
+    for p in procs:
+        p.start()
+    log.info("workers started", extra={"workers": len(procs), "pids": [p.pid for p in procs]})
+
+    async def admin_main() -> None:
+        from prometheus_client import multiprocess
+
+        from gateway.admin import create_admin_app
+        from gateway.runtime import Runtime
+
+        rt = Runtime(cfg)
+        await rt.store.start()
+        ahost, aport = cfg.server.admin_addr
+        admin = _Server(_uvicorn_config(create_admin_app(rt), ahost, aport, cfg, lifespan="off"))
+        loop = asyncio.get_running_loop()
+
+        def stop(sig: signal.Signals) -> None:
+            rt.draining = True
+            for p in procs:
+                if p.pid and p.is_alive():
+                    os.kill(p.pid, sig)
+
+        def reload_all() -> None:
+            for p in procs:
+                if p.pid and p.is_alive():
+                    os.kill(p.pid, signal.SIGHUP)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, reload_all)
+
+        async def watch_workers() -> None:
+            # Process sentinels are plain fds: wait on them in a thread, not a poll loop.
+            await asyncio.to_thread(multiprocessing.connection.wait, [p.sentinel for p in procs])
+            while any(p.is_alive() for p in procs):
+                await asyncio.to_thread(
+                    multiprocessing.connection.wait, [p.sentinel for p in procs if p.is_alive()]
+                )
+            admin.should_exit = True
+
+        await asyncio.gather(admin.serve(), watch_workers())
+        for p in procs:
+            if p.pid is not None:
+                multiprocess.mark_process_dead(p.pid)
+        await rt.store.close()
+
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(admin_main())
+    for p in procs:
+        p.join(timeout=1)
+    sock.close()
+    codes = [p.exitcode for p in procs]
+    return 0 if all(c == 0 for c in codes) else 1

@@ -1,0 +1,163 @@
+"""`memory://` store: the embedded default for one process.
+
+Owns: an in-process, size-bounded (cachetools TLRU) keyspace with per-key expiry and the
+few Redis data types the scripts need (strings, integers, hashes, sorted sets). Scripts
+run their Python twin against `MemoryData`; there is no await inside, so each one is
+atomic on the event loop exactly as a Lua script is atomic on Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cachetools import TLRUCache
+
+from gateway.store.base import Clock, Script, ScriptArg, Store, StoreHealth
+
+_NEVER = float("inf")
+
+
+class _Entry:
+    __slots__ = ("expires_at", "value")
+
+    def __init__(self, value: Any, expires_at: float) -> None:
+        self.value = value
+        self.expires_at = expires_at
+
+
+def _ttu(_key: str, entry: _Entry, _now: float) -> float:
+    return entry.expires_at
+
+
+class MemoryData:
+    """A tiny Redis-shaped keyspace. Times are seconds from the injected clock."""
+
+    def __init__(self, max_keys: int, clock: Clock) -> None:
+        self.clock = clock
+        self._data: TLRUCache[str, _Entry] = TLRUCache(maxsize=max_keys, ttu=_ttu, timer=clock)
+
+    def _entry(self, key: str) -> _Entry | None:
+        return self._data.get(key)
+
+    def _put(self, key: str, value: Any, ttl: float | None, keep_ttl: bool = False) -> None:
+        if keep_ttl and (old := self._entry(key)) is not None:
+            expires = old.expires_at
+        else:
+            expires = self.clock() + ttl if ttl else _NEVER
+        self._data[key] = _Entry(value, expires)
+
+    # strings
+    def get(self, key: str) -> Any:
+        e = self._entry(key)
+        return None if e is None else e.value
+
+    def set(self, key: str, value: Any, ttl: float | None = None, keep_ttl: bool = False) -> None:
+        self._put(key, value, ttl, keep_ttl)
+
+    def exists(self, key: str) -> bool:
+        return self._entry(key) is not None
+
+    def delete(self, key: str) -> int:
+        return 1 if self._data.pop(key, None) is not None else 0
+
+    def expire(self, key: str, ttl: float) -> None:
+        e = self._entry(key)
+        if e is not None:
+            self._data[key] = _Entry(e.value, self.clock() + ttl)
+
+    def pttl(self, key: str) -> int:
+        e = self._entry(key)
+        if e is None:
+            return -2
+        if e.expires_at == _NEVER:
+            return -1
+        return max(0, int((e.expires_at - self.clock()) * 1000))
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        e = self._entry(key)
+        if e is None:
+            self._put(key, amount, ttl)
+            return amount
+        e.value = int(e.value) + amount
+        return int(e.value)
+
+    # hashes
+    def hash(self, key: str, create: bool = False) -> dict[bytes, bytes] | None:
+        e = self._entry(key)
+        if e is None:
+            if not create:
+                return None
+            h: dict[bytes, bytes] = {}
+            self._put(key, h, None)
+            return h
+        value: dict[bytes, bytes] = e.value
+        return value
+
+    # sorted sets: member -> score
+    def zset(self, key: str, create: bool = False) -> dict[bytes, float] | None:
+        e = self._entry(key)
+        if e is None:
+            if not create:
+                return None
+            z: dict[bytes, float] = {}
+            self._put(key, z, None)
+            return z
+        value: dict[bytes, float] = e.value
+        return value
+
+
+def _b(v: ScriptArg) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    return str(v).encode()
+
+
+class MemoryStore(Store):
+    backend = "memory"
+
+    def __init__(
+        self, key_prefix: str = "edge:", *, max_keys: int = 1_000_000, clock: Clock = time.time
+    ) -> None:
+        super().__init__(key_prefix)
+        self.clock = clock
+        self.data = MemoryData(max_keys, clock)
+        self._health = StoreHealth(backend="memory")
+
+    @property
+    def health(self) -> StoreHealth:
+        return self._health
+
+    async def ping(self) -> None:
+        return None
+
+    async def get(self, key: str) -> bytes | None:
+        v = self.data.get(self.k(key))
+        return None if v is None else _b(v)
+
+    async def set(
+        self, key: str, value: bytes, ttl: float | None = None, *, nx: bool = False
+    ) -> bool:
+        k = self.k(key)
+        if nx and self.data.exists(k):
+            return False
+        self.data.set(k, value, ttl)
+        return True
+
+    async def delete(self, *keys: str) -> int:
+        return sum(self.data.delete(self.k(k)) for k in keys)
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        return self.data.incr(self.k(key), amount, ttl)
+
+    async def delete_if_equals(self, key: str, value: bytes) -> bool:
+        k = self.k(key)
+        if self.data.get(k) == value:
+            self.data.delete(k)
+            return True
+        return False
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        now_ms = int(self.clock() * 1000)
+        return script.py(self.data, [self.k(k) for k in keys], list(args), now_ms)
