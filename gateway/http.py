@@ -109,3 +109,89 @@ def cookies(scope: Scope) -> dict[str, str]:
             if sep and name and name not in out:
                 out[name] = value.strip()
     return out
+
+
+# --------------------------------------------------------------------------- composition
+# Policies compose by handing the next handler a different `receive` (to replay a body
+# they had to read) or `send` (to look at, hold, or replace the answer).
+
+
+def replay_receive(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields `body` once, then defers to the real one (for disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+@dataclass(slots=True)
+class CapturedResponse:
+    """A whole response held in memory (for policies that must see or keep the body)."""
+
+    status: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    complete: bool = False
+    too_large: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def header_list(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+def capture_send(limit: int = 10 * 1024 * 1024) -> tuple[Send, CapturedResponse]:
+    """A send that records the response instead of sending it. Past `limit` bytes the body
+    is dropped and `too_large` is set (the caller should then not keep it)."""
+    resp = CapturedResponse()
+
+    async def send(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            resp.status = msg["status"]
+            resp.headers = [(bytes(k).lower(), bytes(v)) for k, v in msg.get("headers", ())]
+        elif msg["type"] == "http.response.body":
+            body = msg.get("body", b"")
+            if body and not resp.too_large:
+                if len(resp.body) + len(body) > limit:
+                    resp.too_large = True
+                    resp.body.clear()
+                else:
+                    resp.body.extend(body)
+            if not msg.get("more_body", False):
+                resp.complete = True
+
+    return send, resp
+
+
+async def send_captured(
+    send: Send,
+    resp: CapturedResponse,
+    extra_headers: Headers | None = None,
+    *,
+    head: bool = False,
+) -> None:
+    """Send a captured (or cached) response, fixing Content-Length to the body held."""
+    headers = [
+        (k, v) for k, v in resp.headers if k not in (b"content-length", b"transfer-encoding")
+    ]
+    headers.append((b"content-length", str(len(resp.body)).encode()))
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    await send(
+        {
+            "type": "http.response.body",
+            "body": b"" if head else bytes(resp.body),
+            "more_body": False,
+        }
+    )
