@@ -116,6 +116,31 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        # auth (gateway/policies/auth.py)
+        self.auth_verifications = Counter(
+            "edge_auth_verifications_total",
+            "Access-token verifications, by result (ok, expired, bad_signature, ...).",
+            ["result"],
+            registry=r,
+        )
+        self.auth_token_cache = Counter(
+            "edge_auth_token_cache_total",
+            "Verified-token cache lookups, by outcome (hit, miss).",
+            ["outcome"],
+            registry=r,
+        )
+        self.jwks_fetches = Counter(
+            "edge_jwks_fetches_total",
+            "JWKS fetches, by outcome (ok, error, timeout, invalid).",
+            ["outcome"],
+            registry=r,
+        )
+        self.auth_revalidations = Counter(
+            "edge_auth_revalidations_total",
+            "GoTrue /user revalidations, by outcome (ok, revoked, error).",
+            ["outcome"],
+            registry=r,
+        )
 
     def on_store_error(self, op: str, kind: str) -> None:
         self.store_errors.labels(op, kind).inc()
