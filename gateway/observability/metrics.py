@@ -116,6 +116,32 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        # breaker (gateway/policies/breaker.py)
+        self.breaker_state = Gauge(
+            "edge_breaker_state",
+            "Circuit breaker state per group: 0 closed, 1 half-open, 2 open.",
+            ["group"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_transitions = Counter(
+            "edge_breaker_transitions_total",
+            "Circuit breaker state changes, by group and new state.",
+            ["group", "to"],
+            registry=r,
+        )
+        self.breaker_shed = Counter(
+            "edge_breaker_shed_total",
+            "Requests answered 503 at the edge because the group's breaker was open.",
+            ["group"],
+            registry=r,
+        )
+        self.negative_cache_hits = Counter(
+            "edge_negative_cache_hits_total",
+            "Repeated 4xx answered from the per-caller negative cache, by route.",
+            ["route"],
+            registry=r,
+        )
         # auth (gateway/policies/auth.py)
         self.auth_verifications = Counter(
             "edge_auth_verifications_total",
