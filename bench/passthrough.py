@@ -1,0 +1,205 @@
+"""Passthrough benchmark: the gateway against an nginx `proxy_pass` anchor.
+
+One invocation starts a static nginx upstream (a fixed ~100-byte JSON body), an nginx
+proxy in front of it (1 worker, keepalive pool to the upstream) and the gateway in front
+of the same upstream (1 worker, memory store, one catch-all route, auth off; once with
+the access log off and once with it on), then runs wrk against each at 50 connections
+(2 threads) and at 1 connection (1 thread), after a warm-up. It prints requests/s, p50,
+p99 and CPU per request for each, the gateway/nginx requests/s ratio at 50 connections
+and the p50 the gateway adds at 1 connection, checks them against the targets of issue 2,
+and writes bench/results/passthrough.json.
+
+    .venv/bin/python bench/passthrough.py            # ~70 s
+    .venv/bin/python bench/passthrough.py --quick    # ~25 s, shorter runs
+
+Needs /usr/sbin/nginx and /usr/bin/wrk (`apt-get install nginx-light wrk`). Every process
+listens on 127.0.0.1 only and is stopped before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The bench runs as a script (bench/ is not a package), so common.py is found via sys.path.
+from common import (
+    UPSTREAM_BODY,
+    BenchError,
+    WrkResult,
+    free_port,
+    gateway,
+    gateway_config,
+    http_get,
+    nginx_proxy,
+    require_tools,
+    run_wrk,
+    static_upstream,
+    uptime,
+    versions,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "passthrough.json"
+# Targets from issue 2.
+TARGET_RATIO = 0.08
+TARGET_ADDED_P50_MS = 0.5
+
+
+def _check_body(url: str) -> None:
+    status, body = http_get(url + "/bench/item?x=1")
+    if status != 200 or body.decode() != UPSTREAM_BODY:
+        raise BenchError(f"{url} answered {status} {body[:200]!r}, not the upstream body")
+
+
+def _measure(
+    name: str, url: str, pid: int | None, args: argparse.Namespace
+) -> dict[str, WrkResult]:
+    target = url + "/bench/item"
+    _check_body(url)
+    # Warm-up: opens the pools, fills caches, lets the CPU frequency settle.
+    run_wrk(target, 50, 2, args.warmup)
+    out: dict[str, WrkResult] = {}
+    out["c50"] = run_wrk(target, 50, 2, args.duration, cpu_pid=pid)
+    _line(name, out["c50"])
+    run_wrk(target, 1, 1, 1)
+    out["c1"] = run_wrk(target, 1, 1, args.duration_c1, cpu_pid=pid)
+    _line(name, out["c1"])
+    return out
+
+
+def _line(name: str, r: WrkResult) -> None:
+    lat = r.latency_ms
+    cpu = f"{r.cpu_us_per_request:7.1f}" if r.cpu_us_per_request is not None else "      -"
+    err = f"  errors {r.errors}" if r.errors else ""
+    print(
+        f"  {name:<22} c={r.connections:<3} {r.rps:>10,.0f} req/s   "
+        f"p50 {lat.get('p50', float('nan')):7.3f} ms   p99 {lat.get('p99', float('nan')):7.3f} ms"
+        f"   cpu {cpu} us/req{err}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=10, help="seconds at 50 connections")
+    p.add_argument("--duration-c1", type=float, default=5, help="seconds at 1 connection")
+    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per target")
+    p.add_argument("--quick", action="store_true", help="4 s / 3 s / 1 s runs")
+    p.add_argument(
+        "--no-access-log-run", action="store_true", help="skip the gateway run with access_log on"
+    )
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
+    p.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.duration_c1, args.warmup = 4, 3, 1
+    require_tools()
+
+    load_before = uptime()
+    started = time.time()
+    print(f"passthrough bench — {os.cpu_count()} CPUs — {load_before}", flush=True)
+    results: dict[str, dict[str, WrkResult]] = {}
+    try:
+        with static_upstream() as up:
+            print(f"upstream nginx on {up.url} (body {len(UPSTREAM_BODY)} bytes)", flush=True)
+            results["upstream_direct"] = _measure("upstream (direct)", up.url, up.proc.pid, args)
+            with nginx_proxy(up.url) as px:
+                results["nginx_proxy"] = _measure("nginx proxy_pass", px.url, px.proc.pid, args)
+            runs = [("gateway", False)]
+            if not args.no_access_log_run:
+                runs.append(("gateway_access_log", True))
+            for key, access_log in runs:
+                cfg = gateway_config(up.url, free_port(), free_port(), access_log=access_log)
+                with gateway(cfg, python=args.python) as gw:
+                    label = "gateway" + (" +access_log" if access_log else "")
+                    results[key] = _measure(label, gw.url, gw.proc.pid, args)
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    load_after = uptime()
+
+    gwr, ng, direct = results["gateway"], results["nginx_proxy"], results["upstream_direct"]
+    ratio = gwr["c50"].rps / ng["c50"].rps
+    added = gwr["c1"].latency_ms["p50"] - ng["c1"].latency_ms["p50"]
+    added_direct = gwr["c1"].latency_ms["p50"] - direct["c1"].latency_ms["p50"]
+    ng_added = ng["c1"].latency_ms["p50"] - direct["c1"].latency_ms["p50"]
+    summary: dict[str, Any] = {
+        "ratio_rps_c50_gateway_over_nginx": round(ratio, 4),
+        "added_p50_ms_c1_vs_nginx_proxy": round(added, 3),
+        "added_p50_ms_c1_vs_direct": round(added_direct, 3),
+        "nginx_proxy_added_p50_ms_c1_vs_direct": round(ng_added, 3),
+        "target_ratio": TARGET_RATIO,
+        "target_added_p50_ms": TARGET_ADDED_P50_MS,
+        "ratio_ok": ratio >= TARGET_RATIO,
+        "added_p50_ok": added < TARGET_ADDED_P50_MS,
+    }
+    if "gateway_access_log" in results:
+        gl = results["gateway_access_log"]
+        summary["ratio_rps_c50_gateway_access_log_over_nginx"] = round(
+            gl["c50"].rps / ng["c50"].rps, 4
+        )
+        summary["added_p50_ms_c1_access_log_vs_nginx_proxy"] = round(
+            gl["c1"].latency_ms["p50"] - ng["c1"].latency_ms["p50"], 3
+        )
+    errors = sum(r.errors for runs in results.values() for r in runs.values())
+
+    def ok(flag: bool) -> str:
+        return "ok" if flag else "MISSED"
+
+    print()
+    print(
+        f"gateway/nginx requests/s at 50 connections: {ratio:.3f} "
+        f"(target >= {TARGET_RATIO}: {ok(summary['ratio_ok'])})"
+    )
+    print(
+        f"added p50 at 1 connection: {added:+.3f} ms vs nginx proxy "
+        f"(target < {TARGET_ADDED_P50_MS} ms: {ok(summary['added_p50_ok'])}), "
+        f"{added_direct:+.3f} ms vs direct upstream (nginx proxy itself adds {ng_added:+.3f} ms)"
+    )
+    if "ratio_rps_c50_gateway_access_log_over_nginx" in summary:
+        print(
+            "with access_log on: ratio "
+            f"{summary['ratio_rps_c50_gateway_access_log_over_nginx']:.3f}, added p50 "
+            f"{summary['added_p50_ms_c1_access_log_vs_nginx_proxy']:+.3f} ms"
+        )
+    if errors:
+        print(f"WARNING: {errors} wrk errors (non-2xx or socket errors); see the JSON")
+    print(f"load: before [{load_before}] after [{load_after}]")
+
+    doc = {
+        "bench": "passthrough",
+        "command": "python bench/passthrough.py " + " ".join(argv or sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "cpus": os.cpu_count(),
+        "uptime_before": load_before,
+        "uptime_after": load_after,
+        "versions": versions(args.python),
+        "settings": {
+            "duration_c50_s": args.duration,
+            "duration_c1_s": args.duration_c1,
+            "warmup_s": args.warmup,
+            "body_bytes": len(UPSTREAM_BODY),
+            "wrk": {"c50": "-t2 -c50 --latency", "c1": "-t1 -c1 --latency"},
+        },
+        "results": {
+            name: {k: r.as_dict() for k, r in runs.items()} for name, runs in results.items()
+        },
+        "summary": summary,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
