@@ -234,26 +234,40 @@ class Proxy:
     # ------------------------------------------------------------------ HTTP
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
-        """Forward and stream the response to the client."""
+        """Forward and stream the response to the client; a client that goes away cancels
+        the upstream call (the upstream connection is closed, as nginx does)."""
+        watch = DisconnectWatch(receive)
         try:
-            resp = await self.fetch(ctx, receive)
-        except BodyTooLarge:
-            await send_error(
-                send,
-                413,
-                "payload_too_large",
-                f"request body exceeds {self.max_body} bytes",
-                ctx.response_headers,
-            )
-            return
-        except UpstreamFailure as exc:
-            await send_error(send, exc.status, exc.code, str(exc), ctx.response_headers)
-            return
-        await self.stream_response(ctx, resp, receive, send)
+            try:
+                resp = await self.fetch(ctx, receive, watch)
+            except BodyTooLarge:
+                await send_error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body exceeds {self.max_body} bytes",
+                    ctx.response_headers,
+                )
+                return
+            except UpstreamFailure as exc:
+                await send_error(send, exc.status, exc.code, str(exc), ctx.response_headers)
+                return
+            await self.stream_response(ctx, resp, receive, send, watch=watch)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            watch.uncancel()
+            ctx.notes.append("client_gone")
+            ctx.status = 499
+        finally:
+            watch.stop()
 
-    async def fetch(self, ctx: RequestContext, receive: Receive) -> aiohttp.ClientResponse:
+    async def fetch(
+        self, ctx: RequestContext, receive: Receive, watch: DisconnectWatch | None = None
+    ) -> aiohttp.ClientResponse:
         """Send the request upstream and return the response with its body unread. Raises
-        BodyTooLarge or UpstreamFailure. The caller must release the response."""
+        BodyTooLarge or UpstreamFailure. The caller must release the response. With a
+        `watch`, a client disconnect after the body was read cancels the call."""
         scope = ctx.scope
         session = self.upstream.session
         assert session is not None, "upstream session not opened (lifespan not run?)"
@@ -271,10 +285,12 @@ class Proxy:
             if n <= _PREREAD_LIMIT:
                 data = await read_body(receive, self.max_body)
             else:
-                data = _stream_body(receive, self.max_body)
+                data = _stream_body(receive, self.max_body, watch)
             headers["Content-Length"] = str(n)
         elif chunked is not None:
-            data = _stream_body(receive, self.max_body)
+            data = _stream_body(receive, self.max_body, watch)
+        if watch is not None and not isinstance(data, AsyncIterator):
+            watch.start()
         method = scope["method"]
         t0 = time.perf_counter()
         name = self.upstream.name
@@ -313,47 +329,34 @@ class Proxy:
         receive: Receive,
         send: Send,
         extra_headers: Headers | None = None,
+        watch: DisconnectWatch | None = None,
     ) -> None:
         headers = self.response_headers(resp)
         if ctx.response_headers:
             headers.extend(ctx.response_headers)
         if extra_headers:
             headers.extend(extra_headers)
-        task = asyncio.current_task()
-        done = False
-        gone = False
-
-        async def watch() -> None:
-            # Waits for the client to go away; the request body is fully read by now.
-            nonlocal gone
-            while True:
-                msg: Message = await receive()
-                if msg["type"] == "http.disconnect":
-                    if not done and task is not None:
-                        gone = True
-                        task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        own_watch = watch is None
+        if watch is None:
+            watch = DisconnectWatch(receive)
+        # The request body is fully read once the upstream has answered, so from here
+        # a receive() can only report the client going away.
+        watch.start()
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             content = resp.content
-            if ctx.scope["method"] == "HEAD":
-                chunk = b""
-            else:
-                chunk = await content.readany()
+            chunk = b"" if ctx.scope["method"] == "HEAD" else await content.readany()
             while True:
                 if not chunk or content.at_eof():
-                    done = True
+                    watch.done = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 chunk = await content.readany()
         except asyncio.CancelledError:
-            if not gone:
+            if not own_watch or not watch.gone:
                 raise
-            if task is not None:
-                task.uncancel()
+            watch.uncancel()
             ctx.notes.append("client_gone")
             ctx.status = 499
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -364,9 +367,47 @@ class Proxy:
             ctx.notes.append("upstream_truncated")
             raise TruncatedResponse from None
         finally:
-            done = True
-            watcher.cancel()
+            if own_watch:
+                watch.stop()
             resp.release()
+
+
+class DisconnectWatch:
+    """Per request: once the request body is consumed, waits on receive() for
+    http.disconnect and cancels the request task, so an upstream call whose client left
+    does not run on. `done` is set before the final send so the normal end of a response
+    (which uvicorn also reports as a disconnect) cancels nothing."""
+
+    __slots__ = ("done", "gone", "receive", "task", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.task = asyncio.current_task()
+        self.watcher: asyncio.Future[None] | None = None
+        self.done = False
+        self.gone = False
+
+    def start(self) -> None:
+        if self.watcher is None and not self.done:
+            self.watcher = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            msg: Message = await self.receive()
+            if msg["type"] == "http.disconnect":
+                if not self.done and self.task is not None:
+                    self.gone = True
+                    self.task.cancel()
+                return
+
+    def uncancel(self) -> None:
+        if self.task is not None:
+            self.task.uncancel()
+
+    def stop(self) -> None:
+        self.done = True
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class TruncatedResponse(Exception):
@@ -407,7 +448,9 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+async def _stream_body(
+    receive: Receive, limit: int, watch: DisconnectWatch | None = None
+) -> AsyncIterator[bytes]:
     size = 0
     while True:
         msg = await receive()
@@ -420,6 +463,8 @@ async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
                 raise BodyTooLarge
             yield body
         if not msg.get("more_body", False):
+            if watch is not None:
+                watch.start()
             return
 
 

@@ -45,7 +45,8 @@ def test_bad_durations(bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "per_second"), [("5/s", 5), ("100/min", 100 / 60), ("10/5m", 10 / 300), ("3/h", 3 / 3600)]
+    ("text", "per_second"),
+    [("5/s", 5), ("100/min", 100 / 60), ("10/5m", 10 / 300), ("3/h", 3 / 3600)],
 )
 def test_rates(text: str, per_second: float) -> None:
     assert parse_rate(text) == pytest.approx(per_second)
@@ -62,8 +63,13 @@ def test_minimal_config_gets_defaults() -> None:
 def test_shipped_config_is_valid() -> None:
     cfg = parse_config((ROOT / "config.yaml").read_text(), {})
     names = [r.name for r in cfg.routes]
-    assert names[:5] == ["presence_ping", "access_track", "admin_stats", "token_refresh",
-                         "chat_poll"]
+    assert names[:5] == [
+        "presence_ping",
+        "access_track",
+        "admin_stats",
+        "token_refresh",
+        "chat_poll",
+    ]
     assert names[-1] == "default"
     assert cfg.store.is_memory
     assert cfg.routes[4].rate_limit is not None
@@ -78,8 +84,9 @@ def test_env_interpolation_with_defaults() -> None:
     assert cfg.auth.hs256_secret == "s3cr3t: with # yaml chars"
     assert cfg.auth.audience == "authenticated"
     assert cfg.upstreams["app"].url == "http://127.0.0.1:3000"
-    assert issues(text, {}) == ["auth.hs256_secret: environment variable SECRET is not set "
-                                "(no default)"]
+    assert issues(text, {}) == [
+        "auth.hs256_secret: environment variable SECRET is not set (no default)"
+    ]
 
 
 def test_errors_name_the_dotted_key() -> None:
@@ -143,8 +150,12 @@ def test_bad_path_template() -> None:
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd,
-        timeout=60, check=False,
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+        check=False,
     )
 
 

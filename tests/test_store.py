@@ -118,8 +118,12 @@ async def test_redis_down_raises_store_error_and_backs_off() -> None:
     now = [100.0]
     errors: list[tuple[str, str]] = []
     s = RedisStore(
-        f"redis://127.0.0.1:{_closed_port()}/0", timeout=0.2, failure_threshold=2, backoff=5,
-        clock=lambda: now[0], on_error=lambda op, kind: errors.append((op, kind)),
+        f"redis://127.0.0.1:{_closed_port()}/0",
+        timeout=0.2,
+        failure_threshold=2,
+        backoff=5,
+        clock=lambda: now[0],
+        on_error=lambda op, kind: errors.append((op, kind)),
     )
     for _ in range(2):
         with pytest.raises(StoreError) as exc:

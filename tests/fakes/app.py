@@ -36,7 +36,7 @@ class FakeApp:
         return a
 
     async def start(self) -> str:
-        self.runner = web.AppRunner(self.app(), access_log=None)
+        self.runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self.runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))

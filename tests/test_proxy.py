@@ -1,0 +1,309 @@
+"""The streaming proxy through real sockets: what the upstream receives and what the
+client gets back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import aiohttp
+import httpx
+
+from gateway.config import GatewayConfig
+from tests.fakes.app import FakeApp
+from tests.helpers import make_config, run_gateway
+
+
+def last(fake: FakeApp) -> dict[str, Any]:
+    return fake.requests[-1]
+
+
+def hdrs(info: dict[str, Any]) -> dict[str, str]:
+    return {k.lower(): v for k, v in info["headers"]}
+
+
+async def raw_request(url: str, data: bytes) -> bytes:
+    """Send bytes exactly as written (no client normalisation) and read the response."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out:
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = [
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                if length and len(body) >= length[0]:
+                    break
+    finally:
+        writer.close()
+    return out
+
+
+async def test_raw_path_and_query_are_forwarded_byte_for_byte(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw:
+        resp = await raw_request(
+            gw.url,
+            b"GET /a%2Fb/%7Euser/caf%C3%A9;p=1?x=1&y=%20&z=%2B&x=2 HTTP/1.1\r\n"
+            b"Host: public.example\r\nConnection: close\r\n\r\n",
+        )
+    assert resp.startswith(b"HTTP/1.1 200")
+    info = last(fake_app)
+    assert info["raw_path"] == "/a%2Fb/%7Euser/caf%C3%A9;p=1?x=1&y=%20&z=%2B&x=2"
+
+
+async def test_upstream_host_never_from_request(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+        await c.get(gw.url + "/x", headers={"Host": "evil.example"})
+    h = hdrs(last(fake_app))
+    assert h["host"] == fake_app.url.removeprefix("http://")
+    assert h["x-forwarded-host"] == "evil.example"
+
+
+async def test_hop_by_hop_headers_are_removed_both_ways(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw:
+        resp = await raw_request(
+            gw.url,
+            b"GET /hop HTTP/1.1\r\nHost: x\r\nConnection: close, X-Drop-Me\r\n"
+            b"X-Drop-Me: secret\r\nKeep-Alive: 300\r\nTE: trailers\r\n"
+            b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Keep: yes\r\n\r\n",
+        )
+    h = hdrs(last(fake_app))
+    for gone in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert gone not in h
+    assert h["x-keep"] == "yes"
+    head = resp.split(b"\r\n\r\n")[0].lower()
+    # The fake app nominated X-Secret-Hop in its Connection header.
+    assert b"x-secret-hop" not in head
+    assert b"keep-alive: timeout" not in head
+    assert b"x-upstream: fake" in head
+
+
+async def test_forwarded_headers_trust_only_trusted_peers(fake_app: FakeApp) -> None:
+    spoof = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"}
+    cfg = make_config(fake_app.url, server={"trusted_proxies": ["10.0.0.0/8"]})
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        await c.get(gw.url + "/x", headers=spoof)
+    h = hdrs(last(fake_app))
+    assert h["x-forwarded-for"] == "127.0.0.1"
+    assert h["x-forwarded-proto"] == "http"
+
+    cfg = make_config(fake_app.url, server={"trusted_proxies": ["127.0.0.1/32"]})
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        await c.get(
+            gw.url + "/x", headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+        )
+    h = hdrs(last(fake_app))
+    assert h["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert h["x-forwarded-proto"] == "https"
+
+
+def test_client_ip_walks_past_trusted_hops() -> None:
+    from gateway.net import TrustedProxies
+
+    t = TrustedProxies(["10.0.0.0/8", "127.0.0.1/32"])
+    assert t.client_ip("127.0.0.1", "198.51.100.7, 10.1.2.3") == "198.51.100.7"
+    assert t.client_ip("127.0.0.1", "1.1.1.1, 198.51.100.7, 10.1.2.3") == "198.51.100.7"
+    assert t.client_ip("203.0.113.1", "198.51.100.7") == "203.0.113.1"  # untrusted peer
+    assert t.client_ip("127.0.0.1", "not-an-ip") == "unknown"
+    assert t.client_ip("127.0.0.1", "[2001:db8::1]:443") == "2001:db8::1"
+
+
+async def test_request_id_kept_when_sane_else_generated(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+        r = await c.get(gw.url + "/x", headers={"X-Request-Id": "abc-123.def"})
+        assert r.headers["x-request-id"] == "abc-123.def"
+        assert hdrs(last(fake_app))["x-request-id"] == "abc-123.def"
+        r = await c.get(gw.url + "/x", headers={"X-Request-Id": "bad id with spaces"})
+        rid = r.headers["x-request-id"]
+        assert len(rid) == 32 and rid != "bad id"
+        assert hdrs(last(fake_app))["x-request-id"] == rid
+        r = await c.get(gw.url + "/x")
+        assert len(r.headers["x-request-id"]) == 32
+
+
+async def test_inbound_identity_headers_are_stripped(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+        await c.get(
+            gw.url + "/x",
+            headers={
+                "X-Edge-User-Id": "admin",
+                "X-Edge-User-Role": "service_role",
+                "x-edge-session-id": "s",
+            },
+        )
+    assert not [k for k in hdrs(last(fake_app)) if k.startswith("x-edge-")]
+
+
+async def test_sse_streams_chunk_by_chunk(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/stream") as r:
+            assert r.headers["content-type"] == "text/event-stream"
+            first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+            assert first == b"data: one\n\n"
+            # The second event does not exist yet: the first arrived on its own.
+            fake_app.slow_release.set()
+            second = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+            assert second == b"data: two\n\n"
+
+
+async def test_large_download_streams_without_buffering(fake_app: FakeApp) -> None:
+    import tracemalloc
+
+    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+        tracemalloc.start()
+        async with s.get(gw.url + "/big?mb=20") as r:
+            assert r.headers["content-length"] == str(20 * 1024 * 1024)
+            total = 0
+            async for chunk in r.content.iter_chunked(1 << 20):
+                total += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert total == 20 * 1024 * 1024
+    # Client, gateway and fake app share this process: none may hold the 20 MB.
+    assert peak < 8 * 1024 * 1024, peak
+
+
+async def test_request_body_streams_upstream(fake_app: FakeApp) -> None:
+    body = b"y" * (3 * 1024 * 1024)
+    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+        r = await c.post(gw.url + "/upload", content=body)
+        assert r.json()["body_len"] == len(body)
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(8):
+                yield b"z" * 1000
+
+        r = await c.post(gw.url + "/upload", content=chunks())
+        assert r.json()["body_len"] == 8000
+        assert hdrs(last(fake_app)).get("transfer-encoding") == "chunked"
+
+
+async def test_body_limit_413_for_length_and_chunked(fake_app: FakeApp) -> None:
+    cfg = make_config(fake_app.url, server={"max_body_bytes": 100_000})
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.post(gw.url + "/upload", content=b"a" * 100_001)
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(30):
+                yield b"b" * 10_000
+
+        r = await c.post(gw.url + "/upload", content=chunks())
+        assert r.status_code == 413
+        assert r.json() == {
+            "error": "payload_too_large",
+            "message": "request body exceeds 100000 bytes",
+        }
+        r = await c.post(gw.url + "/upload", content=b"a" * 100_000)
+        assert r.status_code == 200
+    assert all(req["body_len"] <= 100_000 for req in fake_app.requests)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_upstream_refused_is_502_json() -> None:
+    cfg = make_config(f"http://127.0.0.1:{_closed_port()}")
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.get(gw.url + "/anything")
+        metrics = (await c.get(gw.admin_url + "/metrics")).text
+    assert r.status_code == 502
+    assert r.json() == {
+        "error": "upstream_unavailable",
+        "message": "upstream refused or unreachable",
+    }
+    assert 'edge_upstream_errors_total{kind="unavailable",upstream="app"} 1.0' in metrics
+
+
+async def test_upstream_timeout_is_504_json(fake_app: FakeApp) -> None:
+    cfg: GatewayConfig = make_config(fake_app.url)
+    data = cfg.model_dump(by_alias=True, mode="json")
+    data["upstreams"]["app"]["read_timeout"] = "200ms"
+    from tests.helpers import make_config as mk
+
+    cfg = mk(fake_app.url, upstreams={"app": {"url": fake_app.url, "read_timeout": "200ms"}})
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.get(gw.url + "/slow?s=3")
+    assert r.status_code == 504
+    assert r.json()["error"] == "upstream_timeout"
+
+
+async def test_client_disconnect_cancels_upstream_call(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        for _ in range(200):
+            if fake_app.hits["/hang"]:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        for _ in range(300):
+            if fake_app.cancelled:
+                break
+            await asyncio.sleep(0.01)
+    assert fake_app.cancelled == 1
+
+
+async def test_no_route_is_404_json(fake_app: FakeApp) -> None:
+    cfg = make_config(
+        fake_app.url,
+        routes=[
+            {
+                "name": "only",
+                "match": {"path": "/only", "methods": ["GET"]},
+                "upstream": "app",
+                "auth": "off",
+            }
+        ],
+    )
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.get(gw.url + "/other")
+        assert r.status_code == 404
+        assert r.json()["error"] == "no_route"
+        assert "x-request-id" in r.headers
+        r = await c.post(gw.url + "/only")
+        assert r.status_code == 404
+
+
+async def test_access_log_has_no_secrets(fake_app: FakeApp, caplog: Any) -> None:
+    import logging
+
+    cfg = make_config(fake_app.url, server={"access_log": True})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        await c.get(
+            gw.url + "/page?access_token=SECRETQUERY",
+            headers={
+                "Authorization": "Bearer SECRETTOKEN",
+                "Cookie": "sb-x-auth-token=SECRETCOOKIE",
+            },
+        )
+    records = [r for r in caplog.records if r.name == "gateway.access"]
+    assert len(records) == 1
+    rec = records[0].__dict__
+    assert rec["route"] == "default" and rec["status"] == 200 and rec["path"] == "/page"
+    assert rec["upstream_ms"] >= 0 and rec["duration_ms"] >= rec["upstream_ms"]
+    from gateway.observability.logging import JsonFormatter
+
+    line = JsonFormatter().format(records[0])
+    assert json.loads(line)["request_id"] == rec["request_id"]
+    for secret in ("SECRETQUERY", "SECRETTOKEN", "SECRETCOOKIE"):
+        assert secret not in line
