@@ -116,6 +116,31 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        # refresh (gateway/policies/refresh.py)
+        self.refresh = Counter(
+            "edge_refresh_total",
+            "Token refreshes answered, by outcome (leader, follower, replay, upstream_error,"
+            " invalid_request, wait_timeout, store_closed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.refresh_upstream_latency = Histogram(
+            "edge_refresh_upstream_duration_seconds",
+            "Time of the one upstream refresh call a coalesced group made.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refresh_waiting = Gauge(
+            "edge_refresh_waiting",
+            "Refreshes waiting for a leader on another replica.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.refresh_takeovers = Counter(
+            "edge_refresh_takeovers_total",
+            "Refreshes that took over a token's lock after its leader stopped renewing it.",
+            registry=r,
+        )
         # breaker (gateway/policies/breaker.py)
         self.breaker_state = Gauge(
             "edge_breaker_state",

@@ -94,10 +94,23 @@ class CacheConfig(Section):
 
 
 class RefreshConfig(Section):
+    # How long a successful answer is replayed to the same parent token (capped by the
+    # new access token's expires_at). 0 = coalesce concurrent calls only.
     grace: Duration = 30.0
+    # Cross-replica lock per token; a live leader renews it, a dead one lets it expire.
     lock_ttl: Duration = 10.0
+    # How long a follower waits for another replica's leader (default: the upstream's
+    # connect + read timeout).
     wait_timeout: Duration | None = None
     poll_interval: Duration = 0.025
+    on_failure: FailureMode | None = None
+
+    @field_validator("lock_ttl", "poll_interval")
+    @classmethod
+    def _refresh_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be greater than 0")
+        return v
 
 
 class BreakerConfig(Section):
