@@ -540,7 +540,10 @@ class WebSocketProxy:
     async def _relay(
         self, ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
     ) -> str:
-        async def client_to_upstream() -> str:
+        """Pump frames both ways until one side closes; returns who closed first."""
+        closed_by: list[str] = []
+
+        async def client_to_upstream() -> None:
             while True:
                 msg = await receive()
                 t = msg["type"]
@@ -550,12 +553,13 @@ class WebSocketProxy:
                     elif msg.get("bytes") is not None:
                         await ws.send_bytes(msg["bytes"])
                 elif t == "websocket.disconnect":
+                    closed_by.append("client")
                     code = int(msg.get("code", 1000))
                     if not ws.closed:
                         await ws.close(code=code if _sendable_close(code) else 1000)
-                    return "client"
+                    return
 
-        async def upstream_to_client() -> str:
+        async def upstream_to_client() -> None:
             async for m in ws:
                 if m.type == aiohttp.WSMsgType.TEXT:
                     await send({"type": "websocket.send", "text": m.data})
@@ -563,6 +567,7 @@ class WebSocketProxy:
                     await send({"type": "websocket.send", "bytes": m.data})
                 elif m.type == aiohttp.WSMsgType.ERROR:
                     break
+            closed_by.append("upstream")
             code = ws.close_code or 1011
             with contextlib.suppress(Exception):
                 await send(
@@ -572,19 +577,17 @@ class WebSocketProxy:
                         "reason": "",
                     }
                 )
-            return "upstream"
 
         a = asyncio.ensure_future(client_to_upstream())
         b = asyncio.ensure_future(upstream_to_client())
         try:
-            finished, _pending = await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in (a, b):
                 if not t.done():
                     t.cancel()
             await asyncio.gather(a, b, return_exceptions=True)
-        first = finished.pop()
-        return first.result() if not first.cancelled() and first.exception() is None else "error"
+        return closed_by[0] if closed_by else "error"
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
