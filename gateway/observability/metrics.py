@@ -192,6 +192,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # rate limiting and concurrency (gateway/policies/ratelimit.py)
+        self.ratelimit_decisions = Counter(
+            "edge_ratelimit_decisions_total",
+            "Rate-limit decisions, by route and result (allowed, limited, limited_cached, "
+            "local_allowed, local_limited, store_open, store_closed).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.concurrency_rejections = Counter(
+            "edge_concurrency_rejections_total",
+            "Requests refused because the route's concurrency cap was full.",
+            ["route"],
+            registry=r,
+        )
 
     def on_store_error(self, op: str, kind: str) -> None:
         self.store_errors.labels(op, kind).inc()
