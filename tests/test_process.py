@@ -39,7 +39,8 @@ async def gateway_process(
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""},
+        # The supervisor makes its own multiprocess dir; never inherit one.
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
     )
     base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
     async with httpx.AsyncClient() as c:
