@@ -470,9 +470,7 @@ class BreakerPolicy:
                 breaker.record(ticket, status, ra)
                 if neg_key is not None and status in self.negative_statuses:
                     kept = [(bytes(k).lower(), bytes(v)) for k, v in headers]
-                    if not any(
-                        k == b"cache-control" and b"no-store" in v.lower() for k, v in kept
-                    ):
+                    if not any(k == b"cache-control" and b"no-store" in v.lower() for k, v in kept):
                         keep = _Negative(
                             status, [(k, v) for k, v in kept if k in _NEGATIVE_KEEP_HEADERS], b""
                         )
@@ -525,4 +523,3 @@ class BreakerPolicy:
                 *ctx.response_headers,
             ],
         )
-
