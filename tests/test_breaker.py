@@ -292,6 +292,23 @@ async def test_open_answer_keeps_the_method_semantics_for_head_and_post(
         assert state(gw) == "open"
 
 
+async def test_polling_storm_while_open_never_reaches_the_app(fake_app: FakeApp) -> None:
+    clock = FakeClock()
+    fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
+    async with (
+        run_gateway(chat_config(fake_app.url, cooldown="30s"), monotonic=clock) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
+    ):
+        await get_many(c, "/api/chat/r1", 3)
+        storm = await asyncio.gather(*(c.get(f"/api/chat/r{i % 5}") for i in range(200)))
+        assert all(r.status_code == 503 for r in storm)
+        retry = [int(r.headers["retry-after"]) for r in storm]
+        assert all(24 <= v <= 36 for v in retry)
+        # Spread over the jitter range rather than one instant.
+        assert len(set(retry)) >= 8
+        assert sum(fake_app.hits.values()) == 3
+
+
 # --------------------------------------------------------------------------- half-open
 
 
