@@ -76,7 +76,9 @@ def counter(gw: Any, name: str, **labels: str) -> float:
 def as_user(gw: Any, route_name: str) -> None:
     """Stand-in for the auth policy (tested on its own): the `X-Test-Sub` header becomes
     the verified identity, so `by: user` can be exercised independently of token checks."""
-    (r,) = [r for r in gw.app.table.routes if r.name == route_name]
+    # The route table lives on the gateway's current state (swapped on reload).
+    table = getattr(gw.app, "state", gw.app).table
+    (r,) = [r for r in table.routes if r.name == route_name]
     inner = r.handler
 
     async def handler(ctx: RequestContext, receive: Receive, send: Send) -> None:
@@ -269,9 +271,8 @@ async def test_header_rule_and_skipped_when_absent(
             client = aioredis.from_url(redis_url)
             keys = [k.decode() for k in await client.keys("*")]
             await client.aclose()
-            assert len(keys) == 2
             assert not any("key-one" in k or "key-two" in k for k in keys)
-            assert all(k.startswith("edge:rl:{rl:api}:") for k in keys)
+            assert len([k for k in keys if k.startswith("edge:rl:{rl:api}:")]) == 2
 
 
 async def test_all_rules_in_one_decision(fake_app: FakeApp, backend: str, redis_url: str) -> None:
@@ -560,3 +561,48 @@ async def gateway_app(fake_app: FakeApp) -> AsyncIterator[Gateway]:
 async def test_status_reports_limiter_state(gateway_app: Gateway) -> None:
     status = gateway_app.rt.services["status"]["ratelimit"]()
     assert status == {"blocked_keys": 0, "local_keys": 0}
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "policy"),
+    [
+        ("5/s", 10, '"user";q=10;w=2'),
+        ("2/s", 5, '"user";q=5;w=3'),  # 2.5 s rounded up: advertises 1.67/s, never more
+        ("100/min", 1, '"user";q=1;w=1'),
+        ("1/min", 1, '"user";q=1;w=60'),
+        ("10/h", 3, '"user";q=3;w=1080'),
+    ],
+)
+def test_policy_field_values(rate: str, burst: int, policy: str) -> None:
+    from gateway.policies.configs import RateLimitRule
+    from gateway.policies.ratelimit import compile_rules
+
+    (rule,) = compile_rules("r", [RateLimitRule(by="user", rate=rate, burst=burst)], "open")
+    assert rule.policy_item == policy
+
+
+def seconds(reply: list[int]) -> list[int]:
+    """[admitted, r, t_ms, retry_ms, ...] with the two times rounded up to seconds."""
+    return [v if i == 0 or (i - 1) % 3 == 0 else -(-v // 1000) for i, v in enumerate(reply)]
+
+
+async def test_lua_and_python_twin_agree(redis_url: str) -> None:
+    """Same replies from gcra.lua on Redis and gcra_py on memory:// for one sequence of
+    calls over three rules (slow rates, so Redis's own clock moving on cannot matter)."""
+    from gateway.policies.ratelimit import GCRA
+    from gateway.store.memory import MemoryStore
+    from gateway.store.redis import RedisStore
+
+    redis_store = RedisStore(redis_url, "twin:", timeout=1)
+    memory_store = MemoryStore("twin:", clock=Clock())
+    keys = ["rl:{t}:a", "rl:{t}:b", "rl:{t}:c"]
+    args = [3_600_000_000, 3, 60_000_000, 2, 1_000_000_000, 5]
+    try:
+        for i in range(6):
+            ks, a = (keys, args) if i % 2 == 0 else (keys[1:], args[2:])
+            from_redis = await redis_store.run(GCRA, ks, a)
+            from_memory = await memory_store.run(GCRA, ks, a)
+            # Counts exactly; times to the second (Redis's clock moved on a few ms).
+            assert seconds(from_redis) == seconds(from_memory), i
+    finally:
+        await redis_store.close()
