@@ -1,15 +1,878 @@
-"""Placeholder: the cache policy is not implemented yet; it passes requests through."""
+"""Response cache for slow-changing, polled GET routes (`cache:` on a route).
+
+Owns: the cache key (route + path params + the listed query params + the listed claims,
+never the raw URL), the stored entry format, freshness (ttl, stale_while_revalidate,
+stale_if_error), single flight (one in-process future per key plus a store lock across
+replicas), the per-caller authorization memory (allowed / denied per (user hash, key)),
+`Cache-Status` (RFC 9211) and `Age` on every response of a cached route, and the
+`edge_cache_*` metrics.
+
+Placement: auth → ... → cache → breaker → proxy. Upstream answers are obtained by calling
+the next handler with a capturing `send`, so a breaker's fast 503 and the proxy's 502/504
+JSON look like any other 5xx ("the app failed") to stale_if_error.
+
+Authorization is never bypassed: the cached body goes only to callers known to be
+allowed for that key, i.e. (default rule) whose own request got a 200 from the app within
+`authz_ttl`, or (with `authorize:`) whose verified claim matches, or everybody when
+`public: true`. A caller the app answered 401/403 is remembered as denied for `deny_ttl`
+and gets that denial replayed, never the cached body.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import dataclasses
+import hashlib
+import json
+import math
+import secrets
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
-from gateway.http import Handler, Receive, RequestContext, Send
+from cachetools import LRUCache
+
+from gateway.http import (
+    CapturedResponse,
+    Handler,
+    Headers,
+    Identity,
+    Message,
+    Receive,
+    RequestContext,
+    Send,
+    error_body,
+    send_error,
+)
+from gateway.store.base import Script, ScriptArg, Store, StoreError
+
+if TYPE_CHECKING:
+    from gateway.config import Route
+    from gateway.policies.configs import CacheConfig
+    from gateway.proxy import Proxy
+    from gateway.runtime import Runtime
+    from gateway.store.memory import MemoryData
+
+# --------------------------------------------------------------------------- scripts
+
+
+def _mget_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+    return [data.get(k) for k in keys]
+
+
+def _fill_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+    entry, entry_ms, user, user_ms, token = args
+    if entry != b"":
+        data.set(keys[0], entry, int(entry_ms) / 1000)
+    if user != b"":
+        data.set(keys[1], user, int(user_ms) / 1000)
+    if token != b"" and data.get(keys[2]) == token:
+        data.delete(keys[2])
+    return 1
+
+
+MGET = Script.from_file("cache_mget", _mget_py)
+FILL = Script.from_file("cache_fill", _fill_py)
+
+# --------------------------------------------------------------------------- entries
+
+# Never kept in an entry: per-response or per-caller headers, and what we recompute.
+_UNSTORED = frozenset(
+    {b"set-cookie", b"age", b"cache-status", b"content-length", b"transfer-encoding"}
+)
+_MAGIC = b"EC1"
+_HEAD = struct.Struct(">3sHqH")  # magic, status, stored_at (ms), header count
+_HDR = struct.Struct(">HI")  # name length, value length
+# A replayed denial keeps at most this much of the app's body.
+_DENIAL_BODY_MAX = 4096
+_POLL_INTERVAL = 0.02
+# Per route: bytes of entries kept in process memory.
+_LOCAL_MAX_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stored response: status, filtered headers, body, and when it was stored
+    (seconds on the runtime clock)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stored_at: float
+
+    def encode(self) -> bytes:
+        # A flat binary framing: no JSON/base64 round trip of the body on every hit.
+        parts = [_HEAD.pack(_MAGIC, self.status, int(self.stored_at * 1000), len(self.headers))]
+        for k, v in self.headers:
+            parts.append(_HDR.pack(len(k), len(v)))
+            parts.append(k)
+            parts.append(v)
+        parts.append(self.body)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry | None:
+        try:
+            magic, status, stored_ms, count = _HEAD.unpack_from(raw, 0)
+            if magic != _MAGIC:
+                return None
+            pos = _HEAD.size
+            headers: Headers = []
+            for _ in range(count):
+                kl, vl = _HDR.unpack_from(raw, pos)
+                pos += _HDR.size
+                k = raw[pos : pos + kl]
+                pos += kl
+                v = raw[pos : pos + vl]
+                pos += vl
+                headers.append((k, v))
+            return cls(status, headers, raw[pos:], stored_ms / 1000)
+        except struct.error:
+            return None
+
+
+def _entry_size(entry: Entry) -> int:
+    return len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers) + 64
+
+
+def _stored_headers(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k not in _UNSTORED]
+
+
+def _cache_control(headers: Headers) -> set[str]:
+    out: set[str] = set()
+    for k, v in headers:
+        if k == b"cache-control":
+            for part in v.decode("latin-1").split(","):
+                name = part.split("=", 1)[0].strip().lower()
+                if name:
+                    out.add(name)
+    return out
+
+
+def storable(resp: CapturedResponse) -> str | None:
+    """Why a 200 must not be stored (None when it may be)."""
+    if resp.status != 200 or not resp.complete or resp.too_large:
+        return "status"
+    cc = _cache_control(resp.headers)
+    if "no-store" in cc:
+        return "no-store"
+    if "private" in cc:
+        return "private"
+    if resp.header(b"set-cookie") is not None:
+        return "set-cookie"
+    if (resp.header(b"vary") or b"").strip() == b"*":
+        return "vary"
+    return None
+
+
+# Caller records: b"A" + until_ms (allowed), b"D" + until_ms + denial entry (denied).
+_UNTIL = struct.Struct(">q")
+
+
+def _allow_record(until: float) -> bytes:
+    return b"A" + _UNTIL.pack(int(until * 1000))
+
+
+def _deny_record(until: float, denial: Entry) -> bytes:
+    return b"D" + _UNTIL.pack(int(until * 1000)) + denial.encode()
+
+
+def _read_record(raw: bytes, now: float) -> tuple[str, Entry | None] | None:
+    """("allow", None) / ("deny", denial) while the record is valid by the runtime clock
+    (the clock check matters: Redis expires keys by its own time)."""
+    if len(raw) < 1 + _UNTIL.size:
+        return None
+    (until_ms,) = _UNTIL.unpack_from(raw, 1)
+    if until_ms / 1000 <= now:
+        return None
+    if raw[:1] == b"A":
+        return "allow", None
+    if raw[:1] == b"D":
+        return "deny", Entry.decode(raw[1 + _UNTIL.size :])
+    return None
+
+
+def claim_value(claims: dict[str, Any], path: Sequence[str]) -> Any:
+    """A dotted claim path (`app_metadata.role`) in verified claims; None if absent."""
+    cur: Any = claims
+    for part in path:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _claim_strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(slots=True, frozen=True)
+class Keys:
+    entry: str
+    lock: str
+    user: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an in-process leader hands the requests that waited on it."""
+
+    entry: Entry | None = None  # freshly stored: serve as a hit
+    stale: Entry | None = None  # stale_if_error copy the leader served
+    error: CapturedResponse | None = None  # 5xx with no stale copy: shared, not retried
+    fwd_status: int = 0
+    cs: bytes = b""  # Cache-Status for `error`, when not a forwarded one
+
+
+_STORE_DOWN = CapturedResponse(
+    status=503,
+    headers=[(b"content-type", b"application/json"), (b"retry-after", b"1")],
+    body=bytearray(error_body("store_unavailable", "the cache store is unavailable")),
+    complete=True,
+)
+_STORE_DOWN_CS = b"edge; fwd=bypass; detail=store-unavailable"
+
+
+_NOTHING = Outcome()
+
+# How the caller may be served (decided from the route config and verified identity).
+_OPEN = 0  # public route, or the `authorize` claim matches
+_RECORD = 1  # default rule: needs an allow record for (user, key)
+_CLAIM_NO = 2  # `authorize` claim does not match: never the cached body
+
+_RESULTS = ("hit", "miss", "stale", "bypass", "denied", "error")
+
+
+class _Tee:
+    """A `send` that holds the upstream answer for the cache. Past `limit` bytes it stops
+    holding and streams the rest straight to the client (that answer is not stored)."""
+
+    __slots__ = ("late_headers", "limit", "resp", "send", "streaming")
+
+    def __init__(self, send: Send, limit: int, late_headers: Callable[[int], Headers]) -> None:
+        self.send = send
+        self.limit = limit
+        self.late_headers = late_headers
+        self.resp = CapturedResponse()
+        self.streaming = False
+
+    async def __call__(self, msg: Message) -> None:
+        if self.streaming:
+            await self.send(msg)
+            return
+        resp = self.resp
+        t = msg["type"]
+        if t == "http.response.start":
+            resp.status = msg["status"]
+            resp.headers = [(bytes(k).lower(), bytes(v)) for k, v in msg.get("headers", ())]
+        elif t == "http.response.body":
+            body = msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(resp.body) + len(body) > self.limit:
+                self.streaming = True
+                resp.too_large = True
+                await self.send(
+                    {
+                        "type": "http.response.start",
+                        "status": resp.status,
+                        "headers": [*resp.headers, *self.late_headers(resp.status)],
+                    }
+                )
+                await self.send(
+                    {
+                        "type": "http.response.body",
+                        "body": bytes(resp.body) + body,
+                        "more_body": more,
+                    }
+                )
+                resp.body = bytearray()
+                return
+            resp.body.extend(body)
+            if not more:
+                resp.complete = True
 
 
 class CachePolicy:
-    def __init__(self, next_handler: Handler, *args: Any) -> None:
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+        cfg = route_cfg.cache
+        assert cfg is not None
         self.next = next_handler
+        self.cfg: CacheConfig = cfg
+        self.rt = rt
+        self.store: Store = rt.store
+        self.route = route_cfg.name
+        self.ttl = cfg.ttl
+        self.swr = cfg.stale_while_revalidate
+        self.sie = cfg.stale_if_error
+        # An entry is useless once past every stale window.
+        self.keep_for = cfg.ttl + max(cfg.stale_while_revalidate, cfg.stale_if_error)
+        self.entry_px = int((self.keep_for + 1.0) * 1000)
+        self.on_failure = cfg.on_failure or rt.config.store.on_failure
+        self.public = cfg.public
+        self.vary_query = list(cfg.vary_query)
+        self.vary_claims = [(c, c.split(".")) for c in cfg.vary_claims]
+        self.authz_claim = cfg.authorize.claim.split(".") if cfg.authorize else None
+        self.authz_in = frozenset(cfg.authorize.in_) if cfg.authorize else frozenset()
+        m = rt.metrics
+        self._results = {r: m.cache_results.labels(self.route, r) for r in _RESULTS}
+        self._refresh = m.cache_refresh.labels(self.route)
+        self._fallback = m.store_fallbacks.labels("cache", self.on_failure)
+        # Shared across requests of this process (not per-request state): the refresh in
+        # flight per entry key, so N concurrent requests here cost one upstream call, and
+        # the last entry seen per key (a byte-bounded LRU) so callers allowed by config
+        # alone get hits without a store round trip.
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._local: LRUCache[str, Entry] = LRUCache(
+            maxsize=_LOCAL_MAX_BYTES, getsizeof=_entry_size
+        )
+
+    # ------------------------------------------------------------------ keys and rules
+
+    def _rule(self, ident: Identity | None) -> int:
+        if self.authz_claim is not None and ident is not None:
+            values = _claim_strings(claim_value(ident.claims, self.authz_claim))
+            return _OPEN if any(v in self.authz_in for v in values) else _CLAIM_NO
+        if self.public:
+            return _OPEN
+        return _RECORD
+
+    def keys(self, ctx: RequestContext, ident: Identity | None) -> Keys:
+        parts: list[Any] = [self.route, sorted(ctx.params.items())]
+        if self.vary_query:
+            qs = ctx.scope.get("query_string", b"").decode("latin-1")
+            pairs = parse_qsl(qs, keep_blank_values=True)
+            parts.append([[n, [v for k, v in pairs if k == n]] for n in self.vary_query])
+        if self.vary_claims:
+            claims = ident.claims if ident is not None else {}
+            parts.append([[n, claim_value(claims, p)] for n, p in self.vary_claims])
+        canonical = json.dumps(parts, separators=(",", ":"), default=str, sort_keys=True)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        # One hash tag for every key of an entry, so the scripts work on Redis Cluster.
+        base = "cache:" + Store.tag(f"{self.route}:{digest}")
+        if ident is not None:
+            # The store never holds the user id itself.
+            sub = hashlib.sha256(b"edge-cache-sub:" + ident.sub.encode()).hexdigest()[:24]
+        else:
+            sub = "-"
+        return Keys(base + ":e", base + ":l", f"{base}:u:{sub}")
+
+    # ------------------------------------------------------------------ request
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        method = ctx.scope["method"]
+        if method not in ("GET", "HEAD"):
+            await self._pass(ctx, receive, send, b"edge; fwd=method", "bypass")
+            return
+        ident = ctx.identity
+        if ident is None and not self.public:
+            await self._pass(ctx, receive, send, b"edge; fwd=bypass; detail=anonymous", "bypass")
+            return
+        head = method == "HEAD"
+        rule = self._rule(ident)
+        keys = self.keys(ctx, ident)
+        if rule == _OPEN:
+            await self._open(ctx, receive, send, keys, head)
+        else:
+            await self._checked(ctx, receive, send, keys, rule, head)
+
+    async def _open(
+        self, ctx: RequestContext, receive: Receive, send: Send, keys: Keys, head: bool
+    ) -> None:
+        """Callers allowed by config alone (public, or the `authorize` claim matches): a
+        fresh copy in this process is served without a store round trip, and concurrent
+        requests here share one lookup and one refresh."""
+        now = self.rt.clock()
+        local = self._local.get(keys.entry)
+        if local is not None and now - local.stored_at < self.ttl:
+            await self._serve(ctx, send, local, now, head, "hit")
+            return
+        fut = self._inflight.get(keys.entry)
+        if fut is not None:
+            await self._join(ctx, receive, send, keys, fut, local, _OPEN, head)
+            return
+        # Registered before the first await, so the requests that arrive meanwhile wait.
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[keys.entry] = fut
+        try:
+            try:
+                (raw_entry,) = await self.store.run(MGET, [keys.entry], [])
+            except StoreError:
+                self._results["error"].inc()
+                self._fallback.inc()
+                ctx.notes.append("cache=error")
+                if self.on_failure == "closed":
+                    outcome = Outcome(error=_STORE_DOWN, cs=_STORE_DOWN_CS)
+                    fut.set_result(outcome)
+                    await self._send_resp(send, _STORE_DOWN, ctx.response_headers, outcome.cs, head)
+                    return
+                # open: still one upstream call per process, just no shared entry.
+                await self._lead(ctx, receive, send, keys, None, _OPEN, head, fut, store_ok=False)
+                return
+            entry = self._usable(keys.entry, raw_entry, now)
+            await self._lead(ctx, receive, send, keys, entry, _OPEN, head, fut, store_ok=True)
+        finally:
+            self._done(keys.entry, fut)
+
+    async def _checked(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        rule: int,
+        head: bool,
+    ) -> None:
+        """Callers who must be known to the store: the entry and the caller's record are
+        read in one round trip."""
+        try:
+            raw_entry, raw_user = await self.store.run(MGET, [keys.entry, keys.user], [])
+        except StoreError:
+            await self._store_failed(ctx, receive, send)
+            return
+        now = self.rt.clock()
+        entry = self._usable(keys.entry, raw_entry, now)
+        record = _read_record(raw_user, now) if raw_user else None
+        if record is not None and record[0] == "deny":
+            await self._replay_denial(ctx, send, record[1], head)
+            return
+        if rule != _RECORD or record is None:
+            # Not known to be allowed: this caller's own request must reach the app.
+            fresh = entry is not None and now - entry.stored_at < self.ttl
+            await self._forward(
+                ctx,
+                receive,
+                send,
+                keys,
+                fwd="request" if fresh else ("stale" if entry else "miss"),
+                old=None,
+                token=b"",
+                rule=rule,
+                head=head,
+            )
+            return
+        if entry is not None and now - entry.stored_at < self.ttl:
+            await self._serve(ctx, send, entry, now, head, "hit")
+            return
+        fut = self._inflight.get(keys.entry)
+        if fut is not None:
+            await self._join(ctx, receive, send, keys, fut, entry, rule, head)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[keys.entry] = fut
+        try:
+            await self._lead(ctx, receive, send, keys, entry, rule, head, fut, store_ok=True)
+        finally:
+            self._done(keys.entry, fut)
+
+    def _usable(self, key: str, raw: bytes | None, now: float) -> Entry | None:
+        """Decode a stored entry unless it is past every stale window; keep a copy in
+        this process for the callers `_open` serves without a store round trip."""
+        if not raw:
+            return None
+        entry = Entry.decode(raw)
+        if entry is None or now - entry.stored_at >= self.keep_for:
+            return None
+        self._local[key] = entry
+        return entry
+
+    # ------------------------------------------------------------------ single flight
+
+    async def _join(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        fut: asyncio.Future[Outcome],
+        stale: Entry | None,
+        rule: int,
+        head: bool,
+    ) -> None:
+        """A refresh of this entry is in flight in this process: serve the stale copy
+        within stale_while_revalidate, else wait for the refresh (bounded by
+        lock_timeout); if it produced nothing to share, forward this request itself."""
+        now = self.rt.clock()
+        if stale is not None and now - stale.stored_at < self.ttl + self.swr:
+            await self._serve(ctx, send, stale, now, head, "stale")
+            return
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(fut), self.cfg.lock_timeout)
+        except TimeoutError:
+            outcome = _NOTHING
+        if await self._serve_outcome(ctx, send, outcome, head):
+            return
+        await self._forward(
+            ctx,
+            receive,
+            send,
+            keys,
+            fwd="stale" if stale else "miss",
+            old=stale,
+            token=b"",
+            rule=rule,
+            head=head,
+        )
+
+    async def _lead(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        entry: Entry | None,
+        rule: int,
+        head: bool,
+        fut: asyncio.Future[Outcome],
+        *,
+        store_ok: bool,
+    ) -> None:
+        """This request leads the entry's refresh in this process; `fut` gets what the
+        requests waiting on it should be answered with. Across replicas the store lock
+        decides who calls the app: within stale_while_revalidate the lock holder
+        refreshes and the others serve stale; otherwise the others poll the store for
+        the holder's entry."""
+        now = self.rt.clock()
+        if entry is not None:
+            age = now - entry.stored_at
+            if age < self.ttl:
+                fut.set_result(Outcome(entry=entry))
+                await self._serve(ctx, send, entry, now, head, "hit")
+                return
+            if age < self.ttl + self.swr:
+                token = await self._lock(keys) if store_ok else b""
+                if token is None:
+                    fut.set_result(Outcome(stale=entry))
+                    await self._serve(ctx, send, entry, self.rt.clock(), head, "stale")
+                    return
+                fut.set_result(
+                    await self._forward(
+                        ctx,
+                        receive,
+                        send,
+                        keys,
+                        fwd="stale",
+                        old=entry,
+                        token=token,
+                        rule=rule,
+                        head=head,
+                        store_ok=store_ok,
+                    )
+                )
+                return
+        token = await self._lock(keys) if store_ok else b""
+        if token is None:
+            # Another replica refreshes: wait for its entry.
+            fresh, token = await self._wait_remote(keys, entry)
+            if fresh is not None:
+                outcome = Outcome(entry=fresh)
+                fut.set_result(outcome)
+                await self._serve_outcome(ctx, send, outcome, head)
+                return
+        fut.set_result(
+            await self._forward(
+                ctx,
+                receive,
+                send,
+                keys,
+                fwd="stale" if entry else "miss",
+                old=entry,
+                token=token or b"",
+                rule=rule,
+                head=head,
+                store_ok=store_ok,
+            )
+        )
+
+    def _done(self, key: str, fut: asyncio.Future[Outcome]) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.done():
+            fut.set_result(_NOTHING)
+
+    async def _lock(self, keys: Keys) -> bytes | None:
+        """Take the refresh lock; None if another replica holds it. A store failure here
+        does not block the refresh (it just is not coordinated across replicas)."""
+        token = secrets.token_hex(8).encode()
+        try:
+            got = await self.store.set(keys.lock, token, self.cfg.lock_timeout, nx=True)
+        except StoreError:
+            return b""
+        return token if got else None
+
+    async def _wait_remote(self, keys: Keys, old: Entry | None) -> tuple[Entry | None, bytes]:
+        """Poll the store until another replica's refresh lands (→ entry), or its lock is
+        gone without one (→ we take the lock, token), or lock_timeout passes (→ b"")."""
+        seen = old.stored_at if old is not None else None
+        deadline = self.rt.monotonic() + self.cfg.lock_timeout
+        while self.rt.monotonic() < deadline:
+            await asyncio.sleep(_POLL_INTERVAL)
+            try:
+                raw_entry, raw_lock = await self.store.run(MGET, [keys.entry, keys.lock], [])
+            except StoreError:
+                return None, b""
+            entry = self._usable(keys.entry, raw_entry, self.rt.clock())
+            if entry is not None and (seen is None or entry.stored_at > seen):
+                return entry, b""
+            if raw_lock is None:
+                token = await self._lock(keys)
+                if token is not None:
+                    return None, token
+        return None, b""
+
+    async def _forward(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        *,
+        fwd: str,
+        old: Entry | None,
+        token: bytes,
+        rule: int,
+        head: bool,
+        store_ok: bool = True,
+    ) -> Outcome:
+        """Send this caller's request upstream, answer it, and update the store from the
+        answer: a storable 200 becomes the entry (+ the caller's allow record), a 401/403
+        the caller's deny record, a 5xx is replaced by `old` when stale_if_error allows.
+        `token` is the lock to release (b"" = none); `old` is only given for callers
+        already known to be allowed; a caller `authorize` refuses never fills the entry."""
+        ident = ctx.identity
+        fwd_b = fwd.encode()
+
+        def streamed(status: int) -> Headers:
+            cs = b"edge; fwd=%b; fwd-status=%d; detail=too-large" % (fwd_b, status)
+            return [*ctx.response_headers, (b"cache-status", cs)]
+
+        outer = ctx.response_headers
+        tee = _Tee(send, self.cfg.max_body_bytes, streamed)
+        # The request goes on as GET for a HEAD, so the stored entry has its body.
+        scope = {**ctx.scope, "method": "GET"} if head else ctx.scope
+        inner = dataclasses.replace(ctx, scope=scope, response_headers=[])
+        t0 = time.perf_counter()
+        try:
+            await self.next(inner, receive, tee)
+        finally:
+            ctx.upstream_seconds = inner.upstream_seconds
+            if inner.status:
+                ctx.status = inner.status
+            if token or not store_ok:
+                self._refresh.observe(time.perf_counter() - t0)
+        resp = tee.resp
+        status = resp.status
+        now = self.rt.clock()
+        entry_value = b""
+        user_value = b""
+        outcome = _NOTHING
+        remember = ident is not None and rule != _OPEN
+        if tee.streaming:
+            result = "miss"
+        elif status == 200 and rule != _CLAIM_NO and storable(resp) is None:
+            entry = Entry(200, _stored_headers(resp.headers), bytes(resp.body), now)
+            self._local[keys.entry] = entry
+            if store_ok:
+                entry_value = entry.encode()
+                if remember and rule == _RECORD:
+                    user_value = _allow_record(now + self.cfg.authz_ttl)
+                cs = b"edge; fwd=%b; fwd-status=200; stored" % fwd_b
+            else:
+                cs = b"edge; fwd=%b; fwd-status=200; detail=store-unavailable" % fwd_b
+            outcome = Outcome(entry=entry, fwd_status=200)
+            await self._send_resp(send, resp, outer, cs, head, age=0)
+            result = "miss"
+        elif status >= 500 and old is not None and now - old.stored_at < self.ttl + self.sie:
+            outcome = Outcome(stale=old, fwd_status=status)
+            age = max(0, math.floor(now - old.stored_at))
+            cs = b"edge; fwd=stale; fwd-status=%d; ttl=%d; detail=stale-if-error" % (
+                status,
+                self._ttl_left(age),
+            )
+            await self._send_entry(send, old, outer, cs, head, age)
+            result = "stale"
+        else:
+            if status in (401, 403) and remember:
+                user_value = _deny_record(now + self.cfg.deny_ttl, _denial(resp))
+                result = "denied"
+            else:
+                result = "miss"
+            if status >= 500:
+                outcome = Outcome(error=resp, fwd_status=status)
+            cs = b"edge; fwd=%b; fwd-status=%d" % (fwd_b, status)
+            await self._send_resp(send, resp, outer, cs, head)
+        self._results[result].inc()
+        ctx.notes.append("cache=" + result)
+        if store_ok and (entry_value or user_value or token):
+            try:
+                await self.store.run(
+                    FILL,
+                    [keys.entry, keys.user, keys.lock],
+                    [entry_value, self.entry_px, user_value, self._user_px(user_value), token],
+                )
+            except StoreError:
+                self._results["error"].inc()
+        return outcome
+
+    def _user_px(self, record: bytes) -> int:
+        if not record:
+            return 0
+        ttl = self.cfg.authz_ttl if record[:1] == b"A" else self.cfg.deny_ttl
+        return max(1, int(ttl * 1000))
+
+    async def _serve_outcome(
+        self, ctx: RequestContext, send: Send, outcome: Outcome, head: bool
+    ) -> bool:
+        """Answer a request that waited on another's refresh; False = nothing to serve."""
+        if outcome.entry is not None:
+            await self._serve(ctx, send, outcome.entry, self.rt.clock(), head, "hit")
+            return True
+        if outcome.stale is not None:
+            await self._serve(ctx, send, outcome.stale, self.rt.clock(), head, "stale")
+            return True
+        if outcome.error is not None:
+            # The app (or the store) is failing: the waiters get the same answer rather
+            # than retrying it N times.
+            cs = outcome.cs or b"edge; fwd=miss; fwd-status=%d; detail=coalesced" % (
+                outcome.fwd_status
+            )
+            await self._send_resp(send, outcome.error, ctx.response_headers, cs, head)
+            self._results["miss"].inc()
+            ctx.notes.append("cache=miss")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ answers
+
+    def _ttl_left(self, age: int) -> int:
+        return math.floor(self.ttl) - age
+
+    async def _serve(
+        self,
+        ctx: RequestContext,
+        send: Send,
+        entry: Entry,
+        now: float,
+        head: bool,
+        result: str,
+    ) -> None:
+        age = max(0, math.floor(now - entry.stored_at))
+        cs = b"edge; hit; ttl=%d" % self._ttl_left(age)
+        await self._send_entry(send, entry, ctx.response_headers, cs, head, age)
+        self._results[result].inc()
+        ctx.notes.append("cache=" + result)
+
+    async def _replay_denial(
+        self, ctx: RequestContext, send: Send, denial: Entry | None, head: bool
+    ) -> None:
+        self._results["denied"].inc()
+        ctx.notes.append("cache=denied")
+        cs = (b"cache-status", b"edge; hit; detail=denied")
+        if denial is None:
+            await send_error(send, 403, "forbidden", "access denied", [*ctx.response_headers, cs])
+            return
+        headers = [*denial.headers, (b"content-length", b"%d" % len(denial.body))]
+        headers.extend(ctx.response_headers)
+        headers.append(cs)
+        await send({"type": "http.response.start", "status": denial.status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if head else denial.body, "more_body": False}
+        )
+
+    @staticmethod
+    async def _send_entry(
+        send: Send, entry: Entry, outer: Headers, cs: bytes, head: bool, age: int
+    ) -> None:
+        headers = [
+            *entry.headers,
+            (b"content-length", b"%d" % len(entry.body)),
+            (b"age", b"%d" % age),
+            *outer,
+            (b"cache-status", cs),
+        ]
+        await send({"type": "http.response.start", "status": entry.status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if head else entry.body, "more_body": False}
+        )
+
+    @staticmethod
+    async def _send_resp(
+        send: Send,
+        resp: CapturedResponse,
+        outer: Headers,
+        cs: bytes,
+        head: bool,
+        age: int | None = None,
+    ) -> None:
+        headers = [
+            (k, v)
+            for k, v in resp.headers
+            if k not in (b"content-length", b"transfer-encoding", b"cache-status", b"age")
+        ]
+        headers.append((b"content-length", b"%d" % len(resp.body)))
+        if age is not None:
+            headers.append((b"age", b"%d" % age))
+        headers.extend(outer)
+        headers.append((b"cache-status", cs))
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"" if head else bytes(resp.body),
+                "more_body": False,
+            }
+        )
+
+    async def _pass(
+        self, ctx: RequestContext, receive: Receive, send: Send, cs: bytes, result: str
+    ) -> None:
+        """Forward untouched (streamed), only adding Cache-Status."""
+        self._results[result].inc()
+        ctx.notes.append("cache=" + result)
+        ctx.response_headers.append((b"cache-status", cs))
         await self.next(ctx, receive, send)
+
+    async def _store_failed(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        self._results["error"].inc()
+        self._fallback.inc()
+        ctx.notes.append("cache=error")
+        if self.on_failure == "closed":
+            await send_error(
+                send,
+                503,
+                "store_unavailable",
+                "the cache store is unavailable",
+                [
+                    *ctx.response_headers,
+                    (b"cache-status", b"edge; fwd=bypass; detail=store-unavailable"),
+                    (b"retry-after", b"1"),
+                ],
+            )
+            return
+        # open: the app answers every request itself, so authorization still holds.
+        ctx.response_headers.append(
+            (b"cache-status", b"edge; fwd=bypass; detail=store-unavailable")
+        )
+        await self.next(ctx, receive, send)
+
+
+def _denial(resp: CapturedResponse) -> Entry:
+    body = bytes(resp.body)
+    headers = _stored_headers(resp.headers)
+    if len(body) > _DENIAL_BODY_MAX or not resp.complete:
+        body = json.dumps({"error": "forbidden", "message": "access denied"}).encode()
+        headers = [(b"content-type", b"application/json")]
+    return Entry(resp.status, headers, body, 0.0)
+
+
+__all__ = ["CachePolicy", "Entry", "claim_value", "storable"]
