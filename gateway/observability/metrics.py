@@ -116,6 +116,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        # cache policy (gateway/policies/cache.py)
+        self.cache_results = Counter(
+            "edge_cache_results_total",
+            "Requests on cached routes, by result (hit, miss, stale, bypass, denied, error).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.cache_refresh = Histogram(
+            "edge_cache_refresh_duration_seconds",
+            "Time of the upstream call that fills or refreshes a cache entry.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # refresh (gateway/policies/refresh.py)
         self.refresh = Counter(
             "edge_refresh_total",
