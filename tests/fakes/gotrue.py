@@ -287,6 +287,8 @@ def _err(code: str, message: str) -> dict[str, Any]:
 
 def _json(status: int, payload: dict[str, Any]) -> web.Response:
     resp = web.json_response(payload, status=status)
+    # GoTrue names the error shape it used; supabase-js reads `code` only when it sees it.
+    resp.headers["X-Supabase-Api-Version"] = "2024-01-01"
     if status >= 400 and "code" in payload:
         resp.headers["x-sb-error-code"] = str(payload["code"])
     return resp
