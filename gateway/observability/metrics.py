@@ -220,6 +220,33 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        # heartbeat shedding and presence (gateway/policies/heartbeat.py)
+        self.heartbeats = Counter(
+            "edge_heartbeats_total",
+            "Heartbeats by route and outcome (forwarded, absorbed, negative, unkeyed, "
+            "failed_open, failed_closed; flushed counts viewer entries written by a flush).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.heartbeat_flushes = Counter(
+            "edge_heartbeat_flush_total",
+            "Batch flush requests (one per webinar per flush), by result (ok, failed, "
+            "store_error).",
+            ["result"],
+            registry=r,
+        )
+        self.heartbeat_flush_batch = Histogram(
+            "edge_heartbeat_flush_batch_size",
+            "Viewer entries sent in one flush request.",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=r,
+        )
+        self.heartbeat_flush_latency = Histogram(
+            "edge_heartbeat_flush_duration_seconds",
+            "Time of one flush request to flush_upstream.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def on_store_error(self, op: str, kind: str) -> None:
         self.store_errors.labels(op, kind).inc()

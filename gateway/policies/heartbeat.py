@@ -1,21 +1,730 @@
-"""Placeholder: the heartbeat policy is not implemented yet; it passes requests through."""
+"""Heartbeat shedding and live presence.
+
+Owns: the `heartbeat:` route policy (presence pings and access tracks answered at the
+edge), the per-webinar presence record in the store, the batch flusher that writes the
+recorded last-seen times to a Supabase RPC, and `GET /_edge/webinars/{id}/presence`.
+
+Per heartbeat, ONE store round trip (the `heartbeat_record` script) records the viewer
+as seen and decides: forward it to the app (the first one, then at most one per
+`forward_interval` in sample mode; only the first in batch mode), absorb it (answer
+`local_response` at the edge), or answer a cached negative (the app said 401/403/404 for
+this viewer within `negative_ttl`). Times come from the gateway clock and go to the store
+as arguments, so replicas, the memory twin and tests with an injected clock all agree.
+
+Store layout (every key of one webinar shares its hash tag `{<webinar_id>}`):
+  hb:{w}:seen               zset viewer -> last seen ms (all heartbeat routes; presence)
+  hb:{w}:fwd:<route>        zset viewer -> last forwarded ms
+  hb:{w}:neg:<route>        hash viewer -> "expires_ms|status|content-type|body"
+  hb:{w}:dirty:<route>      zset viewer -> last seen ms, not flushed yet (batch)
+  hb:{w}:ix:<route>         when the webinar was last announced to the flush index
+  hbix:{<route>}:webinars   zset webinar -> sequence (webinars with unflushed entries)
+  hbflush:{<route>}:lock    the flush lock (one replica flushes per flush_interval)
+A viewer is `u:<sub>` for a verified user; guests are `ip:<addr>`, or `c:`/`h:` plus a
+BLAKE2b digest of the cookie/header value, so no cookie value reaches the store.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from gateway.http import Handler, Receive, RequestContext, Send
+import aiohttp
+
+from gateway.http import (
+    Handler,
+    Headers,
+    Message,
+    Receive,
+    RequestContext,
+    Scope,
+    Send,
+    cookies,
+    send_error,
+    send_json,
+)
+from gateway.store import Script, Store, StoreError
+from gateway.store.base import ScriptArg
+from gateway.store.memory import MemoryData
+
+if TYPE_CHECKING:
+    from gateway.config import Route
+    from gateway.policies.configs import HeartbeatConfig
+    from gateway.proxy import Proxy
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("gateway.heartbeat")
+
+# A cached negative answer is kept only if its body is at most this big.
+NEGATIVE_BODY_LIMIT = 4096
+# Viewer entries per flush request (a bigger webinar takes several requests per flush).
+FLUSH_PAGE = 5000
+# Idle expiry of a webinar's keys (garbage collection only; decisions use stored times).
+MIN_GC_SECONDS = 3600.0
+# Attempts of the final flush at shutdown, and the pause before the first retry.
+STOP_ATTEMPTS = 3
+STOP_RETRY_PAUSE = 0.2
+# The memory twin prunes old entries from a set at most this often (Redis prunes each time).
+_PRUNE_EVERY_MS = 1000
+
+OUTCOMES = ("forwarded", "absorbed", "negative", "unkeyed", "failed_open", "failed_closed")
 
 
-class HeartbeatPolicy:
-    def __init__(self, next_handler: Handler, *args: Any) -> None:
-        self.next = next_handler
+# --------------------------------------------------------------------------- scripts
+# Python twins of gateway/store/lua/heartbeat_*.lua for the memory backend: same keys,
+# same arguments, same Redis-shaped results.
 
-    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
-        await self.next(ctx, receive, send)
+
+def _b(v: ScriptArg) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _score(v: float) -> bytes:
+    return str(int(v)).encode()
+
+
+def _prune(data: MemoryData, key: str, z: dict[bytes, float], cut: int, now: int) -> None:
+    """Drop members scored below `cut`, at most once a second per set: the entries are
+    garbage either way (every read compares scores with a cut-off)."""
+    mark = key + "#pruned"
+    last = data.get(mark)
+    if last is not None and now - int(last) < _PRUNE_EVERY_MS:
+        return
+    for m in [m for m, s in z.items() if s < cut]:
+        del z[m]
+    data.set(mark, now, 60.0)
+
+
+def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+    seen_k, fwd_k, neg_k, dirty_k, ix_k = keys
+    v = _b(args[0])
+    now = int(args[1])
+    interval = int(args[2])
+    gc = int(args[7]) / 1000
+    negs = data.hash(neg_k)
+    if negs is not None and v in negs:
+        blob = negs[v]
+        expires = int(blob.split(b"|", 1)[0])
+        if expires > now:
+            return [2, blob, 0]
+        del negs[v]
+    seen = data.zset(seen_k, create=True)
+    assert seen is not None
+    seen[v] = float(now)
+    _prune(data, seen_k, seen, int(args[3]), now)
+    data.expire(seen_k, gc)
+    fwd = data.zset(fwd_k, create=True)
+    assert fwd is not None
+    last = fwd.get(v)
+    decision = 1 if last is None or now - last >= interval else 0
+    if decision == 1 or int(args[4]) == 1:
+        fwd[v] = float(now)
+    _prune(data, fwd_k, fwd, int(args[8]), now)
+    data.expire(fwd_k, gc)
+    reindex = 0
+    if int(args[5]) == 1:
+        dirty = data.zset(dirty_k, create=True)
+        assert dirty is not None
+        dirty[v] = float(now)
+        ix = data.get(ix_k)
+        if ix is None or now - int(ix) >= int(args[6]):
+            data.set(ix_k, now, gc)
+            reindex = 1
+    return [decision, b"", reindex]
+
+
+def _outcome_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+    seen_k, fwd_k, neg_k, dirty_k = keys
+    v = _b(args[1])
+    if _b(args[0]) == b"neg":
+        negs = data.hash(neg_k, create=True)
+        assert negs is not None
+        negs[v] = _b(args[2])
+        data.expire(neg_k, int(args[3]) / 1000)
+        for k in (seen_k, dirty_k):
+            z = data.zset(k)
+            if z is not None:
+                z.pop(v, None)
+    fwd = data.zset(fwd_k)
+    if fwd is not None:
+        fwd.pop(v, None)
+    return 1
+
+
+def _flush_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+    dirty_k, ix_k = keys
+    dirty = data.zset(dirty_k)
+    if _b(args[0]) == b"take":
+        if not dirty:
+            return []
+        page = sorted(dirty.items(), key=lambda kv: (kv[1], kv[0]))[: int(args[1])]
+        return [x for m, s in page for x in (m, _score(s))]
+    if dirty is not None:
+        for i in range(1, len(args) - 1, 2):
+            m = _b(args[i])
+            if m in dirty and dirty[m] == float(args[i + 1]):
+                del dirty[m]
+    left = len(dirty) if dirty else 0
+    if left == 0:
+        data.delete(dirty_k)
+        data.delete(ix_k)
+    return left
+
+
+def _index_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+    index_k, seq_k = keys
+    op = _b(args[0])
+    if op == b"add":
+        seq = data.incr(seq_k)
+        index = data.zset(index_k, create=True)
+        assert index is not None
+        index[_b(args[1])] = float(seq)
+        return seq
+    index = data.zset(index_k)
+    if op == b"list":
+        if not index:
+            return []
+        return [x for m, s in sorted(index.items(), key=lambda kv: kv[1]) for x in (m, _score(s))]
+    w = _b(args[1])
+    if index is not None and index.get(w) == float(args[2]):
+        del index[w]
+        return 1
+    return 0
+
+
+def _presence_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+    seen = data.zset(keys[0])
+    if not seen:
+        return 0
+    since = float(args[0])
+    return sum(1 for s in seen.values() if s >= since)
+
+
+RECORD = Script.from_file("heartbeat_record", _record_py)
+OUTCOME = Script.from_file("heartbeat_outcome", _outcome_py)
+FLUSH = Script.from_file("heartbeat_flush", _flush_py)
+INDEX = Script.from_file("heartbeat_index", _index_py)
+PRESENCE = Script.from_file("heartbeat_presence", _presence_py)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def seen_key(webinar: str) -> str:
+    return f"hb:{Store.tag(webinar)}:seen"
+
+
+def _webinar_keys(webinar: str, route: str) -> list[str]:
+    """seen, fwd, neg, dirty, ix: the record script's keys (one hash tag)."""
+    t = Store.tag(webinar)
+    return [
+        f"hb:{t}:seen",
+        f"hb:{t}:fwd:{route}",
+        f"hb:{t}:neg:{route}",
+        f"hb:{t}:dirty:{route}",
+        f"hb:{t}:ix:{route}",
+    ]
+
+
+def _index_keys(route: str) -> list[str]:
+    t = Store.tag(route)
+    return [f"hbix:{t}:webinars", f"hbix:{t}:seq"]
+
+
+def _digest(value: bytes) -> str:
+    return hashlib.blake2b(value, digest_size=16).hexdigest()
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[bytes, bytes]]:
+    items = [_b(x) for x in flat]
+    return list(zip(items[0::2], items[1::2], strict=True))
+
+
+# --------------------------------------------------------------------------- presence
+
+
+class PresenceService:
+    """Shared by every heartbeat route of the process (rt.services["presence"]): the
+    presence window (the widest configured) that both pruning and counting use."""
+
+    def __init__(self) -> None:
+        self.window = 0.0
+
+    def widen(self, window: float) -> None:
+        self.window = max(self.window, window)
+
+
+def _presence_window(hb: HeartbeatConfig, rt: Runtime) -> float:
+    if hb.presence_window is not None:
+        return float(hb.presence_window)
+    return 3 * float(rt.config.client.presence_ping_interval)
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 async def presence_endpoint(
-    rt: Any, scope: Any, receive: Receive, send: Send, webinar_id: str, client_ip: str
+    rt: Runtime, scope: Scope, receive: Receive, send: Send, webinar_id: str, client_ip: str
 ) -> None:
-    raise NotImplementedError
+    """`GET /_edge/webinars/{webinar_id}/presence` (verified identity required) →
+    `{"webinar_id", "online", "window_s"}`: viewers seen within the presence window."""
+    if scope["method"] not in ("GET", "HEAD"):
+        await send_error(send, 405, "method_not_allowed", "use GET", [(b"allow", b"GET, HEAD")])
+        return
+    from gateway.policies.auth import require_identity
+
+    identity = await require_identity(rt, scope, send)
+    if identity is None:
+        return
+    svc: PresenceService = rt.services["presence"]
+    since = int((rt.clock() - svc.window) * 1000)
+    try:
+        online = int(await rt.store.run(PRESENCE, [seen_key(webinar_id)], [since]))
+    except StoreError:
+        # There is no app to fall back to: a count the store cannot give is unavailable.
+        rt.metrics.store_fallbacks.labels("heartbeat", "closed").inc()
+        await send_error(send, 503, "store_unavailable", "presence is unavailable, retry shortly")
+        return
+    body = json.dumps(
+        {"webinar_id": webinar_id, "online": online, "window_s": _number(svc.window)}
+    ).encode()
+    await send_json(send, 200, body, [(b"cache-control", b"no-store")])
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    kind: str  # user | ip | cookie | header
+    name: str = ""
+    header: bytes = b""
+
+
+def _sources(spec: list[str]) -> list[_Source]:
+    out: list[_Source] = []
+    for item in spec:
+        kind, _, name = item.partition(":")
+        out.append(_Source(kind, name, name.lower().encode("latin-1")))
+    return out
+
+
+def _encode_local(hb: HeartbeatConfig) -> bytes:
+    body = hb.local_response.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str) and "json" not in hb.local_response.content_type:
+        return body.encode()
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class HeartbeatPolicy:
+    """`heartbeat:` on a route: record every heartbeat, forward a sample (or the first
+    only, in batch mode), answer the rest at the edge."""
+
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+        hb = route_cfg.heartbeat
+        assert hb is not None
+        self.next = next_handler
+        self.rt = rt
+        self.store = rt.store
+        self.clock = rt.clock
+        self.route = route_cfg.name
+        self.batch = hb.mode == "batch"
+        self.interval_ms = int(hb.forward_interval * 1000)
+        self.sources = _sources(hb.key)
+        self.negative_statuses = frozenset(hb.negative_statuses)
+        self.negative_ttl_ms = int(hb.negative_ttl * 1000)
+        self.failure_mode = hb.on_failure or rt.config.store.on_failure
+        self.fallbacks = rt.metrics.store_fallbacks
+        counter = rt.metrics.heartbeats
+        self.count = {o: counter.labels(self.route, o) for o in OUTCOMES}
+        if "{webinar_id" not in route_cfg.match.path:
+            log.warning(
+                "heartbeat route has no {webinar_id} in its path; all its viewers share one "
+                "presence record",
+                extra={"route": self.route},
+            )
+        window = _presence_window(hb, rt)
+        svc = rt.services.get("presence")
+        if svc is None:
+            svc = rt.services["presence"] = PresenceService()
+        svc.widen(window)
+        self.presence: PresenceService = svc
+        self.gc_ms = int(max(MIN_GC_SECONDS, 2 * window, 2 * hb.forward_interval) * 1000)
+        local = _encode_local(hb)
+        self.local_status = hb.local_response.status
+        self.local_body = local
+        self.local_headers: Headers = [
+            (b"content-type", hb.local_response.content_type.encode("latin-1")),
+            (b"content-length", str(len(local)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        self.flusher: Flusher | None = None
+        if self.batch:
+            self.flusher = Flusher(rt, self.route, hb)
+            # A webinar re-announces itself to the flush index this often at most (and
+            # at once after a flush drained it); a lost announcement heals within it.
+            self.reindex_ms = int(max(3 * hb.flush_interval, 1.0) * 1000)
+        else:
+            self.reindex_ms = 0
+
+    def viewer(self, ctx: RequestContext) -> str | None:
+        """The verified user, else the first configured key source present."""
+        if ctx.identity is not None:
+            return "u:" + ctx.identity.sub
+        for src in self.sources:
+            if src.kind == "ip":
+                if ctx.client_ip:
+                    return "ip:" + ctx.client_ip
+            elif src.kind == "cookie":
+                value = cookies(ctx.scope).get(src.name)
+                if value:
+                    return "c:" + _digest(value.encode("latin-1", "replace"))
+            elif src.kind == "header":
+                raw = ctx.header(src.header)
+                if raw:
+                    return "h:" + _digest(raw)
+        return None
+
+    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        viewer = self.viewer(ctx)
+        if viewer is None:
+            # Nobody to record: behave as if there were no edge.
+            self.count["unkeyed"].inc()
+            ctx.notes.append("hb=unkeyed")
+            await self.next(ctx, receive, send)
+            return
+        webinar = ctx.params.get("webinar_id", "_")
+        keys = _webinar_keys(webinar, self.route)
+        now = int(self.clock() * 1000)
+        track = self.batch and viewer.startswith("u:")
+        try:
+            decision, blob, reindex = await self.store.run(
+                RECORD,
+                keys,
+                [
+                    viewer,
+                    now,
+                    self.interval_ms,
+                    now - int(self.presence.window * 1000),
+                    1 if self.batch else 0,
+                    1 if track else 0,
+                    self.reindex_ms,
+                    self.gc_ms,
+                    now - self.interval_ms,
+                ],
+            )
+        except StoreError:
+            await self._store_failed(ctx, receive, send)
+            return
+        if reindex and self.flusher is not None:
+            await self.flusher.announce(webinar)
+        decision = int(decision)
+        if decision == 0:
+            self.count["absorbed"].inc()
+            ctx.notes.append("hb=absorbed")
+            await self._answer(ctx, send, self.local_status, self.local_headers, self.local_body)
+        elif decision == 2:
+            self.count["negative"].inc()
+            ctx.notes.append("hb=negative")
+            await self._negative(ctx, send, _b(blob))
+        else:
+            self.count["forwarded"].inc()
+            ctx.notes.append("hb=forwarded")
+            await self._forward(ctx, receive, send, keys, viewer)
+
+    async def _answer(
+        self, ctx: RequestContext, send: Send, status: int, headers: Headers, body: bytes
+    ) -> None:
+        ctx.status = status
+        if ctx.response_headers:
+            headers = [*headers, *ctx.response_headers]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _negative(self, ctx: RequestContext, send: Send, blob: bytes) -> None:
+        _exp, status, ctype, body = blob.split(b"|", 3)
+        headers: Headers = [
+            (b"content-type", ctype or b"application/octet-stream"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await self._answer(ctx, send, int(status), headers, body)
+
+    async def _forward(
+        self, ctx: RequestContext, receive: Receive, send: Send, keys: list[str], viewer: str
+    ) -> None:
+        status = 0
+        ctype = b""
+        body = bytearray()
+        keep = False
+
+        async def tee(msg: Message) -> None:
+            # Passes the app's answer through untouched; keeps a small negative body.
+            nonlocal status, ctype, keep
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                keep = status in self.negative_statuses
+                for k, v in msg.get("headers", ()):
+                    if bytes(k).lower() == b"content-type":
+                        ctype = bytes(v).replace(b"|", b"")
+            elif keep and msg["type"] == "http.response.body":
+                chunk = msg.get("body", b"")
+                if len(body) + len(chunk) > NEGATIVE_BODY_LIMIT:
+                    keep = False
+                else:
+                    body.extend(chunk)
+            await send(msg)
+
+        try:
+            await self.next(ctx, receive, tee)
+        finally:
+            if keep:
+                expires = int(self.clock() * 1000) + self.negative_ttl_ms
+                blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
+                await self._outcome(keys, "neg", viewer, blob)
+            elif not 200 <= status < 400:
+                # The app did not take it (5xx, timeout, client gone): the next heartbeat
+                # of this viewer goes through instead of being absorbed.
+                await self._outcome(keys, "fail", viewer, b"")
+
+    async def _outcome(self, keys: list[str], op: str, viewer: str, blob: bytes) -> None:
+        with contextlib.suppress(StoreError):
+            await self.store.run(OUTCOME, keys[:4], [op, viewer, blob, self.gc_ms])
+
+    async def _store_failed(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        mode = self.failure_mode
+        self.fallbacks.labels("heartbeat", mode).inc()
+        if mode == "open":
+            self.count["failed_open"].inc()
+            ctx.notes.append("hb=store_open")
+            await self.next(ctx, receive, send)
+            return
+        self.count["failed_closed"].inc()
+        ctx.notes.append("hb=store_closed")
+        ctx.status = 503
+        await send_error(
+            send,
+            503,
+            "store_unavailable",
+            "heartbeats are unavailable, retry shortly",
+            [(b"retry-after", b"5"), *ctx.response_headers],
+        )
+
+
+# --------------------------------------------------------------------------- batch flush
+
+
+@dataclass
+class FlushReport:
+    """What one flush did (returned for tests and the status page)."""
+
+    skipped: bool = False
+    requests: int = 0
+    entries: int = 0
+    failed: int = 0
+    store_errors: int = 0
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+class Flusher:
+    """Batch mode of one route: every `flush_interval` one replica (the holder of the
+    route's flush lock) sends each webinar's changed last-seen times in one POST to
+    `flush_upstream` + `flush_url` (a Supabase RPC taking `{"payload": {...}}`). Entries
+    leave the store only once a POST carrying them succeeded; failures are retried on the
+    next flush. At shutdown a final flush runs (with a few retries) before pools close."""
+
+    def __init__(self, rt: Runtime, route: str, hb: HeartbeatConfig) -> None:
+        assert hb.flush_upstream
+        assert hb.flush_url
+        self.rt = rt
+        self.store = rt.store
+        self.route = route
+        self.interval = float(hb.flush_interval)
+        self.upstream = rt.upstreams[hb.flush_upstream]
+        url = hb.flush_url
+        self.url = url if "://" in url else self.upstream.base + "/" + url.lstrip("/")
+        self.headers = {"Content-Type": "application/json", **hb.flush_headers}
+        self.timeout = aiohttp.ClientTimeout(
+            total=max(self.upstream.config.read_timeout, 1.0),
+            sock_connect=self.upstream.config.connect_timeout,
+        )
+        self.index_keys = _index_keys(route)
+        self.lock_key = f"hbflush:{Store.tag(route)}:lock"
+        m = rt.metrics
+        self.flushed = m.heartbeats.labels(route, "flushed")
+        self.results = {r: m.heartbeat_flushes.labels(r) for r in ("ok", "failed", "store_error")}
+        self.batch_size = m.heartbeat_flush_batch
+        self.latency = m.heartbeat_flush_latency
+        self.task: asyncio.Task[Any] | None = None
+        self._running = asyncio.Lock()
+        self.last: dict[str, Any] = {}
+        rt.services.setdefault("heartbeat.flushers", {})[route] = self
+        status = rt.services.setdefault("status", {})
+        if "heartbeat" not in status:
+            flushers: dict[str, Flusher] = rt.services["heartbeat.flushers"]
+            status["heartbeat"] = lambda: {name: f.last for name, f in flushers.items()}
+        rt.on_start(self.start)
+        rt.on_stop(self.stop)
+
+    async def start(self) -> None:
+        self.task = self.rt.spawn(self._loop(), f"heartbeat-flush-{self.route}")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("heartbeat flush failed", extra={"route": self.route})
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+            self.task = None
+        pause = STOP_RETRY_PAUSE
+        for attempt in range(STOP_ATTEMPTS):
+            try:
+                report = await self.flush(force=True)
+            except Exception:
+                log.exception("final heartbeat flush failed", extra={"route": self.route})
+                report = FlushReport(failed=1)
+            if not (report.failed or report.store_errors):
+                return
+            if attempt + 1 < STOP_ATTEMPTS:
+                await asyncio.sleep(pause)
+                pause *= 2
+        log.error(
+            "heartbeats left unflushed at shutdown (they stay in the store for another "
+            "replica when the store is shared)",
+            extra={"route": self.route},
+        )
+
+    async def announce(self, webinar: str) -> None:
+        """Put a webinar with unflushed entries on the route's flush index."""
+        try:
+            await self.store.run(INDEX, self.index_keys, ["add", webinar])
+        except StoreError:
+            # Its ix marker is set, so the next announcement comes after reindex_ms.
+            log.warning("could not index a webinar for flushing", extra={"route": self.route})
+
+    async def flush(self, *, force: bool = False) -> FlushReport:
+        """One flush of every indexed webinar. Unless `force`d, only if this replica
+        takes the route's flush lock (held for `flush_interval`, so replicas take turns)."""
+        async with self._running:
+            report = FlushReport()
+            token = os.urandom(12).hex().encode()
+            try:
+                if not force and not await self.store.set(
+                    self.lock_key, token, self.interval, nx=True
+                ):
+                    report.skipped = True
+                    return report
+                listing = _pairs(await self.store.run(INDEX, self.index_keys, ["list"]))
+            except StoreError:
+                report.store_errors += 1
+                self.results["store_error"].inc()
+                self._remember(report)
+                return report
+            for webinar_b, seq in listing:
+                webinar = webinar_b.decode()
+                try:
+                    drained = await self._flush_webinar(webinar, report)
+                    if drained:
+                        await self.store.run(INDEX, self.index_keys, ["ack", webinar, seq])
+                except StoreError:
+                    report.store_errors += 1
+                    self.results["store_error"].inc()
+            if (report.failed or report.store_errors) and not force:
+                # Let any replica retry at its next tick rather than wait out the lock.
+                with contextlib.suppress(StoreError):
+                    await self.store.delete_if_equals(self.lock_key, token)
+            self._remember(report)
+            return report
+
+    def _remember(self, report: FlushReport) -> None:
+        self.last = {
+            "mode": "batch",
+            "last_flush_at": round(self.rt.clock(), 3),
+            "requests": report.requests,
+            "entries": report.entries,
+            "failed": report.failed,
+            "store_errors": report.store_errors,
+            "skipped": report.skipped,
+        }
+
+    async def _flush_webinar(self, webinar: str, report: FlushReport) -> bool:
+        """Send the webinar's entries page by page. True once nothing is left."""
+        keys = _webinar_keys(webinar, self.route)
+        fkeys = [keys[3], keys[4]]
+        while True:
+            page = _pairs(await self.store.run(FLUSH, fkeys, ["take", FLUSH_PAGE]))
+            if not page:
+                return True
+            viewers = [
+                {"user_id": m[2:].decode(), "last_seen_at": _iso(int(float(s)))}
+                for m, s in page
+                if m.startswith(b"u:")
+            ]
+            ok = await self._post(webinar, viewers)
+            report.requests += 1
+            if not ok:
+                report.failed += 1
+                self.results["failed"].inc()
+                return False
+            self.results["ok"].inc()
+            self.batch_size.observe(len(viewers))
+            self.flushed.inc(len(viewers))
+            report.entries += len(viewers)
+            ack: list[ScriptArg] = ["ack"]
+            for m, s in page:
+                ack += [m, s]
+            left = int(await self.store.run(FLUSH, fkeys, ack))
+            if left == 0:
+                return True
+            if len(page) < FLUSH_PAGE:
+                # What is left arrived during this flush: it goes next time.
+                return False
+
+    async def _post(self, webinar: str, viewers: list[dict[str, str]]) -> bool:
+        session = self.upstream.session
+        if session is None:
+            return False
+        body = json.dumps(
+            {"payload": {"webinar_id": webinar, "viewers": viewers}}, separators=(",", ":")
+        ).encode()
+        t0 = time.perf_counter()
+        try:
+            async with session.post(
+                self.url, data=body, headers=self.headers, timeout=self.timeout
+            ) as resp:
+                await resp.read()
+                ok = 200 <= resp.status < 300
+                if not ok:
+                    log.warning(
+                        "heartbeat flush rejected",
+                        extra={"route": self.route, "status": resp.status},
+                    )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "heartbeat flush failed",
+                extra={"route": self.route, "error": type(exc).__name__},
+            )
+            ok = False
+        self.latency.observe(time.perf_counter() - t0)
+        return ok

@@ -1,0 +1,589 @@
+"""Heartbeat shedding and live presence, through the real gateway on a real socket, on the
+memory store and on the real Redis: what viewers get back, what reaches the app, what the
+batch flush sends, and what the presence endpoint counts (with an injected clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.config import GatewayConfig
+from gateway.policies.heartbeat import Flusher
+from tests.fakes.app import FakeApp
+from tests.helpers import Running, make_config, run_gateway
+
+SECRET = "heartbeat-test-secret-with-at-least-32-characters"
+ISSUER = "http://issuer.test/auth/v1"
+PING = "/api/webinars/{w}/presence/ping"
+TRACK = "/api/webinars/{w}/access/track"
+FLUSH_URL = "/rest/v1/rpc/edge_presence_batch"
+W1 = "11111111-1111-4111-8111-111111111111"
+W2 = "22222222-2222-4222-8222-222222222222"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def token(sub: str, now: float) -> str:
+    """An HS256 Supabase-style access token for `sub`."""
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = {
+        "iss": ISSUER,
+        "aud": "authenticated",
+        "sub": sub,
+        "role": "authenticated",
+        "session_id": "s-" + sub,
+        "iat": int(now),
+        "exp": int(now) + 3600,
+    }
+    payload = _b64(json.dumps(claims).encode())
+    signing_input = f"{header}.{payload}".encode()
+    sig = hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64(sig)}"
+
+
+def user(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012d}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    return "memory://" if request.param == "memory" else redis_url
+
+
+def config(
+    upstream: str,
+    store: str,
+    *,
+    heartbeat: dict[str, Any] | None = None,
+    track: dict[str, Any] | None = None,
+    store_extra: dict[str, Any] | None = None,
+    client: dict[str, Any] | None = None,
+) -> GatewayConfig:
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "presence_ping",
+            "match": {"methods": ["POST"], "path": "/api/webinars/{webinar_id}/presence/ping"},
+            "upstream": "app",
+            "auth": "required",
+            "heartbeat": heartbeat if heartbeat is not None else {"forward_interval": "300s"},
+        },
+        {
+            "name": "access_track",
+            "match": {"methods": ["POST"], "path": "/api/webinars/{webinar_id}/access/track"},
+            "upstream": "app",
+            "auth": "optional",
+            "heartbeat": track
+            if track is not None
+            else {"forward_interval": "300s", "key": ["user", "cookie:guest_id", "ip"]},
+        },
+        {"name": "default", "match": {"path": "/{path:path}"}, "upstream": "app", "auth": "off"},
+    ]
+    sections: dict[str, Any] = {
+        # A generous timeout: the test machine is shared, and a slow call would be a
+        # store failure (on_failure) instead of the behaviour under test.
+        "store": {"url": store, "timeout": "1s", **(store_extra or {})},
+        "auth": {"issuer": ISSUER, "audience": "authenticated", "hs256_secret": SECRET},
+        "routes": routes,
+    }
+    if client:
+        sections["client"] = client
+    return make_config(upstream, **sections)
+
+
+def counter(gw: Running, name: str, **labels: str) -> float:
+    v = gw.app.rt.metrics.registry.get_sample_value(name, labels)
+    return v or 0.0
+
+
+async def ping(
+    c: httpx.AsyncClient, gw: Running, webinar: str, sub: str, clock: Clock
+) -> httpx.Response:
+    return await c.post(
+        gw.url + PING.format(w=webinar),
+        headers={"Authorization": f"Bearer {token(sub, clock.now)}"},
+        json={"t": 1},
+    )
+
+
+# --------------------------------------------------------------------------- sample mode
+
+
+async def test_thousand_pings_from_hundred_viewers_reach_app_once_each(
+    fake_app: FakeApp, store_url: str
+) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    path = PING.format(w=W1)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        tokens = [token(user(i), clock.now) for i in range(100)]
+        sem = asyncio.Semaphore(25)
+
+        async def one(tok: str) -> httpx.Response:
+            async with sem:
+                return await c.post(
+                    gw.url + path, headers={"Authorization": f"Bearer {tok}"}, json={}
+                )
+
+        # Each viewer's 10 pings race each other: exactly one of them may go through.
+        responses = await asyncio.gather(*(one(t) for _ in range(10) for t in tokens))
+        assert [r.status_code for r in responses] == [200] * 1000
+        absorbed = [r for r in responses if "raw_path" not in r.json()]
+        assert len(absorbed) == 900
+        assert all(r.json() == {"success": True} for r in absorbed)
+        assert all(r.headers["content-type"] == "application/json" for r in absorbed)
+        assert fake_app.hits[path] == 100
+        # The app learnt who each forwarded viewer was from the verified token.
+        seen = {
+            dict((k.lower(), v) for k, v in r["headers"]).get("x-edge-user-id")
+            for r in fake_app.requests
+        }
+        assert seen == {user(i) for i in range(100)}
+        route = "presence_ping"
+        assert counter(gw, "edge_heartbeats_total", route=route, outcome="forwarded") == 100
+        assert counter(gw, "edge_heartbeats_total", route=route, outcome="absorbed") == 900
+
+
+async def test_one_forward_per_viewer_per_interval(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url, heartbeat={"forward_interval": "300s"})
+    path = PING.format(w=W1)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        assert (await ping(c, gw, W1, user(1), clock)).json()["raw_path"] == path
+        clock.advance(299)
+        assert (await ping(c, gw, W1, user(1), clock)).json() == {"success": True}
+        assert fake_app.hits[path] == 1
+        clock.advance(1)
+        assert (await ping(c, gw, W1, user(1), clock)).json()["raw_path"] == path
+        assert (await ping(c, gw, W1, user(1), clock)).json() == {"success": True}
+        assert fake_app.hits[path] == 2
+
+
+async def test_webinars_are_separate(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        for _ in range(3):
+            for w in (W1, W2):
+                r = await ping(c, gw, w, user(7), clock)
+                assert r.status_code == 200
+        assert fake_app.hits[PING.format(w=W1)] == 1
+        assert fake_app.hits[PING.format(w=W2)] == 1
+        await ping(c, gw, W2, user(8), clock)
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        p1 = (await c.get(f"{gw.url}/_edge/webinars/{W1}/presence", headers=auth)).json()
+        p2 = (await c.get(f"{gw.url}/_edge/webinars/{W2}/presence", headers=auth)).json()
+        assert (p1["online"], p2["online"]) == (1, 2)
+
+
+async def test_custom_local_response(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    hb = {
+        "forward_interval": "300s",
+        "local_response": {"status": 202, "body": "ok", "content_type": "text/plain"},
+    }
+    cfg = config(fake_app.url, store_url, heartbeat=hb)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        await ping(c, gw, W1, user(1), clock)
+        r = await ping(c, gw, W1, user(1), clock)
+        assert (r.status_code, r.text, r.headers["content-type"]) == (202, "ok", "text/plain")
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-request-id"]
+
+
+async def test_missing_token_is_refused_before_recording(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        r = await c.post(gw.url + PING.format(w=W1), json={})
+        assert r.status_code == 401
+        assert fake_app.hits[PING.format(w=W1)] == 0
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        p = (await c.get(f"{gw.url}/_edge/webinars/{W1}/presence", headers=auth)).json()
+        assert p["online"] == 0
+
+
+# --------------------------------------------------------------------------- negatives
+
+
+async def test_negative_answer_is_cached_per_viewer(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url, heartbeat={"negative_ttl": "60s"})
+    path = PING.format(w=W1)
+    fake_app.status_override[path] = (404, {"error": "not_registered"})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        first = await ping(c, gw, W1, user(1), clock)
+        assert (first.status_code, first.json()) == (404, {"error": "not_registered"})
+        for _ in range(5):
+            clock.advance(10)
+            r = await ping(c, gw, W1, user(1), clock)
+            assert (r.status_code, r.json()) == (404, {"error": "not_registered"})
+            assert r.headers["content-type"].startswith("application/json")
+        assert fake_app.hits[path] == 1
+        # Another viewer is not affected by this one's answer.
+        del fake_app.status_override[path]
+        assert (await ping(c, gw, W1, user(2), clock)).status_code == 200
+        assert fake_app.hits[path] == 2
+        # A refused viewer is not online.
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        p = (await c.get(f"{gw.url}/_edge/webinars/{W1}/presence", headers=auth)).json()
+        assert p["online"] == 1
+        # After negative_ttl the app is asked again (it now accepts), then sampling resumes.
+        clock.advance(11)
+        assert (await ping(c, gw, W1, user(1), clock)).json()["raw_path"] == path
+        assert (await ping(c, gw, W1, user(1), clock)).json() == {"success": True}
+        assert fake_app.hits[path] == 3
+        route = "presence_ping"
+        assert counter(gw, "edge_heartbeats_total", route=route, outcome="negative") == 5
+
+
+async def test_upstream_failure_lets_the_next_heartbeat_through(
+    fake_app: FakeApp, store_url: str
+) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    path = PING.format(w=W1)
+    fake_app.status_override[path] = (500, {"error": "db down"})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        assert (await ping(c, gw, W1, user(1), clock)).status_code == 500
+        # Not a negative status: not cached, and the next one is forwarded, not absorbed.
+        assert (await ping(c, gw, W1, user(1), clock)).status_code == 500
+        del fake_app.status_override[path]
+        assert (await ping(c, gw, W1, user(1), clock)).json()["raw_path"] == path
+        assert (await ping(c, gw, W1, user(1), clock)).json() == {"success": True}
+        assert fake_app.hits[path] == 3
+
+
+# --------------------------------------------------------------------------- guests
+
+
+async def test_guests_keyed_by_cookie(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    path = TRACK.format(w=W1)
+    guest_a = "guest-a-6f1c0d1e9b"
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        url = gw.url + path
+        for _ in range(3):
+            for g in (guest_a, "guest-b-88a2"):
+                r = await c.post(url, headers={"Cookie": f"theme=dark; guest_id={g}"})
+                assert r.status_code == 200
+        # Two guests from the same address are two viewers.
+        assert fake_app.hits[path] == 2
+        # No cookie: the address is the key (one more viewer), then it is absorbed.
+        assert (await c.post(url)).json()["raw_path"] == path
+        assert (await c.post(url)).json() == {"success": True}
+        assert fake_app.hits[path] == 3
+        # A signed-in viewer is keyed by the verified user, whatever cookie it carries.
+        auth = {"Authorization": f"Bearer {token(user(5), clock.now)}"}
+        assert "raw_path" in (await c.post(url, headers={**auth, "Cookie": "guest_id=x"})).json()
+        assert fake_app.hits[path] == 4
+        p = (await c.get(f"{gw.url}/_edge/webinars/{W1}/presence", headers=auth)).json()
+        assert p["online"] == 4
+    if store_url.startswith("redis"):
+        # The cookie value never reaches the store in plaintext.
+        client = aioredis.from_url(store_url)
+        try:
+            keys = await client.keys("*")
+            assert keys
+            for k in keys:
+                assert guest_a.encode() not in k
+                kind = await client.type(k)
+                if kind == b"zset":
+                    members = await client.zrange(k, 0, -1)
+                    assert all(guest_a.encode() not in m for m in members)
+        finally:
+            await client.aclose()
+
+
+# --------------------------------------------------------------------------- presence
+
+
+async def test_presence_counts_viewers_within_window(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    # Default window: 3 x client.presence_ping_interval.
+    cfg = config(fake_app.url, store_url, client={"presence_ping_interval": "60s"})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        presence = f"{gw.url}/_edge/webinars/{W1}/presence"
+        for i in range(5):
+            await ping(c, gw, W1, user(i), clock)
+        clock.advance(100)
+        for i in range(5, 8):
+            await ping(c, gw, W1, user(i), clock)
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        r = await c.get(presence, headers=auth)
+        assert r.status_code == 200
+        assert r.json() == {"webinar_id": W1, "online": 8, "window_s": 180}
+        assert r.headers["cache-control"] == "no-store"
+        clock.advance(81)  # the first five were seen 181 s ago
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        assert (await c.get(presence, headers=auth)).json()["online"] == 3
+        # A viewer pinging again is online again; a viewer counts once however often seen.
+        await ping(c, gw, W1, user(0), clock)
+        await ping(c, gw, W1, user(0), clock)
+        assert (await c.get(presence, headers=auth)).json()["online"] == 4
+        clock.advance(1000)
+        auth = {"Authorization": f"Bearer {token(user(99), clock.now)}"}
+        assert (await c.get(presence, headers=auth)).json()["online"] == 0
+
+
+async def test_presence_requires_a_verified_identity(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url, heartbeat={"presence_window": "90s"})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        presence = f"{gw.url}/_edge/webinars/{W1}/presence"
+        r = await c.get(presence)
+        assert r.status_code == 401
+        assert r.json()["error"]
+        bad = {"Authorization": "Bearer not.a.token"}
+        assert (await c.get(presence, headers=bad)).status_code == 401
+        auth = {"Authorization": f"Bearer {token(user(1), clock.now)}"}
+        r = await c.get(presence, headers=auth)
+        # The widest window of the heartbeat routes (track keeps the 3 x 120 s default).
+        assert r.json() == {"webinar_id": W1, "online": 0, "window_s": 360}
+        assert (await c.post(presence, headers=auth)).status_code == 405
+
+
+async def test_no_presence_endpoint_without_heartbeat_routes(fake_app: FakeApp) -> None:
+    cfg = make_config(fake_app.url)
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.get(f"{gw.url}/_edge/webinars/{W1}/presence")
+        assert r.status_code == 404
+
+
+# --------------------------------------------------------------------------- store down
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_store_down_follows_on_failure(fake_app: FakeApp, mode: str) -> None:
+    clock = Clock()
+    down = "redis://127.0.0.1:1/0"
+    cfg = config(fake_app.url, down, store_extra={"on_failure": mode, "timeout": "50ms"})
+    path = PING.format(w=W1)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        responses = [await ping(c, gw, W1, user(1), clock) for _ in range(4)]
+        auth = {"Authorization": f"Bearer {token(user(1), clock.now)}"}
+        presence = await c.get(f"{gw.url}/_edge/webinars/{W1}/presence", headers=auth)
+    if mode == "open":
+        # As if there were no edge: every heartbeat reaches the app.
+        assert [r.status_code for r in responses] == [200] * 4
+        assert all(r.json()["raw_path"] == path for r in responses)
+        assert fake_app.hits[path] == 4
+    else:
+        assert [r.status_code for r in responses] == [503] * 4
+        assert responses[0].json()["error"] == "store_unavailable"
+        assert fake_app.hits[path] == 0
+    outcome = "failed_" + mode
+    assert counter(gw, "edge_heartbeats_total", route="presence_ping", outcome=outcome) == 4
+    assert counter(gw, "edge_store_fallbacks_total", policy="heartbeat", mode=mode) >= 4
+    assert presence.status_code == 503
+
+
+async def test_route_on_failure_overrides_store(fake_app: FakeApp) -> None:
+    clock = Clock()
+    cfg = config(
+        fake_app.url,
+        "redis://127.0.0.1:1/0",
+        heartbeat={"on_failure": "closed"},
+        store_extra={"on_failure": "open", "timeout": "50ms"},
+    )
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        assert (await ping(c, gw, W1, user(1), clock)).status_code == 503
+        # access_track has no override: open.
+        r = await c.post(gw.url + TRACK.format(w=W1))
+        assert r.json()["raw_path"] == TRACK.format(w=W1)
+
+
+# --------------------------------------------------------------------------- batch mode
+
+
+def batch_cfg(upstream: str, store: str) -> GatewayConfig:
+    return config(
+        upstream,
+        store,
+        heartbeat={
+            "mode": "batch",
+            "forward_interval": "300s",
+            "flush_interval": "1h",  # the tests flush by hand
+            "flush_upstream": "app",
+            "flush_url": FLUSH_URL,
+            "flush_headers": {"apikey": "service-key", "Authorization": "Bearer service-key"},
+        },
+    )
+
+
+def flushes(fake_app: FakeApp) -> list[dict[str, Any]]:
+    return [r for r in fake_app.requests if r["path"] == FLUSH_URL]
+
+
+def payload(req: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    body = json.loads(req["body"])["payload"]
+    return body["webinar_id"], {v["user_id"]: v["last_seen_at"] for v in body["viewers"]}
+
+
+def flusher(gw: Running) -> Flusher:
+    f: Flusher = gw.app.rt.services["heartbeat.flushers"]["presence_ping"]
+    return f
+
+
+async def test_batch_mode_one_request_per_webinar_per_flush(
+    fake_app: FakeApp, store_url: str
+) -> None:
+    clock = Clock()
+    cfg = batch_cfg(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        for _ in range(3):
+            for i in range(3):
+                await ping(c, gw, W1, user(i), clock)
+            for i in range(3, 5):
+                await ping(c, gw, W2, user(i), clock)
+            # Sample mode would forward again after 300 s; batch mode never does while
+            # the viewer keeps pinging within forward_interval.
+            clock.advance(200)
+        # Only each viewer's first heartbeat reached the app.
+        assert fake_app.hits[PING.format(w=W1)] == 3
+        assert fake_app.hits[PING.format(w=W2)] == 2
+        report = await flusher(gw).flush(force=True)
+        assert (report.requests, report.entries, report.failed) == (2, 5, 0)
+        sent = dict(payload(r) for r in flushes(fake_app))
+        last = time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime(clock.now - 200))
+        assert sent == {
+            W1: {user(i): last for i in range(3)},
+            W2: {user(i): last for i in range(3, 5)},
+        }
+        headers = {k.lower(): v for k, v in flushes(fake_app)[0]["headers"]}
+        assert headers["apikey"] == "service-key"
+        assert headers["authorization"] == "Bearer service-key"
+        assert headers["content-type"] == "application/json"
+        # Nothing new: nothing sent.
+        assert (await flusher(gw).flush(force=True)).requests == 0
+        # One viewer pings again: the next flush sends just that change.
+        await ping(c, gw, W2, user(4), clock)
+        await flusher(gw).flush(force=True)
+        assert len(flushes(fake_app)) == 3
+        assert payload(flushes(fake_app)[-1]) == (
+            W2,
+            {user(4): time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime(clock.now))},
+        )
+        assert counter(gw, "edge_heartbeat_flush_total", result="ok") == 3
+        assert counter(gw, "edge_heartbeat_flush_batch_size_count") == 3
+        assert counter(gw, "edge_heartbeat_flush_batch_size_sum") == 6
+        assert counter(gw, "edge_heartbeats_total", route="presence_ping", outcome="flushed") == 6
+
+
+async def test_batch_flush_lock_lets_one_flush_per_interval(
+    fake_app: FakeApp, store_url: str
+) -> None:
+    clock = Clock()
+    cfg = batch_cfg(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        await ping(c, gw, W1, user(1), clock)
+        assert (await flusher(gw).flush()).requests == 1
+        await ping(c, gw, W1, user(2), clock)
+        # Another tick within the interval (any replica): the lock is held, no flush.
+        assert (await flusher(gw).flush()).skipped
+        assert len(flushes(fake_app)) == 1
+        # The entry waits; a forced (shutdown) flush sends it.
+        assert (await flusher(gw).flush(force=True)).entries == 1
+
+
+async def test_failed_flush_is_retried_and_nothing_dropped(
+    fake_app: FakeApp, store_url: str
+) -> None:
+    clock = Clock()
+    cfg = batch_cfg(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        for i in range(4):
+            await ping(c, gw, W1, user(i), clock)
+        fake_app.status_override[FLUSH_URL] = (500, {"message": "db down"})
+        report = await flusher(gw).flush(force=True)
+        assert (report.requests, report.failed, report.entries) == (1, 1, 0)
+        # More heartbeats while the target is down; one viewer moves on in time.
+        clock.advance(30)
+        await ping(c, gw, W1, user(0), clock)
+        await ping(c, gw, W1, user(9), clock)
+        assert (await flusher(gw).flush(force=True)).failed == 1
+        del fake_app.status_override[FLUSH_URL]
+        report = await flusher(gw).flush(force=True)
+        assert (report.requests, report.failed, report.entries) == (1, 0, 5)
+        webinar, viewers = payload(flushes(fake_app)[-1])
+        assert webinar == W1
+        assert set(viewers) == {user(i) for i in (0, 1, 2, 3, 9)}
+        assert viewers[user(0)] == time.strftime(
+            "%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime(clock.now)
+        )
+        assert counter(gw, "edge_heartbeat_flush_total", result="failed") == 2
+        assert (await flusher(gw).flush(force=True)).requests == 0
+
+
+async def test_batch_flushes_on_shutdown(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = batch_cfg(fake_app.url, store_url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        for i in range(3):
+            await ping(c, gw, W1, user(i), clock)
+            await ping(c, gw, W1, user(i), clock)
+        assert flushes(fake_app) == []
+    # Leaving the block stops the gateway (SIGTERM path: lifespan shutdown).
+    assert len(flushes(fake_app)) == 1
+    assert set(payload(flushes(fake_app)[0])[1]) == {user(i) for i in range(3)}
+
+
+async def test_batch_negative_viewer_is_not_flushed(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = batch_cfg(fake_app.url, store_url)
+    fake_app.status_override[PING.format(w=W1)] = (403, {"error": "not_registered"})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        assert (await ping(c, gw, W1, user(1), clock)).status_code == 403
+        assert (await ping(c, gw, W1, user(1), clock)).status_code == 403
+        del fake_app.status_override[PING.format(w=W1)]
+        await ping(c, gw, W1, user(2), clock)
+        await ping(c, gw, W1, user(2), clock)
+        await flusher(gw).flush(force=True)
+        assert [payload(r)[1].keys() for r in flushes(fake_app)] == [{user(2)}]
+
+
+async def test_batch_flush_schedule_runs_in_background(fake_app: FakeApp) -> None:
+    """The periodic flush itself (real time, a 50 ms interval)."""
+    cfg = config(
+        fake_app.url,
+        "memory://",
+        heartbeat={
+            "mode": "batch",
+            "flush_interval": "50ms",
+            "flush_upstream": "app",
+            "flush_url": FLUSH_URL,
+        },
+    )
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        now = time.time()
+        await c.post(
+            gw.url + PING.format(w=W1),
+            headers={"Authorization": f"Bearer {token(user(1), now)}"},
+        )
+        for _ in range(100):
+            if flushes(fake_app):
+                break
+            await asyncio.sleep(0.02)
+        assert [payload(r)[1].keys() for r in flushes(fake_app)] == [{user(1)}]
