@@ -29,6 +29,7 @@ import yaml
 
 from gateway.cli import _parser as cli_parser
 from gateway.config import GatewayConfig, parse_config
+from gateway.routing import RouteTable
 from tests.fakes.app import FakeApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -676,9 +677,46 @@ def test_configmap_config_is_a_production_redis_config(prod_config: GatewayConfi
     assert prod_config.auth.jwks_url == (
         "https://your-project-ref.supabase.co/auth/v1/.well-known/jwks.json"
     )
-    # Same routes as the shipped single-process config.yaml.
+    # The shipped single-process config.yaml's routes, in order and unchanged; the only
+    # additions are pass-through routes for the rest of the Supabase API.
     shipped = parse_config((ROOT / "config.yaml").read_text(encoding="utf-8"), env={})
-    assert [r.model_dump() for r in prod_config.routes] == [r.model_dump() for r in shipped.routes]
+    shipped_names = [r.name for r in shipped.routes]
+    prod = {r.name: r for r in prod_config.routes}
+    assert [n for n in prod if n in shipped_names] == shipped_names
+    for r in shipped.routes:
+        assert prod[r.name].model_dump() == r.model_dump(), r.name
+    for name in set(prod) - set(shipped_names):
+        extra = prod[name]
+        assert extra.upstream == "supabase" and extra.auth.mode == "off", name
+        assert not (extra.heartbeat or extra.cache or extra.refresh or extra.rate_limit), name
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "route", "upstream"),
+    [
+        # What supabase-js sends once NEXT_PUBLIC_SUPABASE_URL is the gateway's host.
+        ("POST", "/auth/v1/token", "grant_type=refresh_token", "token_refresh", "supabase"),
+        ("POST", "/auth/v1/token", "grant_type=password", "supabase_auth", "supabase"),
+        ("GET", "/auth/v1/user", "", "supabase_auth", "supabase"),
+        ("GET", "/rest/v1/webinars", "select=*", "supabase_rest", "supabase"),
+        ("GET", "/realtime/v1/websocket", "apikey=k&vsn=1.0.0", "supabase_realtime", "supabase"),
+        ("PUT", "/storage/v1/object/avatars/a.png", "", "supabase_storage", "supabase"),
+        ("POST", "/functions/v1/notify", "", "supabase_functions", "supabase"),
+        ("POST", "/graphql/v1", "", "supabase_graphql", "supabase"),
+        # ... and the Next.js app on the same host.
+        ("POST", "/api/webinars/7/presence/ping", "", "presence_ping", "app"),
+        ("GET", "/webinars/7", "", "default", "app"),
+        ("GET", "/_next/static/chunks/main.js", "", "default", "app"),
+    ],
+)
+def test_one_host_serves_supabase_js_and_the_app(
+    prod_config: GatewayConfig, method: str, path: str, query: str, route: str, upstream: str
+) -> None:
+    table = RouteTable(prod_config.routes)
+    scope = {"type": "http", "method": method, "path": path, "query_string": query.encode()}
+    matched = table.match(scope)
+    assert matched is not None
+    assert (matched[0].name, matched[0].config.upstream) == (route, upstream)
 
 
 def test_configmap_config_reads_the_secret_when_present(base: list[dict[str, Any]]) -> None:
@@ -792,7 +830,11 @@ async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
             while True:
                 try:
                     r = await client.get(f"http://127.0.0.1:{admin}/readyz")
+                    # Ready, and the public listener accepting. (Today /readyz can
+                    # answer 200 a moment before the public port is bound: the admin
+                    # listener starts alongside the public one's lifespan startup.)
                     if r.status_code == 200:
+                        page = await client.get(f"http://127.0.0.1:{public}/webinars/42")
                         break
                 except httpx.TransportError:
                     pass
@@ -802,7 +844,6 @@ async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
             assert r.json()["checks"]["store"]["backend"].startswith("redis")
             assert (await client.get(f"http://127.0.0.1:{admin}/healthz")).status_code == 200
 
-            page = await client.get(f"http://127.0.0.1:{public}/webinars/42")
             assert page.status_code == 200 and fake_app.hits["/webinars/42"] == 1
 
             # An in-flight request when SIGTERM arrives still completes; meanwhile
