@@ -609,7 +609,7 @@ class Verifier:
             return known.ok
         task = self._revalidating.get(digest)
         if task is None:
-            task = asyncio.ensure_future(self._ask_gotrue(token, digest))
+            task = self.rt.spawn(self._ask_gotrue(token, digest), "auth-revalidate")
             self._revalidating[digest] = task
             task.add_done_callback(lambda _t: self._revalidating.pop(digest, None))
         return await asyncio.shield(task)
