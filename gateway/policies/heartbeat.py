@@ -540,6 +540,13 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
+def flush_body(webinar: str, viewers: list[dict[str, str]]) -> bytes:
+    """The RPC request body: PostgREST passes `payload` to edge_presence_batch(payload)
+    (sql/edge_presence_batch.sql)."""
+    doc = {"payload": {"webinar_id": webinar, "viewers": viewers}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 class Flusher:
     """Batch mode of one route: every `flush_interval` one replica (the holder of the
     route's flush lock) sends each webinar's changed last-seen times in one POST to
@@ -705,9 +712,7 @@ class Flusher:
         session = self.upstream.session
         if session is None:
             return False
-        body = json.dumps(
-            {"payload": {"webinar_id": webinar, "viewers": viewers}}, separators=(",", ":")
-        ).encode()
+        body = flush_body(webinar, viewers)
         t0 = time.perf_counter()
         try:
             async with session.post(
