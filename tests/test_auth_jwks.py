@@ -108,6 +108,27 @@ async def test_max_age_is_capped_by_jwks_max_age(issuer: FakeIssuer, fake_app: F
         assert issuer.jwks_fetches == 2
 
 
+@pytest.mark.parametrize("cache_control", ["no-store", "max-age=0", None])
+async def test_short_or_missing_max_age(
+    issuer: FakeIssuer, fake_app: FakeApp, cache_control: str | None
+) -> None:
+    """no-store / max-age=0 still keep the set for jwks_min_refetch (never a fetch per
+    request); no Cache-Control at all means jwks_max_age."""
+    issuer.cache_control = cache_control
+    clock = FakeClock()
+    cfg = make_config(fake_app.url, auth=auth_settings(issuer), routes=auth_routes())
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        call = Caller(gw, issuer, clock, c)
+        for _ in range(5):
+            assert (await call.get(call.token())).status_code == 200
+        await settle(gw)
+        assert issuer.jwks_fetches == 1
+        clock.advance(31)
+        assert (await call.get(call.token())).status_code == 200
+        await settle(gw)
+        assert issuer.jwks_fetches == (1 if cache_control is None else 2)
+
+
 async def test_rotation_is_accepted_without_restart_and_revoked_key_stops(
     issuer: FakeIssuer, fake_app: FakeApp
 ) -> None:

@@ -216,7 +216,7 @@ def import_jwk(jwk: Any) -> _Key | None:
     return _Key(kid, alg, key, model)
 
 
-def _max_age(cache_control: str | None, default: float) -> float | None:
+def _max_age(cache_control: str | None, default: float) -> float:
     """`max-age` from Cache-Control; 0 for no-store/no-cache; `default` when absent."""
     if not cache_control:
         return default
@@ -326,7 +326,7 @@ class JwksCache:
             if doc["keys"] and not (named or unnamed):
                 raise _FetchFailed("invalid", "no usable signing key in the set")
             now = self.rt.clock()
-            age = _max_age(resp.headers.get("cache-control"), s.jwks_max_age) or 0.0
+            age = _max_age(resp.headers.get("cache-control"), s.jwks_max_age)
             ttl = min(max(age, s.jwks_min_refetch), s.jwks_max_age)
             self.keys, self.unnamed = named, unnamed
             self.loaded = True
