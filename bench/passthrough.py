@@ -130,8 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     added = gwr["c1"].latency_ms["p50"] - ng["c1"].latency_ms["p50"]
     added_direct = gwr["c1"].latency_ms["p50"] - direct["c1"].latency_ms["p50"]
     ng_added = ng["c1"].latency_ms["p50"] - direct["c1"].latency_ms["p50"]
+    # CPU per request is far less disturbed by other load on the machine than requests/s:
+    # nginx's CPU/request over the gateway's is the requests/s ratio each would reach
+    # with one whole core to itself.
+    ng_cpu, gw_cpu = ng["c50"].cpu_us_per_request, gwr["c50"].cpu_us_per_request
+    cpu_ratio = ng_cpu / gw_cpu if ng_cpu and gw_cpu else None
     summary: dict[str, Any] = {
         "ratio_rps_c50_gateway_over_nginx": round(ratio, 4),
+        "ratio_cpu_per_request_c50_nginx_over_gateway": (
+            round(cpu_ratio, 4) if cpu_ratio is not None else None
+        ),
         "added_p50_ms_c1_vs_nginx_proxy": round(added, 3),
         "added_p50_ms_c1_vs_direct": round(added_direct, 3),
         "nginx_proxy_added_p50_ms_c1_vs_direct": round(ng_added, 3),
@@ -158,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         f"gateway/nginx requests/s at 50 connections: {ratio:.3f} "
         f"(target >= {TARGET_RATIO}: {ok(summary['ratio_ok'])})"
     )
+    if cpu_ratio is not None:
+        print(
+            f"CPU per request at 50 connections: nginx {ng_cpu} us, gateway {gw_cpu} us "
+            f"-> ratio {cpu_ratio:.3f} (the requests/s ratio with a core each)"
+        )
     print(
         f"added p50 at 1 connection: {added:+.3f} ms vs nginx proxy "
         f"(target < {TARGET_ADDED_P50_MS} ms: {ok(summary['added_p50_ok'])}), "
