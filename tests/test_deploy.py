@@ -548,7 +548,9 @@ def test_replicas_owned_by_hpa_pdb_and_selectors_line_up(base: list[dict[str, An
     assert svc["spec"]["selector"] == GATEWAY_LABELS
 
 
-def test_service_ingress_and_networkpolicy_ports(base: list[dict[str, Any]]) -> None:
+def test_service_ingress_and_networkpolicy_ports(
+    base: list[dict[str, Any]], prod_config: GatewayConfig
+) -> None:
     c = gateway_container(base)
     svc = one(base, "Service", "eventlive-edge")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
@@ -561,6 +563,12 @@ def test_service_ingress_and_networkpolicy_ports(base: list[dict[str, Any]]) -> 
     assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
     assert int(ann["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
     assert ing["spec"]["ingressClassName"] == "nginx"
+    # nginx and the gateway agree on the body limit, so a 413 always comes from one place.
+    size = ann["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size.endswith("m") and int(size[:-1]) << 20 == prod_config.server.max_body_bytes
+    # The gateway outlasts ingress-nginx's upstream-keepalive-timeout (60s): it never
+    # closes an idle connection nginx is about to reuse (that race is a 502).
+    assert prod_config.server.keep_alive_timeout > 60
     backends = [p["backend"]["service"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
     assert backends == [{"name": "eventlive-edge", "port": {"name": "http"}}], (
         "the ingress reaches the public port only, never admin"
