@@ -82,6 +82,9 @@ def test_a_late_upstream_retry_after_extends_an_open_breaker() -> None:
     assert b.retry_after() == 120
     b.record(slow, 503, 5.0)  # never shortens it
     assert b.retry_after() == 120
+    # Extending is not a new transition.
+    assert b.opened_total == 1
+    assert b.snapshot()["reason"] == "upstream_429_retry_after"
 
 
 def test_parse_retry_after() -> None:

@@ -246,8 +246,13 @@ class Breaker:
             now = self.monotonic()
             if ticket.probe and ticket.generation == self.generation:
                 self.cooldown = min(self.cooldown * 2, self.cfg.max_cooldown)
-            if self.state != "open" or now + seconds > self.open_until:
+            if self.poll() != "open":
                 self._open(seconds, f"upstream_{status}_retry_after")
+            elif now + seconds > self.open_until:
+                # Already open: extend it, which is not a new transition.
+                self.open_until = now + seconds
+                self.reason = f"upstream_{status}_retry_after"
+                self._schedule(seconds)
             return
         if ticket.generation != self.generation:
             return
