@@ -366,7 +366,7 @@ class RefreshPolicy:
                 use_res = False
                 state, value = await self._script(BEGIN, [keys.res, keys.lock], me, use_res)
         except StoreError as exc:
-            return await self._without_store(ctx, body, exc)
+            return await self._without_store(ctx, body, keys, aes, me, exc)
         if state == "leader":
             return await self._lead(ctx, body, keys, aes, me)
         return await self._follow(ctx, body, keys, aes, me, value.decode(), use_res)
@@ -385,15 +385,24 @@ class RefreshPolicy:
         return answer if self.rt.clock() < until else None
 
     async def _without_store(
-        self, ctx: RequestContext, body: bytes, exc: StoreError
+        self,
+        ctx: RequestContext,
+        body: bytes,
+        keys: _Keys,
+        aes: AESGCM,
+        me: str,
+        exc: StoreError,
     ) -> tuple[Answer, str]:
         self.m_fallbacks.labels("refresh", self.on_failure).inc()
         if self.on_failure == "closed":
             log.warning("refresh refused: store unavailable", extra={"kind": exc.kind})
             answer = _error_answer(503, "store_unavailable", "token refresh is unavailable")
             return answer, "store_closed"
-        # open: still coalesced within this process, just not across replicas.
-        return await self._call_upstream(ctx, body), "leader"
+        # open: still coalesced within this process, just not across replicas. The answer
+        # is still offered to the store afterwards: a timed-out call may have taken the
+        # lock after all, and publishing releases it instead of making other replicas
+        # wait out lock_ttl.
+        return await self._lead(ctx, body, keys, aes, me)
 
     async def _follow(
         self,
@@ -421,7 +430,11 @@ class RefreshPolicy:
                         POLL, [keys.res, keys.lock, keys.done(leader)], me, use_res
                     )
                 except StoreError as exc:
-                    return await self._without_store(ctx, body, exc)
+                    # One slow call is no reason to call upstream beside the leader; a
+                    # store the guard has given up on (backing off) is.
+                    if exc.kind != "backoff":
+                        continue
+                    return await self._without_store(ctx, body, keys, aes, me, exc)
                 if state in ("done", "replay"):
                     opened = unseal(aes, keys.digest, value)
                     if opened is not None and (state == "done" or self.rt.clock() < opened[1]):
