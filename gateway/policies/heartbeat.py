@@ -91,16 +91,21 @@ def _score(v: float) -> bytes:
     return str(int(v)).encode()
 
 
-def _prune(data: MemoryData, key: str, z: dict[bytes, float], cut: int, now: int) -> None:
-    """Drop members scored below `cut`, at most once a second per set: the entries are
-    garbage either way (every read compares scores with a cut-off)."""
-    mark = key + "#pruned"
+def _gc_due(data: MemoryData, mark: str, now: int, gc: float) -> bool:
+    """True at most once a second per webinar: then the twin prunes its sets and renews
+    their idle expiry (Redis does both on every call; here every keyspace touch costs a
+    TLRU lookup, and the pruned entries are garbage either way, since every read compares
+    scores with a cut-off)."""
     last = data.get(mark)
     if last is not None and now - int(last) < _PRUNE_EVERY_MS:
-        return
+        return False
+    data.set(mark, now, gc)
+    return True
+
+
+def _prune(z: dict[bytes, float], cut: int) -> None:
     for m in [m for m, s in z.items() if s < cut]:
         del z[m]
-    data.set(mark, now, 60.0)
 
 
 def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
@@ -117,18 +122,19 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
             return [2, blob, 0]
         del negs[v]
     seen = data.zset(seen_k, create=True)
-    assert seen is not None
-    seen[v] = float(now)
-    _prune(data, seen_k, seen, int(args[3]), now)
-    data.expire(seen_k, gc)
     fwd = data.zset(fwd_k, create=True)
+    assert seen is not None
     assert fwd is not None
+    seen[v] = float(now)
     last = fwd.get(v)
     decision = 1 if last is None or now - last >= interval else 0
     if decision == 1 or int(args[4]) == 1:
         fwd[v] = float(now)
-    _prune(data, fwd_k, fwd, int(args[8]), now)
-    data.expire(fwd_k, gc)
+    if _gc_due(data, fwd_k + "#gc", now, gc):
+        _prune(seen, int(args[3]))
+        _prune(fwd, int(args[8]))
+        data.expire(seen_k, gc)
+        data.expire(fwd_k, gc)
     reindex = 0
     if int(args[5]) == 1:
         dirty = data.zset(dirty_k, create=True)

@@ -1,0 +1,293 @@
+"""Heartbeat shed-path benchmark: presence pings answered at the edge vs nginx proxy_pass.
+
+One invocation starts a static nginx upstream (fixed JSON body), an nginx `proxy_pass`
+in front of it (1 worker, keepalive pool) and the gateway (1 worker) with the shipped
+`presence_ping` route: `auth: required` (HS256 tokens verified locally) and
+`heartbeat: {forward_interval: 300s}`. wrk then sends `POST
+/api/webinars/{id}/presence/ping` with a valid token, rotating over 1,000 viewers (each
+its own token): each viewer's first ping goes to the app, every other one is answered at
+the edge (the shed path). The same requests go to nginx proxy_pass. It prints
+requests/s, p50/p99 and CPU per request, the gateway/nginx requests/s ratio at 50
+connections (target >= 0.15) and the edge outcome counts read from /metrics, and writes
+bench/results/heartbeat.json.
+
+    .venv/bin/python bench/heartbeat.py                         # memory store, ~45 s
+    .venv/bin/python bench/heartbeat.py --redis redis://127.0.0.1:6379/12   # + Redis run
+    .venv/bin/python bench/heartbeat.py --quick
+
+Needs /usr/sbin/nginx and /usr/bin/wrk. Everything listens on 127.0.0.1 and is stopped
+before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    WRK,
+    BenchError,
+    WrkResult,
+    free_port,
+    gateway,
+    gateway_config,
+    http_get,
+    nginx_proxy,
+    parse_wrk,
+    require_tools,
+    static_upstream,
+    tree_cpu_seconds,
+    uptime,
+    versions,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "heartbeat.json"
+TARGET_RATIO = 0.15
+SECRET = "bench-heartbeat-secret-with-at-least-32-characters"  # noqa: S105 - bench only
+ISSUER = "http://bench.invalid/auth/v1"
+WEBINAR = "5b1f0c3e-0000-4000-8000-00000000be11"
+PATH = f"/api/webinars/{WEBINAR}/presence/ping"
+VIEWERS = 1000
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def token(sub: str) -> str:
+    now = int(time.time())
+    header = _b64(b'{"alg":"HS256","typ":"JWT"}')
+    claims = {
+        "iss": ISSUER,
+        "aud": "authenticated",
+        "sub": sub,
+        "role": "authenticated",
+        "session_id": "bench-" + sub[-6:],
+        "iat": now,
+        "exp": now + 6 * 3600,
+    }
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    sig = hmac.new(SECRET.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{_b64(sig)}"
+
+
+def wrk_script(path: Path) -> None:
+    """A wrk Lua script: POST the ping, rotating over VIEWERS valid tokens."""
+    tokens = ",\n".join(f'"{token(f"00000000-0000-4000-8000-{i:012d}")}"' for i in range(VIEWERS))
+    path.write_text(
+        f"""
+local tokens = {{
+{tokens}
+}}
+local n = #tokens
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "{PATH}", {{
+    ["Authorization"] = "Bearer " .. tokens[(i % n) + 1],
+    ["Content-Type"] = "application/json",
+  }}, "{{}}")
+end
+"""
+    )
+
+
+def run_wrk_script(
+    url: str,
+    script: Path,
+    connections: int,
+    threads: int,
+    duration: float,
+    cpu_pid: int | None,
+) -> WrkResult:
+    cmd = [
+        WRK,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout=5s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    cpu0 = tree_cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish: {' '.join(cmd)}") from None
+    cpu1 = tree_cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    if out.returncode != 0:
+        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr}{out.stdout}")
+    result = parse_wrk(out.stdout, connections, threads)
+    if cpu_pid and result.requests:
+        result.cpu_us_per_request = round((cpu1 - cpu0) / result.requests * 1e6, 1)
+    return result
+
+
+def _line(name: str, r: WrkResult) -> None:
+    lat = r.latency_ms
+    cpu = f"{r.cpu_us_per_request:7.1f}" if r.cpu_us_per_request is not None else "      -"
+    err = f"  errors {r.errors}" if r.errors else ""
+    print(
+        f"  {name:<24} c={r.connections:<3} {r.rps:>10,.0f} req/s   "
+        f"p50 {lat.get('p50', float('nan')):7.3f} ms   p99 {lat.get('p99', float('nan')):7.3f} ms"
+        f"   cpu {cpu} us/req{err}",
+        flush=True,
+    )
+
+
+def _measure(
+    name: str, url: str, pid: int, script: Path, args: argparse.Namespace
+) -> dict[str, WrkResult]:
+    run_wrk_script(url, script, 50, 2, args.warmup, None)
+    out = {"c50": run_wrk_script(url, script, 50, 2, args.duration, pid)}
+    _line(name, out["c50"])
+    out["c1"] = run_wrk_script(url, script, 1, 1, args.duration_c1, pid)
+    _line(name, out["c1"])
+    return out
+
+
+_SAMPLE = re.compile(r'^edge_heartbeats_total\{outcome="(\w+)",route="(\w+)"\} ([\d.e+]+)$', re.M)
+
+
+def outcomes(admin_url: str) -> dict[str, int]:
+    status, body = http_get(admin_url + "/metrics")
+    if status != 200:
+        return {}
+    out: dict[str, int] = {}
+    for m in _SAMPLE.finditer(body.decode()):
+        out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(3)))
+    return out
+
+
+def hb_config(upstream: str, store: str) -> dict[str, Any]:
+    cfg = gateway_config(upstream, free_port(), free_port())
+    cfg["store"] = {"url": store, "key_prefix": "bench-hb:", "timeout": "200ms"}
+    cfg["auth"] = {"issuer": ISSUER, "audience": "authenticated", "hs256_secret": SECRET}
+    cfg["routes"] = [
+        {
+            "name": "presence_ping",
+            "match": {"methods": ["POST"], "path": "/api/webinars/{webinar_id}/presence/ping"},
+            "upstream": "app",
+            "auth": "required",
+            "heartbeat": {"forward_interval": "300s"},
+        },
+        {"name": "default", "match": {"path": "/{path:path}"}, "upstream": "app", "auth": "off"},
+    ]
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=8, help="seconds at 50 connections")
+    p.add_argument("--duration-c1", type=float, default=3, help="seconds at 1 connection")
+    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per target")
+    p.add_argument("--quick", action="store_true", help="4 s / 2 s / 1 s runs")
+    p.add_argument("--redis", default=None, help="also run the gateway on this Redis URL")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
+    p.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.duration_c1, args.warmup = 4, 2, 1
+    require_tools()
+
+    load_before = uptime()
+    started = time.time()
+    print(f"heartbeat bench — {os.cpu_count()} CPUs — {load_before}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-heartbeat-"))
+    script = tmp / "ping.lua"
+    wrk_script(script)
+    results: dict[str, dict[str, WrkResult]] = {}
+    edge: dict[str, dict[str, int]] = {}
+    stores = [("gateway_memory", "memory://")]
+    if args.redis:
+        stores.append(("gateway_redis", args.redis))
+    try:
+        with static_upstream() as up:
+            with nginx_proxy(up.url) as px:
+                results["nginx_proxy"] = _measure(
+                    "nginx proxy_pass", px.url, px.proc.pid, script, args
+                )
+            for key, store in stores:
+                with gateway(hb_config(up.url, store), python=args.python) as gw:
+                    label = "gateway shed (" + store.split(":", 1)[0] + ")"
+                    results[key] = _measure(label, gw.url, gw.proc.pid, script, args)
+                    edge[key] = outcomes(gw.admin_url)
+                    print(f"    edge outcomes: {edge[key]}", flush=True)
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_after = uptime()
+
+    ng = results["nginx_proxy"]
+    summary: dict[str, Any] = {"target_ratio": TARGET_RATIO}
+    print()
+    for key, _ in stores:
+        r = results[key]
+        ratio = r["c50"].rps / ng["c50"].rps
+        summary[f"ratio_rps_c50_{key}_over_nginx"] = round(ratio, 4)
+        summary[f"{key}_ok"] = ratio >= TARGET_RATIO
+        o = edge.get(key, {})
+        total = sum(o.values()) or 1
+        summary[f"{key}_absorbed_share"] = round(o.get("absorbed", 0) / total, 4)
+        verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
+        print(
+            f"{key}: {r['c50'].rps:,.0f} req/s vs nginx proxy_pass {ng['c50'].rps:,.0f} "
+            f"= {ratio:.3f} (target >= {TARGET_RATIO}: {verdict}); "
+            f"{o.get('absorbed', 0):,} absorbed / {o.get('forwarded', 0):,} forwarded"
+        )
+    errors = sum(r.errors for runs in results.values() for r in runs.values())
+    if errors:
+        print(f"WARNING: {errors} wrk errors (non-2xx or socket errors); see the JSON")
+    print(f"load: before [{load_before}] after [{load_after}]")
+
+    doc = {
+        "bench": "heartbeat",
+        "command": "python bench/heartbeat.py " + " ".join(argv or sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "cpus": os.cpu_count(),
+        "uptime_before": load_before,
+        "uptime_after": load_after,
+        "versions": versions(args.python),
+        "settings": {
+            "duration_c50_s": args.duration,
+            "duration_c1_s": args.duration_c1,
+            "warmup_s": args.warmup,
+            "viewers": VIEWERS,
+            "request": f"POST {PATH} (Bearer HS256, body {{}})",
+            "wrk": {"c50": "-t2 -c50 --latency -s ping.lua", "c1": "-t1 -c1 --latency"},
+        },
+        "results": {
+            name: {k: r.as_dict() for k, r in runs.items()} for name, runs in results.items()
+        },
+        "edge_outcomes": edge,
+        "summary": summary,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
