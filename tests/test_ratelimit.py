@@ -606,3 +606,80 @@ async def test_lua_and_python_twin_agree(redis_url: str) -> None:
             assert seconds(from_redis) == seconds(from_memory), i
     finally:
         await redis_store.close()
+
+
+# --------------------------------------------------------------------------- batching
+
+
+async def test_concurrent_checks_share_pipelines_and_stay_exact(
+    fake_app: FakeApp, private_redis: str
+) -> None:
+    """Concurrent requests' checks travel together (one pipelined write of EVALSHAs),
+    yet each is still one atomic EVALSHA: a burst of 10 admits exactly 10 of 40."""
+    cfg = config(
+        fake_app.url,
+        [route("burst", "/burst", [{"by": "route", "rate": HOUR, "burst": 10}])],
+        {"url": private_redis, "timeout": "2s"},
+    )
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        before = await redis_round_trips(private_redis)
+        replies = await asyncio.gather(*[c.get("/burst") for _ in range(40)])
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200] * 10 + [429] * 30
+        remaining = sorted(
+            int(r.headers["ratelimit"].split(";r=")[1].split(";")[0])
+            for r in replies
+            if r.status_code == 200
+        )
+        assert remaining == list(range(10))  # each admitted request saw its own state
+        status = gw.app.rt.services["status"]["ratelimit"]()
+        # Refusals after the first are answered from the local cache; the EVALSHAs
+        # that were sent went in fewer pipelines than requests.
+        sent = await redis_round_trips(private_redis) - before - 1  # minus SCRIPT LOAD
+        assert sent == status["redis_checks"] <= 40
+        assert status["redis_batches"] < status["redis_checks"]
+
+
+async def test_script_flushed_mid_run(fake_app: FakeApp, private_redis: str) -> None:
+    cfg = config(
+        fake_app.url,
+        [route("rl", "/rl", [{"by": "ip", "rate": HOUR, "burst": 3}])],
+        {"url": private_redis, "timeout": "2s"},
+    )
+    client = aioredis.from_url(private_redis)
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        assert (await c.get("/rl")).headers["ratelimit"] == '"ip";r=2;t=3600'
+        await client.script_flush()  # as after a Redis restart or failover
+        # NOSCRIPT: loaded again, and the check runs once (not twice).
+        assert (await c.get("/rl")).headers["ratelimit"] == '"ip";r=1;t=7200'
+        assert (await c.get("/rl")).headers["ratelimit"] == '"ip";r=0;t=10800'
+        assert (await c.get("/rl")).status_code == 429
+    await client.aclose()
+
+
+async def test_hung_redis_costs_at_most_store_timeout(
+    fake_app: FakeApp, private_redis: str
+) -> None:
+    """A Redis that accepts but does not answer (CLIENT PAUSE): each request waits at most
+    store.timeout, and after failure_threshold timeouts none waits at all."""
+    cfg = config(
+        fake_app.url,
+        [route("rl", "/rl", [{"by": "ip", "rate": HOUR, "burst": 100, "on_failure": "open"}])],
+        {"url": private_redis, "timeout": "100ms", "failure_threshold": 2, "backoff": "30s"},
+    )
+    admin = aioredis.from_url(private_redis)
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        assert "ratelimit" in (await c.get("/rl")).headers
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        took = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r = await c.get("/rl")
+            took.append(time.perf_counter() - t0)
+            assert r.status_code == 200
+            assert "ratelimit" not in r.headers
+        assert max(took) < 0.3  # store.timeout plus the request itself
+        assert max(took[2:]) < 0.05  # backing off: Redis is not even tried
+        assert gw.app.rt.store.health.backoff_until > 0
+        await admin.execute_command("CLIENT", "UNPAUSE")
+    await admin.aclose()

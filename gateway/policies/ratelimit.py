@@ -23,6 +23,7 @@ header values) never appear in keys: they are hashed to a fixed 24 hex character
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from collections.abc import Sequence
@@ -30,10 +31,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TLRUCache
+from redis.exceptions import NoScriptError
 
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
 from gateway.store import Script, Store, StoreError
 from gateway.store.memory import MemoryData
+from gateway.store.redis import RedisStore
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -98,6 +101,109 @@ def gcra_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: in
 
 
 GCRA = Script.from_file("gcra", gcra_py)
+
+
+class GcraBatcher:
+    """Sends the GCRA checks of concurrent requests to Redis together: one pipelined write
+    of N EVALSHAs and one read of N replies, instead of N separate commands.
+
+    Each request still costs exactly one EVALSHA (<= 1 round trip, atomic per request);
+    what is shared is redis-py's per-command overhead (about 60 us of CPU per awaited
+    command on the 2-core dev machine, against ~15 us per command in a batch of 10),
+    which is most of what a rate-limited request costs over an unlimited one. Checks
+    made while `max_inflight` pipelines are already out wait for the next one, so the
+    batches grow with load and nothing waits at low load. The wait of each request is
+    bounded by `store.timeout`; failures follow the store's FailureGuard (one timeout or
+    connection error per batch, then the back-off)."""
+
+    def __init__(self, store: RedisStore, *, max_batch: int = 128, max_inflight: int = 2) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.pending: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]] = []
+        self.inflight = 0
+        self.scheduled = False
+        self.sha: str | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Batch sizes, for the bench and /_edge/status (sum and count only: no growth).
+        self.batches = 0
+        self.batched = 0
+
+    async def run(self, keys: list[str], args: list[ScriptArg]) -> Any:
+        self.store.guard.check(GCRA.name)  # backing off: fail at once, queue nothing
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self.pending.append(([self.store.k(k) for k in keys], args, fut))
+        if not self.scheduled and self.inflight < self.max_inflight:
+            self.scheduled = True
+            # After the callbacks already ready in this loop iteration (other requests
+            # that are about to check too) have run.
+            loop.call_soon(self._flush)
+        try:
+            async with asyncio.timeout(self.store.timeout):
+                return await fut
+        except TimeoutError:
+            raise StoreError("timeout", "rate-limit check exceeded store.timeout") from None
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        while self.pending and self.inflight < self.max_inflight:
+            batch = self.pending[: self.max_batch]
+            del self.pending[: self.max_batch]
+            # A request that already gave up (timeout) need not be sent.
+            batch = [item for item in batch if not item[2].done()]
+            if not batch:
+                continue
+            self.inflight += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(
+        self, batch: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]]
+    ) -> None:
+        self.batches += 1
+        self.batched += len(batch)
+        try:
+            replies = await self.store._call(GCRA.name, lambda: self._execute(batch))
+        except StoreError as exc:
+            replies = [exc] * len(batch)
+        finally:
+            self.inflight -= 1
+            if self.pending and not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        for (_, _, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                err = reply if isinstance(reply, StoreError) else StoreError("response", str(reply))
+                fut.set_exception(err)
+            else:
+                fut.set_result(reply)
+
+    async def _execute(
+        self, batch: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        client = self.store.client
+        if self.sha is None:
+            self.sha = str(await client.script_load(GCRA.lua))
+        pipe = client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            # Redis restarted or SCRIPT FLUSH: load again and send only those (the others
+            # ran and must not run twice).
+            self.sha = str(await client.script_load(GCRA.lua))
+            pipe = client.pipeline(transaction=False)
+            for i in missing:
+                keys, args, _ = batch[i]
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            for i, r in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = r
+        return replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,18 +337,27 @@ class RateLimitPolicy:
         # Per-process structures shared by every route: one bound for the whole process.
         services = rt.services
         if "ratelimit.blocked" not in services:
-            services["ratelimit.blocked"] = TLRUCache(
+            blocked: TLRUCache[str, float] = TLRUCache(
                 maxsize=BLOCKED_MAX_KEYS, ttu=_blocked_ttu, timer=rt.clock
             )
-            services["ratelimit.local"] = MemoryData(LOCAL_MAX_KEYS, rt.clock)
-            blocked_ref = services["ratelimit.blocked"]
-            local_ref = services["ratelimit.local"]
-            services.setdefault("status", {})["ratelimit"] = lambda: {
-                "blocked_keys": len(blocked_ref),
-                "local_keys": len(local_ref._data),
-            }
+            local = MemoryData(LOCAL_MAX_KEYS, rt.clock)
+            batcher = GcraBatcher(rt.store) if isinstance(rt.store, RedisStore) else None
+            services["ratelimit.blocked"] = blocked
+            services["ratelimit.local"] = local
+            services["ratelimit.batcher"] = batcher
+
+            def status() -> dict[str, Any]:
+                out: dict[str, Any] = {"blocked_keys": len(blocked), "local_keys": len(local._data)}
+                if batcher is not None:
+                    # Pipelines sent and checks they carried (mean batch = checks/batches).
+                    out["redis_batches"] = batcher.batches
+                    out["redis_checks"] = batcher.batched
+                return out
+
+            services.setdefault("status", {})["ratelimit"] = status
         self.blocked: TLRUCache[str, float] = services["ratelimit.blocked"]
         self.local: MemoryData = services["ratelimit.local"]
+        self.batcher: GcraBatcher | None = services["ratelimit.batcher"]
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         now = self.clock()
@@ -271,7 +386,11 @@ class RateLimitPolicy:
             args += [rule.interval_us, rule.burst]
         local = False
         try:
-            admitted, decisions = parse_reply(await self.store.run(GCRA, keys, args))
+            if self.batcher is not None:
+                reply = await self.batcher.run(keys, args)
+            else:
+                reply = await self.store.run(GCRA, keys, args)
+            admitted, decisions = parse_reply(reply)
         except StoreError:
             fallback = self._fallback(rules, keys)
             if fallback is None:
