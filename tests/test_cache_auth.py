@@ -49,7 +49,7 @@ def bearer(t: str) -> dict[str, str]:
 def config(upstream: str, store_url: str, **cache: Any) -> Any:
     return make_config(
         upstream,
-        store={"url": store_url},
+        store={"url": store_url, "timeout": "1s"},
         auth={"hs256_secret": SECRET, "audience": "authenticated"},
         routes=[
             {

@@ -21,6 +21,7 @@ and gets that denial replayed, never the cached body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -74,7 +75,17 @@ def _fill_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: i
     return 1
 
 
+def _lock_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+    token, px = args
+    taken = 0
+    if not data.exists(keys[0]):
+        data.set(keys[0], token, int(px) / 1000)
+        taken = 1
+    return [taken, data.get(keys[1])]
+
+
 MGET = Script.from_file("cache_mget", _mget_py)
+LOCK = Script.from_file("cache_lock", _lock_py)
 FILL = Script.from_file("cache_fill", _fill_py)
 
 # --------------------------------------------------------------------------- entries
@@ -89,6 +100,10 @@ _HDR = struct.Struct(">HI")  # name length, value length
 # A replayed denial keeps at most this much of the app's body.
 _DENIAL_BODY_MAX = 4096
 _POLL_INTERVAL = 0.02
+# Request headers not sent on a fill (see `_forward`).
+_FILL_DROP = frozenset(
+    {b"accept-encoding", b"if-none-match", b"if-modified-since", b"range", b"if-range"}
+)
 # Per route: bytes of entries kept in process memory.
 _LOCAL_MAX_BYTES = 32 * 1024 * 1024
 
@@ -166,6 +181,9 @@ def storable(resp: CapturedResponse) -> str | None:
         return "set-cookie"
     if (resp.header(b"vary") or b"").strip() == b"*":
         return "vary"
+    if (resp.header(b"content-encoding") or b"identity").strip().lower() != b"identity":
+        # Served to callers whatever their Accept-Encoding: only unencoded bodies.
+        return "encoded"
     return None
 
 
@@ -543,42 +561,25 @@ class CachePolicy:
         refreshes and the others serve stale; otherwise the others poll the store for
         the holder's entry."""
         now = self.rt.clock()
-        if entry is not None:
-            age = now - entry.stored_at
-            if age < self.ttl:
-                fut.set_result(Outcome(entry=entry))
-                await self._serve(ctx, send, entry, now, head, "hit")
+        if entry is not None and now - entry.stored_at < self.ttl:
+            fut.set_result(Outcome(entry=entry))
+            await self._serve(ctx, send, entry, now, head, "hit")
+            return
+        stale_ok = entry is not None and now - entry.stored_at < self.ttl + self.swr
+        token, newer = await self._lock(keys, entry) if store_ok else (b"", None)
+        if newer is None and token is None:
+            if stale_ok and entry is not None:
+                # Another replica refreshes; within stale_while_revalidate serve stale.
+                fut.set_result(Outcome(stale=entry))
+                await self._serve(ctx, send, entry, self.rt.clock(), head, "stale")
                 return
-            if age < self.ttl + self.swr:
-                token = await self._lock(keys) if store_ok else b""
-                if token is None:
-                    fut.set_result(Outcome(stale=entry))
-                    await self._serve(ctx, send, entry, self.rt.clock(), head, "stale")
-                    return
-                fut.set_result(
-                    await self._forward(
-                        ctx,
-                        receive,
-                        send,
-                        keys,
-                        fwd="stale",
-                        old=entry,
-                        token=token,
-                        rule=rule,
-                        head=head,
-                        store_ok=store_ok,
-                    )
-                )
-                return
-        token = await self._lock(keys) if store_ok else b""
-        if token is None:
-            # Another replica refreshes: wait for its entry.
-            fresh, token = await self._wait_remote(keys, entry)
-            if fresh is not None:
-                outcome = Outcome(entry=fresh)
-                fut.set_result(outcome)
-                await self._serve_outcome(ctx, send, outcome, head)
-                return
+            # Otherwise wait for its entry.
+            newer, token = await self._wait_remote(keys, entry)
+        if newer is not None:
+            outcome = Outcome(entry=newer)
+            fut.set_result(outcome)
+            await self._serve_outcome(ctx, send, outcome, head)
+            return
         fut.set_result(
             await self._forward(
                 ctx,
@@ -600,15 +601,31 @@ class CachePolicy:
         if not fut.done():
             fut.set_result(_NOTHING)
 
-    async def _lock(self, keys: Keys) -> bytes | None:
-        """Take the refresh lock; None if another replica holds it. A store failure here
-        does not block the refresh (it just is not coordinated across replicas)."""
+    async def _lock(self, keys: Keys, seen: Entry | None) -> tuple[bytes | None, Entry | None]:
+        """Take the refresh lock and read the entry in one round trip. Returns (token,
+        None) when we hold the lock, (None, None) when another replica does, and
+        (None, entry) when a fresh entry newer than `seen` landed meanwhile (then no
+        refresh is needed). A store failure does not block the refresh, it is just not
+        coordinated across replicas: (b"", None)."""
         token = secrets.token_hex(8).encode()
         try:
-            got = await self.store.set(keys.lock, token, self.cfg.lock_timeout, nx=True)
+            taken, raw = await self.store.run(
+                LOCK, [keys.lock, keys.entry], [token, max(1, int(self.cfg.lock_timeout * 1000))]
+            )
         except StoreError:
-            return b""
-        return token if got else None
+            return b"", None
+        now = self.rt.clock()
+        current = self._usable(keys.entry, raw, now)
+        if (
+            current is not None
+            and (seen is None or current.stored_at > seen.stored_at)
+            and now - current.stored_at < self.ttl
+        ):
+            if taken:
+                with contextlib.suppress(StoreError):
+                    await self.store.delete_if_equals(keys.lock, token)
+            return None, current
+        return (token if taken else None), None
 
     async def _wait_remote(self, keys: Keys, old: Entry | None) -> tuple[Entry | None, bytes]:
         """Poll the store until another replica's refresh lands (→ entry), or its lock is
@@ -625,7 +642,9 @@ class CachePolicy:
             if entry is not None and (seen is None or entry.stored_at > seen):
                 return entry, b""
             if raw_lock is None:
-                token = await self._lock(keys)
+                token, newer = await self._lock(keys, old)
+                if newer is not None:
+                    return newer, b""
                 if token is not None:
                     return None, token
         return None, b""
@@ -658,8 +677,14 @@ class CachePolicy:
 
         outer = ctx.response_headers
         tee = _Tee(send, self.cfg.max_body_bytes, streamed)
-        # The request goes on as GET for a HEAD, so the stored entry has its body.
-        scope = {**ctx.scope, "method": "GET"} if head else ctx.scope
+        # What goes upstream asks for the whole, unencoded representation (GET for a
+        # HEAD, no conditionals, ranges or compression) so the answer can be stored and
+        # served to anyone allowed, whatever their own request headers were.
+        scope = {
+            **ctx.scope,
+            "method": "GET",
+            "headers": [(k, v) for k, v in ctx.scope["headers"] if k not in _FILL_DROP],
+        }
         inner = dataclasses.replace(ctx, scope=scope, response_headers=[])
         t0 = time.perf_counter()
         try:

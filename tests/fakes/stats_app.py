@@ -20,6 +20,7 @@ class StatsApp:
     def __init__(self) -> None:
         self.calls = 0
         self.calls_by_user: Counter[str] = Counter()
+        self.last_headers: dict[str, str] = {}
         self.version = 0
         self.admins: set[str] = set()
         self.admin_roles = {"admin", "host"}
@@ -61,6 +62,7 @@ class StatsApp:
         user = request.headers.get("X-Edge-User-Id", "")
         role = request.headers.get("X-Edge-User-Role", "")
         self.calls_by_user[user or "-"] += 1
+        self.last_headers = dict(request.headers)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
