@@ -315,6 +315,42 @@ async def test_follower_times_out_with_504_when_the_leader_never_answers(
         assert gotrue.calls == 0
 
 
+async def test_the_flight_survives_its_leaders_client_leaving(gotrue: FakeGoTrue) -> None:
+    rt0 = gotrue.sign_in()["refresh_token"]
+    gotrue.holds = {1: asyncio.Event()}
+    async with run_gateway(refresh_config(gotrue.url, "memory://")) as gw, client() as c:
+        async with client() as leaver:
+            first = asyncio.ensure_future(refresh(leaver, gw, rt0))
+            await until(lambda: gotrue.calls == 1)
+            second = asyncio.ensure_future(refresh(c, gw, rt0))
+            await until(lambda: sample(gw, "edge_requests_in_flight") == 2)
+            first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        gotrue.holds[1].set()
+        resp = await second
+        assert resp.status_code == 200
+        assert resp.headers["x-edge-refresh"] == "follower"
+        assert gotrue.calls == 1
+
+
+async def test_upstream_request_is_the_proxys(gotrue: FakeGoTrue) -> None:
+    rt0 = gotrue.sign_in()["refresh_token"]
+    async with run_gateway(refresh_config(gotrue.url, "memory://")) as gw, client() as c:
+        resp = await c.post(
+            gw.url + TOKEN_PATH,
+            json={"refresh_token": rt0},
+            headers={**CLIENT_HEADERS, "X-Edge-User-Id": "forged", "X-Request-Id": "rid-1"},
+        )
+        assert resp.status_code == 200
+    (seen,) = gotrue.seen_headers
+    assert "x-edge-user-id" not in seen
+    assert seen["apikey"] == "anon-key"
+    assert seen["x-supabase-api-version"] == "2024-01-01"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-request-id"] == "rid-1"
+
+
 # ---------------------------------------------------------------------------- security
 
 

@@ -96,6 +96,8 @@ class FakeGoTrue:
     # call in flight in a test; the answer is decided after the wait).
     holds: dict[int, asyncio.Event] = field(default_factory=dict)
     calls: int = 0
+    # Headers of each refresh call, as received.
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, TokenRow] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
@@ -219,6 +221,7 @@ class FakeGoTrue:
             return _json(400, _err("unsupported_grant_type", "unsupported_grant_type"))
         self.calls += 1
         n = self.calls
+        self.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
         if self.latency:
             await asyncio.sleep(self.latency)
         if n in self.holds:
