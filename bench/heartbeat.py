@@ -178,7 +178,10 @@ def outcomes(admin_url: str) -> dict[str, int]:
 
 def hb_config(upstream: str, store: str) -> dict[str, Any]:
     cfg = gateway_config(upstream, free_port(), free_port())
-    cfg["store"] = {"url": store, "key_prefix": "bench-hb:", "timeout": "200ms"}
+    # A fresh prefix per run, so each viewer's first ping is forwarded again (old keys
+    # expire on their own).
+    prefix = f"bench-hb-{os.getpid()}-{int(time.time())}:"
+    cfg["store"] = {"url": store, "key_prefix": prefix, "timeout": "200ms"}
     cfg["auth"] = {"issuer": ISSUER, "audience": "authenticated", "hs256_secret": SECRET}
     cfg["routes"] = [
         {

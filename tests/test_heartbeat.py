@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.policies.heartbeat import Flusher
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, make_config, run_gateway
@@ -587,3 +587,24 @@ async def test_batch_flush_schedule_runs_in_background(fake_app: FakeApp) -> Non
                 break
             await asyncio.sleep(0.02)
         assert [payload(r)[1].keys() for r in flushes(fake_app)] == [{user(1)}]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "key", "words"),
+    [
+        ({"mode": "batch"}, "routes[0].heartbeat", "flush_upstream"),
+        ({"flush_interval": "0s"}, "routes[0].heartbeat.flush_interval", "greater than 0"),
+        ({"negative_statuses": [200]}, "routes[0].heartbeat.negative_statuses", "200"),
+        ({"key": ["cookie"]}, "routes[0].heartbeat.key", "unknown key source"),
+        ({"mode": "fast"}, "routes[0].heartbeat.mode", ""),
+    ],
+)
+def test_config_errors_name_the_key(heartbeat: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config("http://127.0.0.1:9", "memory://", heartbeat=heartbeat)
+    issues = {i.key: i.message for i in err.value.issues}
+    assert key in issues, issues
+    assert words in issues[key]

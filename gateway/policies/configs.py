@@ -58,6 +58,21 @@ class HeartbeatConfig(Section):
                 )
         return v
 
+    @field_validator("flush_interval")
+    @classmethod
+    def _flush_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("flush_interval must be greater than 0")
+        return v
+
+    @field_validator("negative_statuses")
+    @classmethod
+    def _negative_4xx_5xx(cls, v: list[int]) -> list[int]:
+        for status in v:
+            if not 400 <= status <= 599:
+                raise ValueError(f"{status} is not an error status (400-599)")
+        return v
+
     @model_validator(mode="after")
     def _batch_needs_target(self) -> HeartbeatConfig:
         if self.mode == "batch" and not (self.flush_url and self.flush_upstream):
