@@ -9,12 +9,16 @@ import base64
 import hashlib
 import hmac
 import json
+import signal
+import socket
+import sys
 import time
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.policies.heartbeat import Flusher
@@ -608,3 +612,76 @@ def test_config_errors_name_the_key(heartbeat: dict[str, Any], key: str, words: 
     issues = {i.key: i.message for i in err.value.issues}
     assert key in issues, issues
     assert words in issues[key]
+
+
+async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> None:
+    """The real process: `python -m gateway`, pings, SIGTERM; the flush arrives before
+    the process exits."""
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    listen, admin = port(), port()
+    doc = {
+        "server": {
+            "listen": f"127.0.0.1:{listen}",
+            "admin_listen": f"127.0.0.1:{admin}",
+            "access_log": False,
+            "drain_timeout": "2s",
+        },
+        "store": {"url": "memory://"},
+        "upstreams": {"app": {"url": fake_app.url}},
+        "auth": {"issuer": ISSUER, "audience": "authenticated", "hs256_secret": SECRET},
+        "routes": [
+            {
+                "name": "presence_ping",
+                "match": {"methods": ["POST"], "path": "/api/webinars/{webinar_id}/presence/ping"},
+                "upstream": "app",
+                "auth": "required",
+                "heartbeat": {
+                    "mode": "batch",
+                    "flush_interval": "1h",
+                    "flush_upstream": "app",
+                    "flush_url": FLUSH_URL,
+                },
+            }
+        ],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient() as c:
+            for _ in range(200):
+                try:
+                    if (await c.get(f"http://127.0.0.1:{admin}/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+            now = time.time()
+            for i in range(3):
+                for _ in range(2):
+                    r = await c.post(
+                        f"http://127.0.0.1:{listen}" + PING.format(w=W1),
+                        headers={"Authorization": f"Bearer {token(user(i), now)}"},
+                    )
+                    assert r.status_code == 200
+        assert flushes(fake_app) == []
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert [set(payload(r)[1]) for r in flushes(fake_app)] == [{user(i) for i in range(3)}]
