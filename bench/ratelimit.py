@@ -17,7 +17,7 @@ Redis during the run (INFO commandstats delta, minus TIME/GET/SET that gcra.lua 
 *inside* Redis, which commandstats also counts, and minus our own INFO) / requests wrk
 completed. Prints the figures and writes bench/results/ratelimit.json.
 
-    .venv/bin/python bench/ratelimit.py             # ~45 s
+    .venv/bin/python bench/ratelimit.py             # ~50 s
     .venv/bin/python bench/ratelimit.py --quick     # ~20 s
 
 Needs /usr/bin/redis-server, /usr/sbin/nginx and /usr/bin/wrk. Everything listens on
@@ -171,8 +171,8 @@ def _line(name: str, r: WrkResult, trips: float | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--duration", type=float, default=10, help="seconds per route")
-    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per route")
+    p.add_argument("--duration", type=float, default=8, help="seconds per route")
+    p.add_argument("--warmup", type=float, default=1, help="warm-up seconds per route")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has 2 cores)")
     p.add_argument("--quick", action="store_true", help="4 s runs, 1 s warm-up")

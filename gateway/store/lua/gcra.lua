@@ -15,6 +15,9 @@
 --   retry_i   ms until rule i admits one request (0 if it admits this one)
 --
 -- Time comes from the Redis server (TIME), so gateway replicas with skewed clocks agree.
+-- Redis < 5 replicates whole scripts and refuses a write after TIME unless told to
+-- replicate effects instead; from Redis 5 on that is the default (and 7 ignores it).
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS
