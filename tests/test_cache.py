@@ -593,3 +593,27 @@ async def test_waiters_share_the_leaders_error(stats: StatsApp, store_url: str) 
     assert all(r.status_code == 503 for r in responses)
     assert stats.calls == 1
     assert sum("detail=coalesced" in cs(r) for r in responses) == 19
+
+
+async def test_store_down_public_route_keeps_in_process_single_flight(stats: StatsApp) -> None:
+    """Callers allowed by config alone need no store to be authorized: with the store
+    down (on_failure open) a process still makes one upstream call per TTL for them."""
+    stats.allow_anonymous = True
+    stats.gate = asyncio.Event()
+    clock = FakeClock()
+    cfg = cache_config(stats.url, "redis://127.0.0.1:1/0", public=True, on_failure="open")
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        tasks = [asyncio.ensure_future(get(c, gw.url)) for _ in range(10)]
+        await asyncio.wait_for(stats.entered.wait(), 5)
+        await asyncio.sleep(0.2)
+        stats.gate.set()
+        responses = await asyncio.gather(*tasks)
+        assert all(r.status_code == 200 for r in responses)
+        statuses = sorted(cs(r) for r in responses)
+        assert statuses.count("edge; fwd=miss; fwd-status=200; detail=store-unavailable") == 1
+        assert statuses.count("edge; hit; ttl=10") == 9
+        clock.advance(4)
+        assert cs(await get(c, gw.url)) == "edge; hit; ttl=6"
+        assert stats.calls == 1
+        assert metric(gw, "error") == 1
+        assert metric(gw, "hit") == 10

@@ -426,15 +426,16 @@ class CachePolicy:
             try:
                 (raw_entry,) = await self.store.run(MGET, [keys.entry], [])
             except StoreError:
-                self._results["error"].inc()
                 self._fallback.inc()
-                ctx.notes.append("cache=error")
                 if self.on_failure == "closed":
+                    self._results["error"].inc()
+                    ctx.notes.append("cache=error")
                     outcome = Outcome(error=_STORE_DOWN, cs=_STORE_DOWN_CS)
                     fut.set_result(outcome)
                     await self._send_resp(send, _STORE_DOWN, ctx.response_headers, outcome.cs, head)
                     return
-                # open: still one upstream call per process, just no shared entry.
+                # open: still one upstream call per process, just no shared entry
+                # (counted as `error` by _forward).
                 await self._lead(ctx, receive, send, keys, None, _OPEN, head, fut, store_ok=False)
                 return
             entry = self._usable(keys.entry, raw_entry, now)
@@ -736,17 +737,19 @@ class CachePolicy:
                 outcome = Outcome(error=resp, fwd_status=status)
             cs = b"edge; fwd=%b; fwd-status=%d" % (fwd_b, status)
             await self._send_resp(send, resp, outer, cs, head)
+        if not store_ok:
+            result = "error"
         self._results[result].inc()
         ctx.notes.append("cache=" + result)
         if store_ok and (entry_value or user_value or token):
-            try:
+            # A failed write is counted by the store (edge_store_errors_total); the
+            # caller has its answer already.
+            with contextlib.suppress(StoreError):
                 await self.store.run(
                     FILL,
                     [keys.entry, keys.user, keys.lock],
                     [entry_value, self.entry_px, user_value, self._user_px(user_value), token],
                 )
-            except StoreError:
-                self._results["error"].inc()
         return outcome
 
     def _user_px(self, record: bytes) -> int:
