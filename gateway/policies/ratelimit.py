@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from gateway.policies.configs import RateLimitRule
     from gateway.runtime import Runtime
     from gateway.store.base import ScriptArg
+
+log = logging.getLogger("gateway.ratelimit")
 
 # Bounds of the per-process structures shared by all routes (rt.services).
 BLOCKED_MAX_KEYS = 100_000
@@ -168,6 +171,9 @@ class GcraBatcher:
             replies = await self.store._call(GCRA.name, lambda: self._execute(batch))
         except StoreError as exc:
             replies = [exc] * len(batch)
+        except Exception as exc:  # a bug, not an outage: fail these checks now, loudly
+            log.exception("rate-limit batch failed")
+            replies = [StoreError("error", type(exc).__name__)] * len(batch)
         finally:
             self.inflight -= 1
             if self.pending and not self.scheduled:
