@@ -683,3 +683,42 @@ async def test_hung_redis_costs_at_most_store_timeout(
         assert gw.app.rt.store.health.backoff_until > 0
         await admin.execute_command("CLIENT", "UNPAUSE")
     await admin.aclose()
+
+
+async def test_user_limit_with_verified_tokens(
+    fake_app: FakeApp, backend: str, redis_url: str
+) -> None:
+    """End to end with the real auth policy: `by: user` keys on the verified `sub`."""
+    from tests.fakes.jwks import FakeIssuer, auth_settings
+
+    issuer = FakeIssuer()
+    await issuer.start()
+    cfg = make_config(
+        fake_app.url,
+        auth=auth_settings(issuer),
+        store=store_for(backend, redis_url),
+        routes=[
+            {
+                "name": "chat",
+                "match": {"path": "/chat"},
+                "upstream": "app",
+                "auth": "optional",
+                "rate_limit": [{"by": "user", "rate": HOUR, "burst": 1}],
+            }
+        ],
+    )
+
+    def bearer(sub: str) -> dict[str, str]:
+        return {"authorization": "Bearer " + issuer.sign(issuer.claims(sub=sub))}
+
+    try:
+        async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+            alice, bob = bearer("alice-uuid"), bearer("bob-uuid")
+            assert (await c.get("/chat", headers=alice)).status_code == 200
+            assert (await c.get("/chat", headers=alice)).status_code == 429
+            # A new token of the same user is the same allowance.
+            assert (await c.get("/chat", headers=bearer("alice-uuid"))).status_code == 429
+            assert (await c.get("/chat", headers=bob)).status_code == 200
+            assert [(await c.get("/chat")).status_code for _ in range(2)] == [200, 429]
+    finally:
+        await issuer.stop()
