@@ -358,11 +358,12 @@ class CachePolicy:
     # ------------------------------------------------------------------ keys and rules
 
     def _rule(self, ident: Identity | None) -> int:
+        if self.public:
+            # Public data: an identified caller gets no less than an anonymous one.
+            return _OPEN
         if self.authz_claim is not None and ident is not None:
             values = _claim_strings(claim_value(ident.claims, self.authz_claim))
             return _OPEN if any(v in self.authz_in for v in values) else _CLAIM_NO
-        if self.public:
-            return _OPEN
         return _RECORD
 
     def keys(self, ctx: RequestContext, ident: Identity | None) -> Keys:
@@ -435,8 +436,11 @@ class CachePolicy:
                     await self._send_resp(send, _STORE_DOWN, ctx.response_headers, outcome.cs, head)
                     return
                 # open: still one upstream call per process, just no shared entry
-                # (counted as `error` by _forward).
-                await self._lead(ctx, receive, send, keys, None, _OPEN, head, fut, store_ok=False)
+                # (counted as `error` by _forward); the process's own copy still serves
+                # stale_while_revalidate / stale_if_error.
+                if local is not None and now - local.stored_at >= self.keep_for:
+                    local = None
+                await self._lead(ctx, receive, send, keys, local, _OPEN, head, fut, store_ok=False)
                 return
             entry = self._usable(keys.entry, raw_entry, now)
             await self._lead(ctx, receive, send, keys, entry, _OPEN, head, fut, store_ok=True)
