@@ -11,13 +11,16 @@ body) and one gateway process (1 worker, `store.url` = that Redis) with three ro
 - `/blocked/...`  `by: ip`, 1/h, burst 1: after the first request every request is
                   refused from the local "blocked until" cache (429, no round trip).
 
-Each route gets a warm-up, then wrk at 50 connections for `--duration` seconds, in the
-same run, one after the other. Round trips per request = commands the gateway sent to
-Redis during the run (INFO commandstats delta, minus TIME/GET/SET that gcra.lua runs
-*inside* Redis, which commandstats also counts, and minus our own INFO) / requests wrk
-completed. Prints the figures and writes bench/results/ratelimit.json.
+Each route gets a warm-up, then wrk -t1 -c50 for `--duration` seconds, in the same run,
+one after the other (free and limited twice, interleaved); then free and limited at one
+connection (`--duration-c1`), for the p50 the check adds. Redis commands per request =
+commands the gateway sent to Redis during the run (INFO commandstats delta, minus the
+TIME/GET/SET that gcra.lua runs *inside* Redis, which commandstats also counts, and
+minus the counting client's own INFO/HELLO) / rate-limit decisions the gateway counted
+(/metrics). Network round trips per request = pipelined writes (/_edge/status) /
+decisions. Prints the figures and writes bench/results/ratelimit.json.
 
-    .venv/bin/python bench/ratelimit.py             # ~50 s
+    .venv/bin/python bench/ratelimit.py             # ~55 s
     .venv/bin/python bench/ratelimit.py --quick     # ~20 s
 
 Needs /usr/bin/redis-server, /usr/sbin/nginx and /usr/bin/wrk. Everything listens on
@@ -171,7 +174,8 @@ def _line(name: str, r: WrkResult, trips: float | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--duration", type=float, default=8, help="seconds per route")
+    p.add_argument("--duration", type=float, default=7, help="seconds per route at -c50")
+    p.add_argument("--duration-c1", type=float, default=3, help="seconds per route at -c1")
     p.add_argument("--warmup", type=float, default=1, help="warm-up seconds per route")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has 2 cores)")
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup = 4, 1
+        args.duration, args.warmup, args.duration_c1 = 4, 1, 2
     require_tools()
 
     load_before = uptime()
@@ -201,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                     if status != want:
                         raise BenchError(f"{url} answered {status} {body[:200]!r}")
                     run_wrk(url, args.connections, args.threads, args.warmup)
+                    # Let requests still in flight when wrk stopped finish, so both counts
+                    # below cover the same requests.
+                    time.sleep(0.3)
                     before = commandstats(redis_url)
                     d0, b0, c0 = gateway_counts(gw.admin_url, path)
                     r = run_wrk(
                         url, args.connections, args.threads, args.duration, cpu_pid=gw.proc.pid
                     )
+                    time.sleep(0.3)
                     d1, b1, c1 = gateway_counts(gw.admin_url, path)
                     trips, delta = round_trips(before, commandstats(redis_url))
                     checked = d1 - d0  # requests the limiter decided (incl. cached 429s)
@@ -231,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                         else 0.0,
                         "redis_commandstats_delta": delta,
                     }
+                # Latency a lone client sees (1 connection): what the check adds to p50.
+                for name in ("free", "limited"):
+                    url = f"{gw.url}/{name}/item"
+                    run_wrk(url, 1, 1, 1)
+                    r = run_wrk(url, 1, 1, args.duration_c1, cpu_pid=gw.proc.pid)
+                    _line(name + " c1", r, None)
+                    results[name + "_c1"] = r.as_dict()
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
@@ -252,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             results["limited2"]["redis_round_trips_per_request"],
         ),
         "redis_commands_per_request_blocked": results["blocked"]["redis_commands_per_request"],
+        "added_p50_ms_c1": round(
+            results["limited_c1"]["latency_ms"]["p50"] - results["free_c1"]["latency_ms"]["p50"],
+            3,
+        ),
     }
     summary["round_trips_ok"] = summary["redis_commands_per_request_limited"] <= 1.0
     print()
@@ -263,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({'ok' if summary['round_trips_ok'] else 'MISSED'}: must be <= 1), network round "
         f"trips per request: {summary['round_trips_per_request_limited']:.3f}"
     )
+    print(f"p50 added by the check at 1 connection: {summary['added_p50_ms_c1']:+.3f} ms")
     print(f"load: before [{load_before}] after [{load_after}]")
     doc = {
         "bench": "ratelimit",
@@ -275,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(args.python),
         "settings": {
             "duration_s": args.duration,
+            "duration_c1_s": args.duration_c1,
             "warmup_s": args.warmup,
             "wrk": f"-t{args.threads} -c{args.connections} --latency",
             "routes": cfg["routes"],
