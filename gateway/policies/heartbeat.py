@@ -10,6 +10,8 @@ as seen and decides: forward it to the app (the first one, then at most one per
 `local_response` at the edge), or answer a cached negative (the app said 401/403/404 for
 this viewer within `negative_ttl`). Times come from the gateway clock and go to the store
 as arguments, so replicas, the memory twin and tests with an injected clock all agree.
+On a networked store the heartbeats of one webinar that arrive in the same event-loop
+turn share that one call (`Recorder`), which is what keeps the shed path fast on Redis.
 
 Store layout (every key of one webinar shares its hash tag `{<webinar_id>}`):
   hb:{w}:seen               zset viewer -> last seen ms (all heartbeat routes; presence)
