@@ -685,3 +685,15 @@ async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> Non
             proc.kill()
             await proc.wait()
     assert [set(payload(r)[1]) for r in flushes(fake_app)] == [{user(i) for i in range(3)}]
+
+
+async def test_large_negative_body_is_not_cached(fake_app: FakeApp, store_url: str) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, store_url)
+    path = PING.format(w=W1)
+    fake_app.status_override[path] = (404, {"error": "not_registered", "pad": "x" * 5000})
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        for _ in range(2):
+            r = await ping(c, gw, W1, user(1), clock)
+            assert (r.status_code, r.json()["pad"]) == (404, "x" * 5000)
+        assert fake_app.hits[path] == 2

@@ -495,10 +495,11 @@ class HeartbeatPolicy:
         ctype = b""
         body = bytearray()
         keep = False
+        complete = False
 
         async def tee(msg: Message) -> None:
             # Passes the app's answer through untouched; keeps a small negative body.
-            nonlocal status, ctype, keep
+            nonlocal status, ctype, keep, complete
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 keep = status in self.negative_statuses
@@ -511,18 +512,19 @@ class HeartbeatPolicy:
                     keep = False
                 else:
                     body.extend(chunk)
+                    complete = not msg.get("more_body", False)
             await send(msg)
 
         try:
             await self.next(ctx, receive, tee)
         finally:
-            if keep:
+            if keep and complete:
                 expires = int(self.clock() * 1000) + self.negative_ttl_ms
                 blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
                 await self._outcome(keys, "neg", viewer, blob)
             elif not 200 <= status < 400:
-                # The app did not take it (5xx, timeout, client gone): the next heartbeat
-                # of this viewer goes through instead of being absorbed.
+                # The app did not take it (5xx, timeout, client gone, or a negative too
+                # big to keep): the viewer's next heartbeat goes through, not absorbed.
                 await self._outcome(keys, "fail", viewer, b"")
 
     async def _outcome(self, keys: list[str], op: str, viewer: str, blob: bytes) -> None:
