@@ -10,11 +10,13 @@ Owns:
   that keeps hammering past its limit cost no store round trip until T. When the store
   fails, each rule's `on_failure` decides: open (skip the rule), closed (503), or local
   (the same GCRA on an in-process keyspace).
+- `GcraBatcher`: on Redis, the checks of concurrent requests travel in one pipelined
+  write (still one EVALSHA per request), which saves most of redis-py's per-command CPU.
 - `ConcurrencyPolicy`: the route's `concurrency: {by, max, retry_after}`, a cap on
   in-flight upstream requests per key, counted *per process* (503 + Retry-After when
   full).
 
-Keys: `rl:{<route>}:<rule digest>:<blake2b(value)>`. The Redis Cluster hash tag is the
+Keys: `rl:{rl:<route>}:<rule digest>:<blake2b(value)>`. The Redis Cluster hash tag is the
 route name, because every KEY of one script must live in one slot and the rules of one
 request share nothing else (user, IP and webinar differ per rule). The cost: all limiter
 keys of one route live on one shard. Raw request values (user ids, IPs, webinar ids,
