@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.policies.heartbeat import Flusher
+from gateway.policies.heartbeat import MAX_COALESCE, Flusher, HeartbeatPolicy, _webinar_keys
+from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, make_config, run_gateway
 
@@ -697,3 +698,74 @@ async def test_large_negative_body_is_not_cached(fake_app: FakeApp, store_url: s
             r = await ping(c, gw, W1, user(1), clock)
             assert (r.status_code, r.json()["pad"]) == (404, "x" * 5000)
         assert fake_app.hits[path] == 2
+
+
+async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
+    fake_app: FakeApp, redis_url: str
+) -> None:
+    clock = Clock()
+    cfg = config(fake_app.url, redis_url)
+    path = PING.format(w=W1)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        store = gw.app.rt.store
+        real_run = store.run
+        calls: list[int] = []
+
+        async def counting_run(script: Any, keys: Any, args: Any) -> Any:
+            if script.name == "heartbeat_record":
+                calls.append((len(args) - 7) // 2)
+            return await real_run(script, keys, args)
+
+        store.run = counting_run  # type: ignore[method-assign]
+        tokens = [token(user(i), clock.now) for i in range(40)]
+        for tok in tokens:  # each viewer's first ping, one at a time
+            await c.post(gw.url + path, headers={"Authorization": f"Bearer {tok}"})
+        assert fake_app.hits[path] == 40
+        calls.clear()
+        responses = await asyncio.gather(
+            *(
+                c.post(gw.url + path, headers={"Authorization": f"Bearer {t}"})
+                for _ in range(5)
+                for t in tokens
+            )
+        )
+        assert all(r.json() == {"success": True} for r in responses)
+        assert fake_app.hits[path] == 40
+        # Every heartbeat was recorded exactly once, whatever the grouping.
+        assert sum(calls) == 200
+
+
+async def test_recorder_sends_one_call_for_heartbeats_of_one_turn(redis_url: str) -> None:
+    cfg = config("http://127.0.0.1:9", redis_url)
+    rt = Runtime(cfg)
+    await rt.store.start()
+    try:
+
+        async def unused(ctx: Any, receive: Any, send: Any) -> None:
+            raise AssertionError("nothing is forwarded here")
+
+        policy = HeartbeatPolicy(unused, cfg.routes[0], rt, None)  # type: ignore[arg-type]
+        assert policy.recorder is not None
+        real_run = rt.store.run
+        calls: list[int] = []
+
+        async def counting_run(script: Any, keys: Any, args: Any) -> Any:
+            calls.append((len(args) - 7) // 2)
+            return await real_run(script, keys, args)
+
+        rt.store.run = counting_run  # type: ignore[method-assign]
+        keys = _webinar_keys(W1, "presence_ping")
+        other = _webinar_keys(W2, "presence_ping")
+        futs = [policy.recorder.submit(W1, keys, f"u:{i % 30}", 0) for i in range(60)]
+        futs.append(policy.recorder.submit(W2, other, "u:0", 0))
+        results = await asyncio.gather(*futs)
+        # One call per webinar; within it, arrival order: first sight forwards.
+        assert sorted(calls) == [1, 60]
+        assert [d for d, _ in results] == [1] * 30 + [0] * 30 + [1]
+        # Past MAX_COALESCE a call is sent at once and a new group starts.
+        calls.clear()
+        big = [policy.recorder.submit(W1, keys, f"u:{i}", 0) for i in range(MAX_COALESCE + 5)]
+        await asyncio.gather(*big)
+        assert calls == [MAX_COALESCE, 5]
+    finally:
+        await rt.store.close()

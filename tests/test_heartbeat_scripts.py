@@ -1,0 +1,149 @@
+"""The heartbeat scripts' contract, run on the memory store (Python twins) and on the real
+Redis (Lua) with the same inputs: both must give the same answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.policies.heartbeat import (
+    FLUSH,
+    INDEX,
+    OUTCOME,
+    PRESENCE,
+    RECORD,
+    _index_keys,
+    _webinar_keys,
+    seen_key,
+)
+from gateway.store import Store
+from gateway.store.base import ScriptArg
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+
+T0 = 1_800_000_000_000  # ms
+INTERVAL = 300_000
+WINDOW = 360_000
+GC = 3_600_000
+REINDEX = 30_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0 / 1000
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore("t:", clock=Clock())
+    else:
+        s = RedisStore(redis_url, "t:", timeout=1.0)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def b(x: Any) -> Any:
+    """Redis-shaped results to plain Python (bytes stay bytes, numbers become int)."""
+    if isinstance(x, list):
+        return [b(i) for i in x]
+    if isinstance(x, int):
+        return int(x)
+    return x
+
+
+async def record(
+    store: Store, now: int, viewers: list[ScriptArg], *, batch: bool = False
+) -> list[Any]:
+    keys = _webinar_keys("w1", "r")
+    args: list[ScriptArg] = [now, INTERVAL, now - INTERVAL, now - WINDOW, int(batch), REINDEX, GC]
+    out: list[Any] = b(await store.run(RECORD, keys, [*args, *viewers]))
+    return out
+
+
+async def test_record_decides_in_arrival_order(store: Store) -> None:
+    # Two new viewers and a repeat within one call: forward, forward, absorb.
+    assert await record(store, T0, ["u:a", 0, "u:b", 0, "u:a", 0]) == [0, 1, b"", 1, b"", 0, b""]
+    assert await record(store, T0 + INTERVAL - 1, ["u:a", 0]) == [0, 0, b""]
+    assert await record(store, T0 + INTERVAL, ["u:a", 0, "u:a", 0]) == [0, 1, b"", 0, b""]
+    # Presence: both seen within the window of T0 + INTERVAL.
+    assert b(await store.run(PRESENCE, [seen_key("w1")], [T0 + INTERVAL - WINDOW])) == 2
+    assert b(await store.run(PRESENCE, [seen_key("w1")], [T0 + 1])) == 1
+    assert b(await store.run(PRESENCE, [seen_key("w2")], [0])) == 0
+
+
+async def test_batch_mode_stamps_every_heartbeat(store: Store) -> None:
+    assert await record(store, T0, ["u:a", 1], batch=True) == [1, 1, b""]
+    # Pinging every 200 s keeps it absorbed well past the interval.
+    for step in range(1, 5):
+        res = await record(store, T0 + step * 200_000, ["u:a", 1], batch=True)
+        assert res[1:] == [0, b""]
+    # Silent for longer than the interval: forwarded once more.
+    res = await record(store, T0 + 4 * 200_000 + INTERVAL, ["u:a", 1], batch=True)
+    assert res[1:] == [1, b""]
+
+
+async def test_negative_then_expiry(store: Store) -> None:
+    keys = _webinar_keys("w1", "r")
+    await record(store, T0, ["u:a", 1, "u:b", 1], batch=True)
+    blob = b"%d|404|application/json|{}" % (T0 + 60_000)
+    await store.run(OUTCOME, keys[:4], ["neg", "u:a", blob, GC])
+    assert await record(store, T0 + 1, ["u:a", 1, "u:b", 1], batch=True) == [
+        0,
+        2,
+        blob,
+        0,
+        b"",
+    ]
+    # Refused: out of presence and of the flush.
+    assert b(await store.run(PRESENCE, [seen_key("w1")], [0])) == 1
+    taken = b(await store.run(FLUSH, [keys[3], keys[4]], ["take", 10]))
+    assert taken[0::2] == [b"u:b"]
+    # After the negative expires the viewer is forwarded again.
+    assert (await record(store, T0 + 60_000, ["u:a", 0]))[1:] == [1, b""]
+
+
+async def test_fail_outcome_unstamps_the_forward(store: Store) -> None:
+    keys = _webinar_keys("w1", "r")
+    assert (await record(store, T0, ["u:a", 0]))[1] == 1
+    await store.run(OUTCOME, keys[:4], ["fail", "u:a", b"", GC])
+    assert (await record(store, T0 + 1, ["u:a", 0]))[1] == 1
+    assert (await record(store, T0 + 2, ["u:a", 0]))[1] == 0
+
+
+async def test_flush_acks_only_what_was_sent(store: Store) -> None:
+    keys = _webinar_keys("w1", "r")
+    fkeys = [keys[3], keys[4]]
+    first = await record(store, T0, ["u:a", 1, "u:b", 1], batch=True)
+    assert first[0] == 1  # announce the webinar to the index
+    assert (await record(store, T0 + 1, ["u:c", 1], batch=True))[0] == 0
+    taken = b(await store.run(FLUSH, fkeys, ["take", 2]))
+    assert taken == [b"u:a", str(T0).encode(), b"u:b", str(T0).encode()]
+    # u:a pings again while the flush is in flight: its newer entry must survive the ack.
+    await record(store, T0 + 5, ["u:a", 1], batch=True)
+    assert b(await store.run(FLUSH, fkeys, ["ack", *taken])) == 2
+    left = b(await store.run(FLUSH, fkeys, ["take", 10]))
+    assert left == [b"u:c", str(T0 + 1).encode(), b"u:a", str(T0 + 5).encode()]
+    assert b(await store.run(FLUSH, fkeys, ["ack", *left])) == 0
+    # Drained: the next heartbeat announces the webinar again.
+    assert (await record(store, T0 + 6, ["u:a", 1], batch=True))[0] == 1
+
+
+async def test_index_ack_keeps_a_webinar_announced_again(store: Store) -> None:
+    ik = _index_keys("r")
+    s1 = b(await store.run(INDEX, ik, ["add", "w1"]))
+    await store.run(INDEX, ik, ["add", "w2"])
+    listing = b(await store.run(INDEX, ik, ["list"]))
+    assert listing[0::2] == [b"w1", b"w2"]
+    # w1 is announced again during the flush: its ack with the old sequence keeps it.
+    await store.run(INDEX, ik, ["add", "w1"])
+    assert b(await store.run(INDEX, ik, ["ack", "w1", s1])) == 0
+    assert b(await store.run(INDEX, ik, ["ack", "w2", listing[3]])) == 1
+    assert b(await store.run(INDEX, ik, ["list"]))[0::2] == [b"w1"]
