@@ -706,3 +706,106 @@ async def test_state_gauge_turns_half_open_without_traffic(fake_app: FakeApp) ->
                 break
             await asyncio.sleep(0.01)
         assert await gauge() == 1
+
+
+# --------------------------------------------------------------------------- with the cache
+
+
+def cached_chat_config(upstream: str) -> GatewayConfig:
+    """chat_poll as docs/breaker.md recommends: a 1 s micro-cache with stale_if_error
+    outside the breaker (public here because these tests run without auth)."""
+    return make_config(
+        upstream,
+        routes=[
+            {
+                "name": "chat_poll",
+                "match": {"methods": ["GET"], "path": "/api/chat/{room}"},
+                "upstream": "app",
+                "auth": "off",
+                "cache": {"ttl": "1s", "stale_if_error": "5m", "public": True},
+                "breaker": {"group": "chat", "failure_threshold": 3, "cooldown": "30s"},
+            },
+            {
+                "name": "default",
+                "match": {"path": "/{path:path}"},
+                "upstream": "app",
+                "auth": "off",
+            },
+        ],
+    )
+
+
+async def test_open_breaker_behind_the_cache_serves_stale_copies(fake_app: FakeApp) -> None:
+    clock = FakeClock()  # one clock for both: the cache ages entries on the wall clock
+    async with (
+        run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
+        good = await c.get("/api/chat/r1")
+        assert good.status_code == 200
+        fake_app.status_override["/api/chat/r1"] = (500, {"error": "db down"})
+        fake_app.status_override["/api/chat/r2"] = (500, {"error": "db down"})
+        clock.advance(2)  # past the 1 s ttl
+        # The app fails: each refresh attempt reaches it and fails, the client still gets
+        # the last good copy, and the failures open the breaker.
+        for _ in range(3):
+            r = await c.get("/api/chat/r1")
+            assert r.status_code == 200
+            assert r.json() == good.json()
+            assert "stale-if-error" in r.headers["cache-status"]
+        assert state(gw) == "open"
+        hits = fake_app.hits["/api/chat/r1"]
+        # Open: the breaker answers the refresh at once and the cache serves stale.
+        for _ in range(10):
+            r = await c.get("/api/chat/r1")
+            assert r.status_code == 200
+            assert r.json() == good.json()
+            assert "fwd-status=503" in r.headers["cache-status"]
+        assert fake_app.hits["/api/chat/r1"] == hits
+        # Nothing cached for this room: the client gets the breaker's 503.
+        shed = await c.get("/api/chat/r2")
+        assert_circuit_open(shed)
+        assert fake_app.hits["/api/chat/r2"] == 0
+
+
+async def test_micro_cache_collapses_a_polling_storm_into_one_upstream_call(
+    fake_app: FakeApp,
+) -> None:
+    clock = FakeClock()
+    async with (
+        run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
+    ):
+        polls = await asyncio.gather(*(c.get("/api/chat/r1?_=" + str(i)) for i in range(200)))
+        assert all(r.status_code == 200 for r in polls)
+        assert fake_app.hits["/api/chat/r1"] == 1
+        # One second later: one more call for the next 200 polls.
+        clock.advance(1.5)
+        polls = await asyncio.gather(*(c.get("/api/chat/r1") for _ in range(200)))
+        assert all(r.status_code == 200 for r in polls)
+        assert fake_app.hits["/api/chat/r1"] == 2
+        assert state(gw) == "closed"
+
+
+async def test_after_the_cooldown_one_probe_refreshes_for_all_waiting_polls(
+    fake_app: FakeApp,
+) -> None:
+    clock = FakeClock()
+    async with (
+        run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
+    ):
+        await c.get("/api/chat/r1")
+        fake_app.status_override["/api/chat/r1"] = (503, {"error": "overloaded"})
+        clock.advance(2)
+        for _ in range(3):
+            await c.get("/api/chat/r1")
+        assert state(gw) == "open"
+        clock.advance(30)
+        del fake_app.status_override["/api/chat/r1"]
+        hits = fake_app.hits["/api/chat/r1"]
+        polls = await asyncio.gather(*(c.get("/api/chat/r1") for _ in range(100)))
+        assert all(r.status_code == 200 for r in polls)
+        # The single flight sends one request: the breaker's probe, which closes it.
+        assert fake_app.hits["/api/chat/r1"] == hits + 1
+        assert state(gw) == "closed"
