@@ -154,3 +154,22 @@ def test_negative_cache_key_is_per_caller_and_hashed() -> None:
     assert key(method="POST", identity=ident("alice")) is None
     # The key is a digest: no user id, cookie or token in memory as a key.
     assert alice is not None and len(alice) == 16 and b"alice" not in alice
+
+
+def test_a_retired_breaker_does_not_overwrite_its_successors_gauge() -> None:
+    """After a config reload the metrics carry over but breakers start fresh; requests
+    still finishing on the old breaker must not move the new one's gauge."""
+    clock = Clock()
+    metrics = Metrics()
+    cfg = BreakerConfig.model_validate({"group": "g", "failure_threshold": 1})
+    old = Breaker("g", cfg, clock, metrics)
+    in_flight = old.admit()
+    assert in_flight is not None
+    new = Breaker("g", cfg, clock, metrics)
+    old.record(in_flight, 500, None)
+    assert st(old) == "open"
+    assert metrics.registry.get_sample_value("edge_breaker_state", {"group": "g"}) == 0
+    t = new.admit()
+    assert t is not None
+    new.record(t, 500, None)
+    assert metrics.registry.get_sample_value("edge_breaker_state", {"group": "g"}) == 2

@@ -23,6 +23,7 @@ import email.utils
 import hashlib
 import logging
 import random
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ _BUCKETS = 10
 _NEGATIVE_BODY_LIMIT = 16 * 1024
 # Bound on remembered (caller, request) pairs per route; cachetools evicts LRU-ish past it.
 _NEGATIVE_MAX_ENTRIES = 10_000
+# Which breaker currently owns each group's state gauge. Metrics outlive a config reload
+# while breakers start fresh: the retired breaker (still finishing in-flight requests)
+# must not overwrite the gauge of its successor.
+_GAUGE_OWNER: weakref.WeakKeyDictionary[Metrics, dict[str, Breaker]] = weakref.WeakKeyDictionary()
 
 
 def is_failure(status: int) -> bool:
@@ -154,6 +159,8 @@ class Breaker:
         self.probe_successes = 0
         self.opened_total = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._owners = _GAUGE_OWNER.setdefault(metrics, {})
+        self._owners[group] = self
         self._gauge = metrics.breaker_state.labels(group)
         self._gauge.set(0)
         self._transitions = metrics.breaker_transitions
@@ -166,7 +173,8 @@ class Breaker:
         self.generation += 1
         self.probes_in_flight = 0
         self.probe_successes = 0
-        self._gauge.set(STATE_VALUE[to])
+        if self._owners.get(self.group) is self:
+            self._gauge.set(STATE_VALUE[to])
         self._transitions.labels(self.group, to).inc()
 
     def _open(self, seconds: float, reason: str) -> None:
