@@ -590,21 +590,27 @@ class Recorder:
         try:
             results = await self.policy.record(webinar, pending.keys, pending.viewers)
         except StoreError as exc:
-            for fut in pending.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self._fail(pending, exc)
             return
-        except BaseException as exc:
-            err = StoreError("error", f"heartbeat record failed: {type(exc).__name__}")
-            for fut in pending.futures:
-                if not fut.done():
-                    fut.set_exception(err)
+        except asyncio.CancelledError:
+            self._fail(pending, StoreError("error", "heartbeat record cancelled"))
             raise
+        except Exception as exc:
+            # A bug, not an outage: logged, and the waiting requests follow on_failure.
+            log.exception("heartbeat record failed", extra={"route": self.policy.route})
+            self._fail(pending, StoreError("error", f"record failed: {type(exc).__name__}"))
+            return
         for fut, result in zip(pending.futures, results, strict=True):
             # A request whose client went away has a cancelled future: its heartbeat is
             # recorded all the same, nobody is told.
             if not fut.done():
                 fut.set_result(result)
+
+    @staticmethod
+    def _fail(pending: _Pending, exc: StoreError) -> None:
+        for fut in pending.futures:
+            if not fut.done():
+                fut.set_exception(exc)
 
 
 @dataclass(slots=True)
