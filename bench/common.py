@@ -305,14 +305,12 @@ def gateway(
     port = int(config["server"]["listen"].rsplit(":", 1)[1])
     admin_port = int(config["server"]["admin_listen"].rsplit(":", 1)[1])
     log = (workdir / "gateway.log").open("wb")
-    env = {**os.environ, "PYTHONUNBUFFERED": "0"}
     proc = subprocess.Popen(
         [python, "-m", "gateway", "--config", str(cfg_path)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
-        env=env,
     )
     gw = GatewayProcess(proc, port, admin_port, workdir)
     try:
