@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: run test lint check bench bench-passthrough clean
+.PHONY: run test lint check wheel bench bench-passthrough clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway
 	$(BIN)/mypy
+
+# The same wheel step the Dockerfile's builder stage runs.
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --no-deps --wheel-dir dist .
 
 # Benchmarks need nginx and wrk (Debian packages); bench/ installs them if missing.
 bench-passthrough: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,18 +32,29 @@ def _store_state(rt: Runtime) -> dict[str, Any]:
     }
 
 
-def create_admin_app(rt: Runtime) -> Starlette:
+def create_admin_app(
+    runtime: Runtime | Callable[[], Runtime],
+    listening: Callable[[], bool] | None = None,
+) -> Starlette:
+    """`runtime` may be a getter, so the admin port follows a hot-reloaded config.
+    `listening` tells whether the public port accepts connections yet: until it does,
+    /readyz says not ready, so no traffic is routed to a pod that would refuse it."""
+    current = runtime if callable(runtime) else (lambda: runtime)
     started = time.time()
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
+        rt = current()
         checks: dict[str, Any] = {}
         ready = True
         if rt.draining:
             ready = False
             checks["draining"] = True
+        if not rt.started or (listening is not None and not listening()):
+            ready = False
+            checks["starting"] = True
         try:
             async with asyncio.timeout(max(rt.config.store.timeout * 4, 0.2)):
                 await rt.store.ping()
@@ -51,7 +63,10 @@ def create_admin_app(rt: Runtime) -> Starlette:
             store_ok = False
         rt.metrics.store_up.set(1 if store_ok else 0)
         checks["store"] = {**_store_state(rt), "ok": store_ok}
-        if not store_ok:
+        # With on_failure: open the gateway keeps serving without the store, so a Redis
+        # outage must not mark every replica unready (that would turn it into a full
+        # outage at the ingress); it shows in the detail and in edge_store_up instead.
+        if not store_ok and rt.config.store.on_failure == "closed":
             ready = False
         for name, fn in rt.services.get("status", {}).items():
             checks[name] = fn()
@@ -59,12 +74,14 @@ def create_admin_app(rt: Runtime) -> Starlette:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(_: Request) -> Response:
+        rt = current()
         return Response(
             rt.metrics.exposition(),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     async def status(_: Request) -> Response:
+        rt = current()
         cfg = rt.config
         return JSONResponse(
             {

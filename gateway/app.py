@@ -8,10 +8,13 @@ access log and request metrics, edge endpoints under /_edge/, lifespan.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import re
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import GatewayConfig
@@ -32,6 +35,7 @@ from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -86,23 +90,99 @@ def build_ws_chain(route: CompiledRoute, rt: Runtime) -> Handler:
     return handler
 
 
+@dataclass(eq=False)
+class _State:
+    """One config's worth of pipeline. Requests read `Gateway.state` once, so a reload
+    swaps it atomically and in-flight requests finish on the state they started with."""
+
+    rt: Runtime
+    table: RouteTable
+    ws_handlers: dict[str, Handler]
+    edge: EdgeEndpoints
+    access_log: bool
+    in_flight: int = 0
+    # Set by a reload: fires when the last in-flight request of this state finishes.
+    idle: asyncio.Event | None = None
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.idle is not None and self.in_flight == 0:
+            self.idle.set()
+
+
 class Gateway:
     """The public ASGI application."""
 
     def __init__(self, config: GatewayConfig, runtime: Runtime | None = None) -> None:
-        self.rt = runtime or Runtime(config)
-        self.config = config
-        self.table = RouteTable(config.routes)
-        self.ws_handlers: dict[str, Handler] = {}
-        for route in self.table.routes:
-            route.handler = build_chain(route, self.rt)
-            self.ws_handlers[route.name] = build_ws_chain(route, self.rt)
-        self.edge = EdgeEndpoints(self.rt, self.table)
+        self.state = self._build(runtime or Runtime(config))
         m = self.rt.metrics
         self._requests = m.requests
         self._latency = m.latency
         self._in_flight = m.in_flight
-        self._access_log = config.server.access_log
+        self._retired: set[asyncio.Task[None]] = set()
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    @property
+    def rt(self) -> Runtime:
+        return self.state.rt
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.state.rt.config
+
+    @staticmethod
+    def _build(rt: Runtime) -> _State:
+        table = RouteTable(rt.config.routes)
+        ws_handlers: dict[str, Handler] = {}
+        for route in table.routes:
+            route.handler = build_chain(route, rt)
+            ws_handlers[route.name] = build_ws_chain(route, rt)
+        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), rt.config.server.access_log)
+
+    async def reload(self, config: GatewayConfig) -> list[str]:
+        """Swap in a validated config for new requests. Returns the changes that only a
+        restart applies (listeners, workers). The store and metrics carry over when the
+        store section is unchanged; per-process policy state (breakers, caches of
+        verified tokens) starts fresh with the new policies."""
+        old = self.state
+        old_cfg = old.rt.config
+        restart = [
+            key
+            for key, a, b in (
+                ("server.listen", old_cfg.server.listen, config.server.listen),
+                ("server.admin_listen", old_cfg.server.admin_listen, config.server.admin_listen),
+                ("server.workers", old_cfg.server.workers, config.server.workers),
+            )
+            if a != b
+        ]
+        share_store = config.store == old_cfg.store
+        rt = Runtime(
+            config,
+            store=old.rt.store if share_store else None,
+            metrics=old.rt.metrics,
+            clock=old.rt.clock,
+            monotonic=old.rt.monotonic,
+        )
+        rt.owns_store = not share_store
+        state = self._build(rt)
+        await rt.start()
+        rt.draining = old.rt.draining
+        self.state = state
+        task = asyncio.ensure_future(self._retire(old, keep_store=share_store))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        return restart
+
+    async def _retire(self, old: _State, keep_store: bool) -> None:
+        """Stop the previous state once its in-flight requests are done (bounded by the
+        drain timeout), running its shutdown hooks (e.g. a final heartbeat flush)."""
+        old.idle = asyncio.Event()
+        if old.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.idle.wait(), old.rt.config.server.drain_timeout)
+        if keep_store:
+            old.rt.owns_store = False
+        await old.rt.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -125,11 +205,13 @@ class Gateway:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                for task in list(self._retired):
+                    await task
                 await self.rt.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _context(self, scope: Scope) -> tuple[RequestContext | None, str, str]:
+    def _context(self, state: _State, scope: Scope) -> tuple[RequestContext | None, str, str]:
         rid = None
         xff = None
         for k, v in scope["headers"]:
@@ -137,11 +219,11 @@ class Gateway:
                 rid = v
             elif k == b"x-forwarded-for":
                 xff = v
-        request_id = rid.decode() if rid and _SANE_ID.match(rid) else uuid.uuid4().hex
+        request_id = rid.decode() if rid and _SANE_ID.match(rid) else os.urandom(16).hex()
         client = scope.get("client")
         peer = client[0] if client else "unknown"
-        client_ip = self.rt.trusted.client_ip(peer, xff.decode("latin-1") if xff else None)
-        matched = self.table.match(scope)
+        client_ip = state.rt.trusted.client_ip(peer, xff.decode("latin-1") if xff else None)
+        matched = state.table.match(scope)
         if matched is None:
             return None, request_id, client_ip
         route, params = matched
@@ -149,7 +231,8 @@ class Gateway:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        ctx, request_id, client_ip = self._context(scope)
+        state = self.state
+        ctx, request_id, client_ip = self._context(state, scope)
         rid_header = (b"x-request-id", request_id.encode())
         status = 0
 
@@ -161,17 +244,18 @@ class Gateway:
             await send(msg)
 
         if scope["path"].startswith("/_edge/"):
-            await self.edge(scope, receive, send_with_id, ctx, client_ip)
-            self._finish("_edge", scope, status, start, request_id, client_ip, None, [])
+            await state.edge(scope, receive, send_with_id, ctx, client_ip)
+            self._finish(state, "_edge", scope, status, start, request_id, client_ip, None, [])
             return
         if ctx is None:
             await send_error(send_with_id, 404, "no_route", "no route matches this request")
-            self._finish("none", scope, 404, start, request_id, client_ip, None, [])
+            self._finish(state, "none", scope, 404, start, request_id, client_ip, None, [])
             return
         route = ctx.route
         handler = route.handler
         assert handler is not None
         self._in_flight.inc()
+        state.in_flight += 1
         try:
             await handler(ctx, receive, send_with_id)
         except ClientGone:
@@ -190,7 +274,9 @@ class Gateway:
                 raise
         finally:
             self._in_flight.dec()
+            state.leave()
             self._finish(
+                state,
                 route.name,
                 scope,
                 ctx.status or status,
@@ -203,6 +289,7 @@ class Gateway:
 
     def _finish(
         self,
+        state: _State,
         route: str,
         scope: Scope,
         status: int,
@@ -214,9 +301,19 @@ class Gateway:
     ) -> None:
         duration = time.perf_counter() - start
         method = scope.get("method", "GET")
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(route).observe(duration)
-        if self._access_log:
+        if method not in _METHODS:
+            method = "OTHER"  # the method is the client's: keep label cardinality bounded
+        # Children are cached: labels() costs a lock and a dict build per call.
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._requests.labels(route, method, str(status)),
+                self._latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(duration)
+        if state.access_log:
             logs.access(
                 request_id=request_id,
                 route=route,
@@ -231,16 +328,27 @@ class Gateway:
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        ctx, request_id, client_ip = self._context(scope)
+        state = self.state
+        ctx, request_id, client_ip = self._context(state, scope)
         if ctx is None:
             await send({"type": "websocket.close", "code": 1008})
             return
-        handler = self.ws_handlers[ctx.route.name]
+        handler = state.ws_handlers[ctx.route.name]
+        state.in_flight += 1
         try:
             await handler(ctx, receive, _ws_send_adapter(send, ctx))
         finally:
+            state.leave()
             self._finish(
-                ctx.route.name, scope, ctx.status, start, request_id, client_ip, None, ctx.notes
+                state,
+                ctx.route.name,
+                scope,
+                ctx.status,
+                start,
+                request_id,
+                client_ip,
+                None,
+                ctx.notes,
             )
 
 

@@ -300,10 +300,13 @@ def _interpolate(
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
+            # Shell semantics: `${VAR:-d}` takes d when VAR is unset *or empty*.
+            if env.get(name):
                 return env[name]
             if default is not None:
                 return default
+            if name in env:
+                return ""
             issues.append(
                 ConfigIssue(dotted(loc), f"environment variable {name} is not set (no default)")
             )

@@ -392,13 +392,21 @@ class DisconnectWatch:
             self.watcher = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        while True:
-            msg: Message = await self.receive()
-            if msg["type"] == "http.disconnect":
-                if not self.done and self.task is not None:
-                    self.gone = True
-                    self.task.cancel()
-                return
+        try:
+            while True:
+                msg: Message = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    if not self.done and self.task is not None:
+                        self.gone = True
+                        self.task.cancel()
+                    return
+        except asyncio.CancelledError:
+            # stop() cancels us at the end of every request. Ending normally instead of
+            # letting CancelledError out matters: the stored exception's traceback holds
+            # this frame -> self -> the request task, a reference cycle per request that
+            # only the cyclic GC can free (bench/passthrough.py: ~23 objects/request,
+            # 15 % of CPU in gc_collect_main and 30-60 ms gen-2 pauses at p99).
+            return
 
     def uncancel(self) -> None:
         if self.task is not None:

@@ -48,6 +48,8 @@ class Runtime:
         self.upstreams = {name: Upstream(name, u) for name, u in config.upstreams.items()}
         self.draining = False
         self.started = False
+        # False when a reload hands this runtime's store to its successor.
+        self.owns_store = True
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
@@ -107,5 +109,6 @@ class Runtime:
                 await t
         for up in self.upstreams.values():
             await up.close()
-        await self.store.close()
+        if self.owns_store:
+            await self.store.close()
         self.started = False

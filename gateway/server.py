@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -83,7 +84,12 @@ async def _serve_single(
     from gateway.app import create_app
 
     app = create_app(cfg)
-    rt = app.rt
+    # Everything allocated so far (modules, config, route table) lives as long as the
+    # process: move it out of the GC's generations so a full collection under load
+    # scans only request-time objects (bench/passthrough.py: gen-2 time 1.2 s -> 0.15 s
+    # per 12 s run at 50 connections).
+    gc.collect()
+    gc.freeze()
     host, port = cfg.server.listen_addr
     public = _Server(_uvicorn_config(app, host, port, cfg, lifespan="on"))
     servers = [public.serve(sockets=[sock] if sock else None)]
@@ -91,20 +97,30 @@ async def _serve_single(
     if admin:
         ahost, aport = cfg.server.admin_addr
         admin_server = _Server(
-            _uvicorn_config(create_admin_app(rt), ahost, aport, cfg, lifespan="off")
+            _uvicorn_config(
+                create_admin_app(lambda: app.rt, listening=lambda: public.started),
+                ahost,
+                aport,
+                cfg,
+                lifespan="off",
+            )
         )
     loop = asyncio.get_running_loop()
 
     def drain(sig: signal.Signals) -> None:
-        if rt.draining:
+        if app.rt.draining:
             public.force_exit = True
             return
         log.info("draining", extra={"signal": sig.name})
-        rt.draining = True
+        app.rt.draining = True
         public.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain, sig)
+    if config_path is not None:
+        from gateway.reload import install_reload
+
+        install_reload(app, config_path, loop)
 
     async def run_public() -> None:
         try:
@@ -151,7 +167,9 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
         f.unlink()
     host, port = cfg.server.listen_addr
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets created as TCP,
+    # and Nagle would otherwise delay every keep-alive response after the first by ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -174,8 +192,19 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
 
         rt = Runtime(cfg)
         await rt.store.start()
+        # The supervisor proxies nothing itself: it is "started" once its store is up, and
+        # "listening" while every worker is alive.
+        rt.started = True
         ahost, aport = cfg.server.admin_addr
-        admin = _Server(_uvicorn_config(create_admin_app(rt), ahost, aport, cfg, lifespan="off"))
+        admin = _Server(
+            _uvicorn_config(
+                create_admin_app(rt, listening=lambda: all(p.is_alive() for p in procs)),
+                ahost,
+                aport,
+                cfg,
+                lifespan="off",
+            )
+        )
         loop = asyncio.get_running_loop()
 
         def stop(sig: signal.Signals) -> None:
@@ -206,6 +235,7 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
         for p in procs:
             if p.pid is not None:
                 multiprocess.mark_process_dead(p.pid)
+        rt.started = False
         await rt.store.close()
 
     with asyncio.Runner(loop_factory=_new_loop) as runner:

@@ -39,14 +39,21 @@ async def test_admin_paths_are_not_served_on_public_port(fake_app: FakeApp) -> N
 
 
 async def test_not_ready_while_store_down_or_draining(fake_app: FakeApp) -> None:
-    cfg = make_config(
-        fake_app.url, store={"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": "100ms"}
-    )
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    # on_failure: closed — the gateway cannot serve without its store: not ready.
+    cfg = make_config(fake_app.url, store={"url": dead, "timeout": "100ms", "on_failure": "closed"})
     async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
         r = await c.get(gw.admin_url + "/readyz")
         assert r.status_code == 503
         assert r.json()["checks"]["store"]["ok"] is False
         assert "edge_store_up 0.0" in (await c.get(gw.admin_url + "/metrics")).text
+    # on_failure: open — it serves without the store, so it stays ready and says why.
+    cfg = make_config(fake_app.url, store={"url": dead, "timeout": "100ms"})
+    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+        r = await c.get(gw.admin_url + "/readyz")
+        assert r.status_code == 200
+        assert r.json()["checks"]["store"]["ok"] is False
+        assert (await c.get(gw.url + "/x")).status_code == 200
 
     async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
         gw.app.rt.draining = True

@@ -47,6 +47,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.config_reloads = Counter(
+            "edge_config_reloads_total",
+            "Config reloads, by result (ok, error, unchanged).",
+            ["result"],
+            registry=r,
+        )
         self.requests = Counter(
             "edge_requests_total",
             "Requests answered, by route and status.",

@@ -98,6 +98,7 @@ class FakeApp:
         return resp
 
     async def slow(self, request: web.Request) -> web.Response:
+        self.hits["/slow"] += 1
         await asyncio.sleep(float(request.query.get("s", "5")))
         return web.json_response({"slow": True})
 
