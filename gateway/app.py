@@ -28,7 +28,6 @@ from gateway.http import (
     Send,
     send_error,
 )
-from gateway.observability import logging as logs
 from gateway.proxy import ClientGone, Proxy, TruncatedResponse, WebSocketProxy
 from gateway.routing import CompiledRoute, RouteTable
 from gateway.runtime import Runtime
@@ -99,7 +98,6 @@ class _State:
     table: RouteTable
     ws_handlers: dict[str, Handler]
     edge: EdgeEndpoints
-    access_log: bool
     in_flight: int = 0
     # Set by a reload: fires when the last in-flight request of this state finishes.
     idle: asyncio.Event | None = None
@@ -137,7 +135,7 @@ class Gateway:
         for route in table.routes:
             route.handler = build_chain(route, rt)
             ws_handlers[route.name] = build_ws_chain(route, rt)
-        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), rt.config.server.access_log)
+        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table))
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Swap in a validated config for new requests. Returns the changes that only a
@@ -313,8 +311,9 @@ class Gateway:
             )
         children[0].inc()
         children[1].observe(duration)
-        if state.access_log:
-            logs.access(
+        access_log = state.rt.access_log
+        if access_log is not None:
+            access_log.write(
                 request_id=request_id,
                 route=route,
                 method=method,

@@ -16,6 +16,7 @@ from typing import Any
 from gateway import __version__
 from gateway.config import GatewayConfig, config_digest
 from gateway.net import TrustedProxies
+from gateway.observability.logging import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.proxy import Upstream
 from gateway.store import Store, create_store
@@ -53,6 +54,9 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self.access_log: AccessLog | None = (
+            AccessLog(clock=clock) if config.server.access_log else None
+        )
         # Signals that upstream is unhealthy (breaker open, error ratio), read by
         # /_edge/client-config to hand out the degraded intervals.
         self.degraded_checks: list[Callable[[], bool]] = []
@@ -91,6 +95,8 @@ class Runtime:
         await self.store.start()
         for fn in self._on_start:
             await fn()
+        if self.access_log is not None:
+            self.spawn(self.access_log.run(), "access-log-flush")
         self.started = True
 
     async def stop(self) -> None:

@@ -7,12 +7,14 @@ strings are never logged (they can carry `apikey=` or `access_token=`), nor are 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
-ACCESS = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
@@ -48,31 +50,78 @@ def setup_logging(level: str = "info") -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
-def access(
-    *,
-    request_id: str,
-    route: str,
-    method: str,
-    path: str,
-    status: int,
-    duration: float,
-    upstream: float | None,
-    client_ip: str,
-    notes: list[str],
-) -> None:
-    if not ACCESS.isEnabledFor(logging.INFO):
-        return
-    extra: dict[str, Any] = {
-        "request_id": request_id,
-        "route": route,
-        "method": method,
-        "path": path,
-        "status": status,
-        "duration_ms": round(duration * 1000, 3),
-        "client_ip": client_ip,
-    }
-    if upstream is not None:
-        extra["upstream_ms"] = round(upstream * 1000, 3)
-    if notes:
-        extra["notes"] = notes
-    ACCESS.info("access", extra=extra)
+class AccessLog:
+    """The access log: one JSON line per request, in the same shape as JsonFormatter's.
+
+    Lines are built with one json.dumps and written in batches (every `flush_interval`,
+    or at `max_lines`), not through `logging`: a LogRecord plus a formatter per request
+    cost ~35 µs, a quarter of a proxied request's CPU (docs/bench.md). The price is that
+    a hard kill can lose the last `flush_interval` of lines; a drain flushes them."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        flush_interval: float = 0.05,
+        max_lines: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stream = stream
+        self.flush_interval = flush_interval
+        self.max_lines = max_lines
+        self.clock = clock
+        self.lines: list[str] = []
+
+    def write(
+        self,
+        *,
+        request_id: str,
+        route: str,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        upstream: float | None,
+        client_ip: str,
+        notes: list[str],
+    ) -> None:
+        line: dict[str, Any] = {
+            "ts": round(self.clock(), 3),
+            "level": "info",
+            "logger": "gateway.access",
+            "msg": "access",
+            "request_id": request_id,
+            "route": route,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            "client_ip": client_ip,
+        }
+        if upstream is not None:
+            line["upstream_ms"] = round(upstream * 1000, 3)
+        if notes:
+            line["notes"] = notes
+        self.lines.append(json.dumps(line, separators=(",", ":")))
+        if len(self.lines) >= self.max_lines:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        stream = self.stream or sys.stderr
+        text = "\n".join(self.lines) + "\n"
+        self.lines.clear()
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stderr must not take requests down with it
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.flush_interval)
+                self.flush()
+        finally:
+            self.flush()
