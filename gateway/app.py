@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.edge import EdgeEndpoints
+from gateway.health import ErrorRatio
 from gateway.http import (
     Handler,
     Message,
@@ -98,6 +99,7 @@ class _State:
     table: RouteTable
     ws_handlers: dict[str, Handler]
     edge: EdgeEndpoints
+    health: ErrorRatio
     in_flight: int = 0
     # Set by a reload: fires when the last in-flight request of this state finishes.
     idle: asyncio.Event | None = None
@@ -130,12 +132,15 @@ class Gateway:
 
     @staticmethod
     def _build(rt: Runtime) -> _State:
+        health = ErrorRatio(rt.config.client.degraded_error_ratio, rt.monotonic)
+        rt.services["upstream_health"] = health
+        rt.degraded_checks.append(health.unhealthy)
         table = RouteTable(rt.config.routes)
         ws_handlers: dict[str, Handler] = {}
         for route in table.routes:
             route.handler = build_chain(route, rt)
             ws_handlers[route.name] = build_ws_chain(route, rt)
-        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table))
+        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), health)
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Swap in a validated config for new requests. Returns the changes that only a
@@ -311,6 +316,8 @@ class Gateway:
             )
         children[0].inc()
         children[1].observe(duration)
+        if upstream is not None:  # the proxy reached (or tried) the upstream
+            state.health.record(status)
         access_log = state.rt.access_log
         if access_log is not None:
             access_log.write(
