@@ -31,7 +31,8 @@ lint: $(STAMP)
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps --wheel-dir dist .
 
-# Benchmarks need nginx and wrk (Debian packages); bench/ installs them if missing.
+# Benchmarks need nginx and wrk (Debian: apt-get install nginx-light wrk); without them
+# bench/passthrough.py says so and exits non-zero.
 bench-passthrough: $(STAMP)
 	$(BIN)/python bench/passthrough.py
 
