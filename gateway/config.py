@@ -100,11 +100,10 @@ class StoreConfig(Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        scheme = urlsplit(v).scheme
-        if scheme not in {"memory", "redis", "rediss", "unix"}:
-            raise ValueError(
-                f"unsupported store scheme {scheme!r}; use memory://, redis://, rediss://"
-            )
+        # Also parses redis+cluster:// and redis+sentinel:// (docs/redis.md).
+        from gateway.store.redis import check_store_url
+
+        check_store_url(v)
         return v
 
     @property

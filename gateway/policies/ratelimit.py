@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TLRUCache
-from redis.exceptions import NoScriptError
 
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
 from gateway.store import Script, Store, StoreError
@@ -110,7 +109,8 @@ GCRA = Script.from_file("gcra", gcra_py)
 
 class GcraBatcher:
     """Sends the GCRA checks of concurrent requests to Redis together: one pipelined write
-    of N EVALSHAs and one read of N replies, instead of N separate commands.
+    of N EVALSHAs and one read of N replies, instead of N separate commands, through
+    `RedisStore.run_many` (on Redis Cluster: one pipeline per master touched, concurrently).
 
     Each request still costs exactly one EVALSHA (<= 1 round trip, atomic per request);
     what is shared is redis-py's per-command overhead (about 60 us of CPU per awaited
@@ -128,7 +128,6 @@ class GcraBatcher:
         self.pending: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]] = []
         self.inflight = 0
         self.scheduled = False
-        self.sha: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # Batch sizes, for the bench and /_edge/status (sum and count only: no growth).
         self.batches = 0
@@ -138,7 +137,7 @@ class GcraBatcher:
         self.store.guard.check(GCRA.name)  # backing off: fail at once, queue nothing
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self.pending.append(([self.store.k(k) for k in keys], args, fut))
+        self.pending.append((keys, args, fut))
         if not self.scheduled and self.inflight < self.max_inflight:
             self.scheduled = True
             # After the callbacks already ready in this loop iteration (other requests
@@ -170,7 +169,7 @@ class GcraBatcher:
         self.batches += 1
         self.batched += len(batch)
         try:
-            replies = await self.store._call(GCRA.name, lambda: self._execute(batch))
+            replies = await self.store.run_many(GCRA, [(keys, args) for keys, args, _ in batch])
         except StoreError as exc:
             replies = [exc] * len(batch)
         except Exception as exc:  # a bug, not an outage: fail these checks now, loudly
@@ -189,37 +188,6 @@ class GcraBatcher:
                 fut.set_exception(err)
             else:
                 fut.set_result(reply)
-
-    async def _execute(
-        self, batch: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]]
-    ) -> list[Any]:
-        client = self.store.client
-        if self.sha is None:
-            self.sha = str(await client.script_load(GCRA.lua))
-        if len(batch) == 1:
-            # Alone (low load): a plain EVALSHA is cheaper than a pipeline of one.
-            keys, args, _ = batch[0]
-            try:
-                return [await client.evalsha(self.sha, len(keys), *keys, *args)]
-            except NoScriptError:
-                self.sha = str(await client.script_load(GCRA.lua))
-                return [await client.evalsha(self.sha, len(keys), *keys, *args)]
-        pipe = client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self.sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            # Redis restarted or SCRIPT FLUSH: load again and send only those (the others
-            # ran and must not run twice).
-            self.sha = str(await client.script_load(GCRA.lua))
-            pipe = client.pipeline(transaction=False)
-            for i in missing:
-                keys, args, _ = batch[i]
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
-            for i, r in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = r
-        return replies
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Store factory: picks the backend from `store.url`."""
+"""Store factory: picks the backend from `store.url` (memory://, or RedisStore for
+redis://, rediss://, unix://, redis+cluster:// and redis+sentinel://)."""
 
 from __future__ import annotations
 

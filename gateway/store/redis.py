@@ -1,9 +1,13 @@
-"""Redis store (`redis://`, `rediss://`, `unix://`).
+"""Redis store: one server (`redis://`, `rediss://`, `unix://`), Redis Cluster
+(`redis+cluster://host:port[,host:port...]`) and Sentinel
+(`redis+sentinel://host:port[,host:port...]/service_name[/db]`).
 
-Owns: the redis-py asyncio client (hiredis parser, bounded blocking pool, no client-side
-retries, since the gateway would rather fail fast and apply its `on_failure` policy than
-multiply `store.timeout`), script registration (EVALSHA, loaded on NOSCRIPT), and mapping
-every client error to StoreError through the FailureGuard.
+Owns: the redis-py asyncio client of each kind (no client-side retries, since the gateway
+would rather fail fast and apply its `on_failure` policy than multiply `store.timeout`),
+store-URL parsing, script registration (EVALSHA, loaded again on NOSCRIPT), batches of
+script calls (`run_many`: one pipelined write per server, which on a cluster means one per
+master touched, sent concurrently), and mapping every client error to StoreError through
+the FailureGuard. See docs/redis.md for URL forms, hash-tag rules and failover behaviour.
 """
 
 from __future__ import annotations
@@ -12,13 +16,25 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.base import (
@@ -32,6 +48,11 @@ from gateway.store.base import (
 )
 
 T = TypeVar("T")
+Call = tuple[Sequence[str], Sequence[ScriptArg]]
+
+CLUSTER_SCHEME = "redis+cluster"
+SENTINEL_SCHEME = "redis+sentinel"
+PLAIN_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -44,6 +65,99 @@ if v == tonumber(ARGV[1]) and tonumber(ARGV[2]) > 0 then
 end
 return v
 """
+_RELEASE_SCRIPT = Script("_release", _RELEASE, lambda *_: None)
+_INCR_SCRIPT = Script("_incr_ttl", _INCR_TTL, lambda *_: None)
+
+# Server errors that mean "the topology is moving" (a failover in progress, a master that
+# became a replica), not "the script is wrong": they count as outages and back off.
+_OUTAGE_REPLIES = (ClusterDownError, ReadOnlyError, TryAgainError)
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed `redis+cluster://` or `redis+sentinel://` URL."""
+
+    kind: str  # "cluster" | "sentinel"
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    service: str = ""
+    db: int = 0
+
+
+def _nodes(netloc: str, scheme: str) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for part in netloc.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{scheme}:// wants host:port[,host:port...], got {part!r}")
+        out.append((host.strip("[]"), int(port)))
+    return tuple(out)
+
+
+def parse_store_url(url: str) -> StoreURL | None:
+    """Parse a cluster or sentinel URL (None for any other scheme). Raises ValueError with
+    a message fit for `gateway check` when the URL is malformed."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in (CLUSTER_SCHEME, SENTINEL_SCHEME):
+        return None
+    # urlsplit would choke on the comma-separated host list, so split by hand.
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    if query:
+        raise ValueError(f"{scheme}:// takes no query string")
+    username = password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, sep, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if sep else None
+    nodes = _nodes(netloc, scheme)
+    parts = [p for p in path.split("/") if p]
+    if scheme == CLUSTER_SCHEME:
+        if parts and parts != ["0"]:
+            raise ValueError("Redis Cluster has only database 0; drop the path")
+        return StoreURL("cluster", nodes, username, password)
+    if not parts or len(parts) > 2:
+        raise ValueError("redis+sentinel:// wants host:port[,host:port]/service_name[/db]")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"database must be a number, got {parts[1]!r}")
+        db = int(parts[1])
+    return StoreURL("sentinel", nodes, username, password, unquote(parts[0]), db)
+
+
+def check_store_url(url: str) -> None:
+    """For the config validator: ValueError if `url` is not a store URL the gateway can use."""
+    scheme = url.partition("://")[0] if "://" in url else urlsplit(url).scheme
+    if scheme in PLAIN_SCHEMES or scheme == "memory":
+        return
+    if parse_store_url(url) is None:
+        raise ValueError(
+            f"unsupported store scheme {scheme!r}; use memory://, redis://, rediss://, "
+            "unix://, redis+cluster:// or redis+sentinel://"
+        )
+
+
+def _error(exc: BaseException) -> tuple[str, str, bool]:
+    """(kind, message, is_outage) for a client exception."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return "timeout", str(exc) or "timed out", True
+    if isinstance(exc, RedisConnectionError | OSError):
+        return "connection", str(exc) or type(exc).__name__, True
+    if isinstance(exc, _OUTAGE_REPLIES):
+        return "connection", str(exc) or type(exc).__name__, True
+    if isinstance(exc, ResponseError):
+        return "response", str(exc), False
+    if isinstance(exc, RedisClusterException):
+        msg = str(exc)
+        # Keys of one call spanning slots is a bug in the caller (missing hash tag), not
+        # an outage; anything else (no reachable node, slots not covered) is an outage.
+        if "same key slot" in msg or "same slot" in msg:
+            return "response", msg, False
+        return "connection", msg or type(exc).__name__, True
+    return "error", str(exc) or type(exc).__name__, True
 
 
 class RedisStore(Store):
@@ -64,17 +178,53 @@ class RedisStore(Store):
         super().__init__(key_prefix)
         self.url = url
         self.timeout = timeout
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=max(timeout, 0.001),
-            socket_timeout=max(timeout * 4, 0.2),
-            socket_connect_timeout=max(timeout * 4, 0.2),
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
-        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        self._health = StoreHealth(backend="redis")
+        parsed = parse_store_url(url)
+        common: dict[str, Any] = {
+            "socket_timeout": max(timeout * 4, 0.2),
+            "socket_connect_timeout": max(timeout * 4, 0.2),
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": False,
+        }
+        # Cluster and Sentinel pools do not block when full (they raise "too many
+        # connections"); this gate makes callers queue for a connection instead, like the
+        # single-server BlockingConnectionPool, with the wait inside `store.timeout`.
+        self._gate: asyncio.Semaphore | None = None
+        self.client: aioredis.Redis | RedisCluster
+        if parsed is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=max(timeout, 0.001), **common
+            )
+            self.client = aioredis.Redis(connection_pool=pool)
+        elif parsed.kind == "cluster":
+            if "{" in key_prefix or "}" in key_prefix:
+                raise ValueError("store.key_prefix must not contain braces on Redis Cluster")
+            self.backend = "redis-cluster"
+            self._gate = asyncio.Semaphore(max_connections)
+            self.client = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in parsed.nodes],
+                username=parsed.username,
+                password=parsed.password,
+                # Per master; the gate keeps the total in flight at max_connections.
+                max_connections=max_connections + 4,
+                **common,
+            )
+        else:
+            self.backend = "redis-sentinel"
+            self._gate = asyncio.Semaphore(max_connections)
+            sentinel_kwargs = {
+                k: v for k, v in common.items() if k.startswith("socket_") or k == "retry"
+            }
+            sentinel = Sentinel(parsed.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            self.client = sentinel.master_for(
+                parsed.service,
+                max_connections=max_connections + 4,
+                username=parsed.username,
+                password=parsed.password,
+                db=parsed.db,
+                **common,
+            )
+            self._sentinel = sentinel
+        self._health = StoreHealth(backend=self.backend)
         self.guard = FailureGuard(
             self._health,
             threshold=failure_threshold,
@@ -82,34 +232,42 @@ class RedisStore(Store):
             clock=clock,
             on_error=on_error,
         )
-        self._scripts: dict[str, Any] = {}
-        self._release = self.client.register_script(_RELEASE)
-        self._incr = self.client.register_script(_INCR_TTL)
+        # Script name -> SHA1 once loaded (SCRIPT LOAD goes to every master on a cluster).
+        self._shas: dict[str, str] = {}
 
     @property
     def health(self) -> StoreHealth:
         return self._health
 
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         self.guard.check(op)
         try:
             async with asyncio.timeout(self.timeout):
-                result = await fn()
+                if self._gate is None:
+                    result = await fn()
+                else:
+                    async with self._gate:
+                        result = await fn()
         except TimeoutError:
             raise self.guard.failure(
                 op, "timeout", f"store call exceeded {self.timeout}s"
             ) from None
-        except RedisTimeoutError as exc:
-            raise self.guard.failure(op, "timeout", str(exc)) from None
-        except (RedisConnectionError, OSError) as exc:
-            raise self.guard.failure(op, "connection", str(exc) or type(exc).__name__) from None
-        except ResponseError as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            kind, message, outage = _error(exc)
+            if isinstance(exc, RedisConnectionError) and isinstance(self.client, RedisCluster):
+                # A pipeline does not mark the slot map stale on a dead node (a single
+                # command does): make the next call rediscover the topology.
+                self.client._initialize = True
+            if outage:
+                raise self.guard.failure(op, kind, message) from None
             # A script or type error is a bug, not an outage: count it but do not back off.
             self.guard.success()
-            self.guard._count(op, "response")
-            raise StoreError("response", str(exc)) from None
-        except RedisError as exc:
-            raise self.guard.failure(op, "error", str(exc) or type(exc).__name__) from None
+            self.guard._count(op, kind)
+            raise StoreError(kind, message) from None
         self.guard.success()
         return result
 
@@ -135,28 +293,107 @@ class RedisStore(Store):
         ks = [self.k(k) for k in keys]
         if not ks:
             return 0
+        # On a cluster redis-py splits a multi-key DEL by slot (not atomic across slots,
+        # which no caller needs: each key is deleted or not on its own).
         return int(await self._call("delete", lambda: self.client.delete(*ks)))
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         k = self.k(key)
         px = int(ttl * 1000) if ttl else 0
-        return int(await self._call("incr", lambda: self._incr(keys=[k], args=[amount, px])))
+        return int(await self._call("incr", lambda: self._eval(_INCR_SCRIPT, [k], [amount, px])))
 
     async def delete_if_equals(self, key: str, value: bytes) -> bool:
         k = self.k(key)
-        return bool(await self._call("release", lambda: self._release(keys=[k], args=[value])))
+        return bool(await self._call("release", lambda: self._eval(_RELEASE_SCRIPT, [k], [value])))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        registered = self._scripts.get(script.name)
-        if registered is None:
-            registered = self._scripts[script.name] = self.client.register_script(script.lua)
         ks = [self.k(k) for k in keys]
-        return await self._call(script.name, lambda: registered(keys=ks, args=list(args)))
+        return await self._call(script.name, lambda: self._eval(script, ks, args))
+
+    async def run_many(self, script: Script, calls: Sequence[Call]) -> list[Any]:
+        """Run `script` once per (keys, args) in `calls` (keys unprefixed), sent together:
+        one pipelined write and one read per server. Each call is still its own atomic
+        EVALSHA; nothing is atomic *across* calls. On a cluster the calls are grouped by
+        the master owning their slot and the groups go out concurrently, so the wait is
+        about one round trip to the slowest master involved.
+
+        Returns one entry per call, in order: the reply, or a StoreError for that call
+        alone (a script error, a slot moving mid-failover). Raises StoreError when the
+        batch as a whole failed (timeout, connection, backing off): the caller decides
+        with its `on_failure` rule as for `run`."""
+        if not calls:
+            return []
+        prefixed = [([self.k(k) for k in keys], list(args)) for keys, args in calls]
+        replies = await self._call(script.name, lambda: self._pipeline(script, prefixed))
+        out: list[Any] = []
+        outage: StoreError | None = None
+        for reply in replies:
+            if not isinstance(reply, Exception):
+                out.append(reply)
+                continue
+            kind, message, is_outage = _error(reply)
+            if is_outage and outage is None:
+                # One failure per batch, not per call, for the back-off count.
+                outage = self.guard.failure(script.name, kind, message)
+            elif not is_outage:
+                self.guard._count(script.name, kind)
+            out.append(outage if is_outage else StoreError(kind, message))
+        return out
+
+    async def _load(self, script: Script) -> str:
+        sha = str(await self.client.script_load(script.lua))
+        self._shas[script.name] = sha
+        return sha
+
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        sha = self._shas.get(script.name) or await self._load(script)
+        try:
+            return await self.client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted, SCRIPT FLUSH, or a promoted replica that never saw it.
+            sha = await self._load(script)
+            return await self.client.evalsha(sha, len(keys), *keys, *args)
+
+    async def _pipeline(
+        self, script: Script, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        if len(calls) == 1:
+            # Alone (low load): a plain EVALSHA is cheaper than a pipeline of one.
+            keys, args = calls[0]
+            return [await self._eval(script, keys, args)]
+        sha = self._shas.get(script.name) or await self._load(script)
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            # execute_command, not pipe.evalsha(): redis-py's ClusterPipeline blocks the
+            # evalsha() method (scripts may touch any key), but routes a raw EVALSHA by its
+            # declared keys, which is exactly the contract every Script keeps.
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            # Load again and send only those: the others ran and must not run twice.
+            sha = await self._load(script)
+            pipe = self.client.pipeline(transaction=False)
+            for i in missing:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            for i, r in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = r
+        return replies
 
     async def start(self) -> None:
         # Not fatal: /readyz reports it and requests follow on_failure until it answers.
+        if isinstance(self.client, RedisCluster):
+            # Learn the slot map up front, with more time than one call gets, so the
+            # first requests do not pay for it inside store.timeout.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(max(1.0, self.timeout * 10)):
+                    await self.client.initialize()
         with contextlib.suppress(StoreError):
             await self.ping()
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.backend == "redis-sentinel":
+            for s in self._sentinel.sentinels:
+                await s.aclose()

@@ -1,0 +1,261 @@
+"""Throwaway Redis topologies for the tests, on free loopback ports in a temp directory:
+
+- `RedisClusterServers`: a 3-master Redis Cluster (redis-server --cluster-enabled yes, then
+  `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`), ready once every
+  node reports cluster_state:ok.
+- `SentinelServers`: one master, one replica and one sentinel watching them as `mymaster`,
+  ready once the sentinel names the master and knows the replica (so a test can fail over).
+
+Each one starts its own processes and `stop()` kills exactly those (by handle). Nothing
+here touches the shared Redis on 6379.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+HOST = "127.0.0.1"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, bus: bool = False) -> int:
+    """A free loopback port; with `bus`, port + 10000 (the cluster bus) is free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if not bus or (port + 10000 < 65536 and _bindable(port + 10000)):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def _exe(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed (apt-get install redis-server)")
+    return path
+
+
+def _wait(cond: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if cond():  # type: ignore[operator]
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} not reached in {timeout}s (last error: {last})")
+
+
+class _Servers:
+    def __init__(self, prefix: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [_exe("redis-server"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.dir,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def _server(self, port: int, *extra: str) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            *extra,
+        )
+
+    @staticmethod
+    def client(port: int) -> redis.Redis:
+        return redis.Redis(HOST, port, socket_timeout=2, socket_connect_timeout=2)
+
+    def _wait_up(self, port: int) -> None:
+        def up() -> bool:
+            with self.client(port) as c:
+                return bool(c.ping())
+
+        _wait(up, f"redis-server on {port}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServers(_Servers):
+    def __init__(self, masters: int = 3) -> None:
+        super().__init__("edge-cluster-")
+        self.ports: list[int] = []
+        for _ in range(masters):
+            port = free_port(bus=True)
+            while port in self.ports:
+                port = free_port(bus=True)
+            self.ports.append(port)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{HOST}:{p}" for p in self.ports)
+
+    def start(self) -> None:
+        for port in self.ports:
+            self._server(
+                port,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+        for port in self.ports:
+            self._wait_up(port)
+        subprocess.run(
+            [
+                _exe("redis-cli"),
+                "--cluster",
+                "create",
+                *(f"{HOST}:{p}" for p in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+
+        def ok() -> bool:
+            for port in self.ports:
+                with self.client(port) as c:
+                    info = c.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
+                        return False
+            return True
+
+        _wait(ok, "cluster_state:ok")
+
+    def flush(self) -> None:
+        for port in self.ports:
+            with self.client(port) as c:
+                c.flushall()
+                c.script_flush()
+
+    def owner_of(self, key: str) -> int:
+        """Port of the master serving `key`'s slot."""
+        with self.client(self.ports[0]) as c:
+            slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
+        raise LookupError(slot)
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait()
+
+
+class SentinelServers(_Servers):
+    SERVICE = "mymaster"
+
+    def __init__(self) -> None:
+        super().__init__("edge-sentinel-")
+        self.master_port = free_port()
+        self.replica_port = free_port()
+        self.sentinel_port = free_port()
+        while len({self.master_port, self.replica_port, self.sentinel_port}) < 3:
+            self.replica_port = free_port()
+            self.sentinel_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://{HOST}:{self.sentinel_port}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        # No 5 s diskless-sync delay (the Redis 7 default) before the replica's first sync.
+        self._server(self.master_port, "--repl-diskless-sync-delay", "0")
+        self._server(self.replica_port, "--replicaof", HOST, str(self.master_port))
+        self._wait_up(self.master_port)
+        self._wait_up(self.replica_port)
+
+        def linked() -> bool:
+            with self.client(self.replica_port) as c:
+                return c.info("replication").get("master_link_status") == "up"
+
+        _wait(linked, "replica in sync")
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\n"
+            f"bind {HOST}\n"
+            f"dir {self.dir}\n"
+            f"sentinel monitor {self.SERVICE} {HOST} {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel failover-timeout {self.SERVICE} 5000\n"
+        )
+        self._spawn(str(conf), "--sentinel")
+        self._wait_up(self.sentinel_port)
+
+        def knows_replica() -> bool:
+            with self.client(self.sentinel_port) as c:
+                return bool(c.execute_command("SENTINEL", "REPLICAS", self.SERVICE))
+
+        _wait(knows_replica, "sentinel knows the replica")
+
+    def master(self) -> int:
+        with self.client(self.sentinel_port) as c:
+            _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+            return int(port)
+
+    def failover(self) -> int:
+        """Promote the replica (SENTINEL FAILOVER) and wait until it is the writable
+        master; returns its port."""
+        old = self.master()
+        with self.client(self.sentinel_port) as c:
+            c.execute_command("SENTINEL", "FAILOVER", self.SERVICE)
+        _wait(lambda: self.master() != old, "sentinel failover")
+        new = self.master()
+
+        def writable() -> bool:
+            with self.client(new) as c:
+                return c.info("replication").get("role") == "master"
+
+        _wait(writable, "new master writable")
+        return new
+
+    def flush(self) -> None:
+        with self.client(self.master()) as c:
+            c.flushall()
