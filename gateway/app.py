@@ -140,6 +140,10 @@ class Gateway:
         for route in table.routes:
             route.handler = build_chain(route, rt)
             ws_handlers[route.name] = build_ws_chain(route, rt)
+        if rt.config.alerts.webhooks:
+            from gateway.observability.alerts import AlertRecorder
+
+            AlertRecorder.install(rt)
         return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), health)
 
     async def reload(self, config: GatewayConfig) -> list[str]:

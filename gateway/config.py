@@ -228,21 +228,43 @@ class Webhook(Section):
     kind: Literal["slack", "discord", "generic"]
     url: str
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).netloc:
+            raise ValueError("webhook url must be an http:// or https:// URL")
+        return v
+
 
 class AlertRules(Section):
-    upstream_400_per_min: float | None = 10
-    upstream_409_per_min: float | None = 50
-    upstream_5xx_per_min: float | None = None
+    upstream_400_per_min: float | None = Field(10, gt=0)
+    upstream_409_per_min: float | None = Field(50, gt=0)
+    upstream_5xx_per_min: float | None = Field(None, gt=0)
     auth_p95: Duration | None = 5.0
-    realtime_disconnects_per_min: float | None = 100
+    realtime_disconnects_per_min: float | None = Field(100, gt=0)
     breaker_open: bool = True
 
 
 class AlertsConfig(Section):
-    evaluate_every: Duration = 15.0
+    evaluate_every: Duration = Field(15.0, gt=0)
     cooldown: Duration = 600.0
     webhooks: list[Webhook] = Field(default_factory=list)
     rules: AlertRules = Field(default_factory=AlertRules)
+    # How often each replica writes its counts to the store (one round trip).
+    flush_every: Duration = Field(5.0, gt=0)
+    # Webhook delivery: per-attempt timeout, attempts, first back-off (doubles).
+    send_timeout: Duration = Field(5.0, gt=0)
+    send_attempts: int = Field(4, ge=1, le=10)
+    send_backoff: Duration = 1.0
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _drop_unset(cls, v: Any) -> Any:
+        # `url: ${SLACK_WEBHOOK_URL:-}` with the variable unset or empty turns that
+        # webhook off, so one config serves environments with and without each service.
+        if isinstance(v, list):
+            return [w for w in v if not (isinstance(w, dict) and w.get("url") in ("", None))]
+        return v
 
 
 class GatewayConfig(Section):

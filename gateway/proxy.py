@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -79,6 +79,15 @@ def _nominated(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(names)
 
 
+class UpstreamObserver(Protocol):
+    """Sees upstream answers and WebSocket closes (the alert recorder,
+    gateway/observability/alerts.py). None on the Upstream when alerting is off."""
+
+    def answered(self, ctx: RequestContext, status: int, seconds: float) -> None: ...
+
+    def ws_closed(self, ctx: RequestContext, route: str, by: str) -> None: ...
+
+
 @dataclass
 class Upstream:
     """A configured upstream and its connection pool."""
@@ -86,6 +95,7 @@ class Upstream:
     name: str
     config: UpstreamConfig
     session: aiohttp.ClientSession | None = None
+    observer: UpstreamObserver | None = None
 
     def __post_init__(self) -> None:
         url = URL(self.config.url)
@@ -320,6 +330,8 @@ class Proxy:
         ctx.upstream_seconds = elapsed
         self._latency.observe(elapsed)
         self._req_counter.labels(name, str(resp.status)).inc()
+        if (obs := self.upstream.observer) is not None:
+            obs.answered(ctx, resp.status, elapsed)
         return resp
 
     async def stream_response(
@@ -435,21 +447,10 @@ def _caused_by(exc: BaseException, cls: type[BaseException]) -> bool:
 
 async def read_body(receive: Receive, limit: int) -> bytes:
     """Read a whole request body (for small bodies and policies that must see it)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone
-        body: bytes = msg.get("body", b"")
-        if body:
-            size += len(body)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(body)
-        if not msg.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    chunks = [chunk async for chunk in _stream_body(receive, limit)]
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -542,6 +543,8 @@ class WebSocketProxy:
         finally:
             self.open_gauge.dec()
             self.metrics.websocket_closes.labels(self.route_name, closed_by).inc()
+            if (obs := self.upstream.observer) is not None:
+                obs.ws_closed(ctx, self.route_name, closed_by)
             if not ws.closed:
                 await ws.close()
 

@@ -253,6 +253,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # alerting (gateway/observability/alerts.py)
+        self.alerts_sent = Counter(
+            "edge_alerts_sent_total",
+            "Webhook deliveries, by kind (slack, discord, generic) and result (ok, retry, "
+            "failed, dropped).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.alerts_firing = Gauge(
+            "edge_alerts_firing",
+            "1 while the alert rule is firing (fleet-wide state, as last read from the store).",
+            ["rule"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     def on_store_error(self, op: str, kind: str) -> None:
         self.store_errors.labels(op, kind).inc()
