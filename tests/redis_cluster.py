@@ -115,8 +115,9 @@ class _Servers:
 
 
 class RedisClusterServers(_Servers):
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000) -> None:
         super().__init__("edge-cluster-")
+        self.node_timeout_ms = node_timeout_ms
         self.ports: list[int] = []
         for _ in range(masters):
             port = free_port(bus=True)
@@ -137,7 +138,7 @@ class RedisClusterServers(_Servers):
                 "--cluster-config-file",
                 f"nodes-{port}.conf",
                 "--cluster-node-timeout",
-                "2000",
+                str(self.node_timeout_ms),
             )
         for port in self.ports:
             self._wait_up(port)
@@ -241,11 +242,29 @@ class SentinelServers(_Servers):
             return int(port)
 
     def failover(self) -> int:
-        """Promote the replica (SENTINEL FAILOVER) and wait until it is the writable
-        master; returns its port."""
+        """Kill the master (a crash), have the sentinel promote the replica (SENTINEL
+        FAILOVER, instead of waiting out down-after-milliseconds), and wait until the
+        replica is the writable master; returns its port."""
         old = self.master()
-        with self.client(self.sentinel_port) as c:
-            c.execute_command("SENTINEL", "FAILOVER", self.SERVICE)
+        with self.client(old) as c:
+            # Every write so far reached the replica before the crash.
+            c.execute_command("WAIT", 1, 2000)
+        proc = self.procs[0]  # the master, started first
+        proc.kill()
+        proc.wait()
+
+        def started() -> bool:
+            with self.client(self.sentinel_port) as c:
+                try:
+                    c.execute_command("SENTINEL", "FAILOVER", self.SERVICE)
+                except redis.ResponseError as exc:
+                    # The sentinel has not yet had a fresh INFO from the replica.
+                    if "NOGOODSLAVE" in str(exc):
+                        return False
+                    raise
+                return True
+
+        _wait(started, "sentinel accepting the failover")
         _wait(lambda: self.master() != old, "sentinel failover")
         new = self.master()
 
@@ -254,6 +273,7 @@ class SentinelServers(_Servers):
                 return c.info("replication").get("role") == "master"
 
         _wait(writable, "new master writable")
+
         return new
 
     def flush(self) -> None:

@@ -1,0 +1,337 @@
+"""The store at scale: the store contract, the refresh tests and the rate-limit tests run
+again on a real 3-master Redis Cluster (`redis+cluster://`) and on Sentinel
+(`redis+sentinel://`, one master + one replica + one sentinel), plus what only those
+topologies have: keys of one script in one slot, batches spread over masters, a master
+dying, a Sentinel failover.
+
+How the shared tests are reused without touching their files: they are imported here, and
+this module's own `redis_url` / `store_url` / `backend` / `store` fixtures (which take
+precedence over conftest's for tests collected in this module) hand them the cluster or
+sentinel URL. The servers are started by session fixtures below (tests/redis_cluster.py)
+on free loopback ports: nothing outside the test run is needed, and nothing shared is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from gateway.policies.heartbeat import _index_keys, _webinar_keys, seen_key
+from gateway.policies.ratelimit import compile_rules
+from gateway.policies.refresh import _keys as refresh_keys
+from gateway.policies.refresh import token_digest
+from gateway.store import Store, StoreError
+from gateway.store.redis import RedisStore, parse_store_url
+from tests.fakes.app import FakeApp
+from tests.helpers import run_gateway
+from tests.redis_cluster import RedisClusterServers, SentinelServers
+
+# The shared tests, collected again in this module (see the module docstring).
+from tests.test_ratelimit import (
+    HOUR,
+    config,
+    route,
+    test_all_rules_in_one_decision,
+    test_burst_then_refused_with_headers,
+    test_keys_are_independent,
+    test_lua_and_python_twin_agree,
+    test_shared_limit_across_two_gateways,
+    test_user_key_falls_back_to_ip,
+    test_user_limit_with_verified_tokens,
+)
+from tests.test_refresh import (
+    gotrue,
+    test_50_concurrent_refreshes_make_one_upstream_call,
+    test_different_tokens_are_not_merged,
+    test_errors_pass_through_unchanged_and_are_not_cached,
+    test_follower_times_out_with_504_when_the_leader_never_answers,
+    test_replay_never_outlives_the_new_access_token,
+    test_replay_within_grace_then_upstream_after_it,
+    test_two_replicas_sharing_the_store_make_one_upstream_call,
+)
+from tests.test_store import (
+    COUNTER,
+    test_get_set_delete,
+    test_incr_sets_ttl_once,
+    test_script_is_atomic_and_prefixed,
+    test_set_nx_is_a_lock,
+    test_ttl_expires,
+)
+
+REUSED = [
+    gotrue,
+    test_all_rules_in_one_decision,
+    test_burst_then_refused_with_headers,
+    test_keys_are_independent,
+    test_lua_and_python_twin_agree,
+    test_shared_limit_across_two_gateways,
+    test_user_key_falls_back_to_ip,
+    test_user_limit_with_verified_tokens,
+    test_50_concurrent_refreshes_make_one_upstream_call,
+    test_different_tokens_are_not_merged,
+    test_errors_pass_through_unchanged_and_are_not_cached,
+    test_follower_times_out_with_504_when_the_leader_never_answers,
+    test_replay_never_outlives_the_new_access_token,
+    test_replay_within_grace_then_upstream_after_it,
+    test_two_replicas_sharing_the_store_make_one_upstream_call,
+    test_get_set_delete,
+    test_incr_sets_ttl_once,
+    test_script_is_atomic_and_prefixed,
+    test_set_nx_is_a_lock,
+    test_ttl_expires,
+]
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelServers]:
+    servers = SentinelServers()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Overrides conftest's db-15 fixture for every test in this module: the same tests
+    get a flushed Redis Cluster, then a flushed Sentinel-managed master."""
+    name = "redis_cluster" if request.param == "cluster" else "redis_sentinel"
+    servers: RedisClusterServers | SentinelServers = request.getfixturevalue(name)
+    servers.flush()
+    return servers.url
+
+
+@pytest.fixture
+def store_url(redis_url: str) -> str:
+    return redis_url
+
+
+@pytest.fixture
+def backend() -> str:
+    return "redis"
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[tuple[Store, None]]:
+    s = RedisStore(redis_url, "t:", timeout=0.5)
+    await s.start()
+    yield s, None
+    await s.close()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+# ------------------------------------------------------------------------------ URLs
+
+
+def test_cluster_and_sentinel_urls_parse() -> None:
+    c = parse_store_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001")
+    assert c is not None and c.kind == "cluster"
+    assert c.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
+    assert (c.username, c.password) == ("u", "p@ss")
+    s = parse_store_url("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/3")
+    assert s is not None and (s.kind, s.service, s.db, s.password) == (
+        "sentinel",
+        "mymaster",
+        3,
+        "pw",
+    )
+    assert parse_store_url("redis://localhost:6379/0") is None
+    for bad in (
+        "redis+cluster://h",
+        "redis+cluster://h:1/2",
+        "redis+sentinel://h:1",
+        "redis+sentinel://h:1/m/x",
+    ):
+        with pytest.raises(ValueError, match=r"redis\+|database|path"):
+            parse_store_url(bad)
+
+
+def test_cluster_refuses_a_key_prefix_with_braces() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        RedisStore("redis+cluster://127.0.0.1:1", "edge:{x}:")
+
+
+# ------------------------------------------------------------------------ hash tags
+
+
+def _one_slot(keys: list[str], prefix: str = "edge:") -> bool:
+    return len({key_slot((prefix + k).encode()) for k in keys}) == 1
+
+
+@pytest.mark.parametrize("value", ["w1", "webinar-{evil}", "}{", "a" * 64])
+def test_every_multi_key_script_keeps_its_keys_in_one_slot(value: str) -> None:
+    # heartbeat_record/outcome/flush (webinar keys), heartbeat_index (route keys)
+    assert _one_slot(_webinar_keys(value, "hb-route"))
+    assert _one_slot([seen_key(value), *_webinar_keys(value, "other-route")])
+    assert _one_slot(_index_keys(value))
+    # refresh_begin/poll/commit: replay entry, lock and the flight's answer
+    k = refresh_keys(token_digest(value))  # keys are named by the token's digest
+    assert _one_slot([k.res, k.lock, k.done("flight-1")])
+    # gcra: every rule of one route, whatever each rule keys on
+    from gateway.policies.configs import RateLimitRule
+
+    rules = compile_rules(
+        value,
+        [
+            RateLimitRule.model_validate({"by": "ip", "rate": "10/s"}),
+            RateLimitRule.model_validate({"by": "user", "rate": "1/m", "burst": 3}),
+            RateLimitRule.model_validate({"by": "header:x-api-key", "rate": "5/s"}),
+        ],
+        "open",
+    )
+    assert _one_slot([r.key(v) for r, v in zip(rules, ["1.2.3.4", "u-1", value], strict=True)])
+    # cache_lock/fill/mget: the entry, its lock and per-user copies share
+    # "cache:{route:digest}" (checked end to end in the cache tests); a tag is never escaped
+    assert Store.tag(value).count("{") == 1 and Store.tag(value).count("}") == 1
+
+
+# ------------------------------------------------------------------- cluster behaviour
+
+
+async def test_run_many_spreads_over_masters_and_keeps_order(
+    cluster_url: str, redis_cluster: RedisClusterServers
+) -> None:
+    s = RedisStore(cluster_url, "t:", timeout=1)
+    await s.start()
+    try:
+        tags = [Store.tag(f"w{i}") for i in range(12)]
+        owners = {redis_cluster.owner_of(f"t:a:{t}") for t in tags}
+        assert len(owners) == 3  # the batch really touches every master
+        calls = [([f"a:{t}", f"b:{t}"], [i + 1]) for i, t in enumerate(tags)]
+        assert await s.run_many(COUNTER, calls) == [[i + 1, i + 1] for i in range(12)]
+        assert await s.run_many(COUNTER, calls) == [[2 * (i + 1)] * 2 for i in range(12)]
+        # A call that fails on its own (wrong type) fails alone; the others ran.
+        await s.set(f"a:{tags[5]}", b"not a number")
+        replies = await s.run_many(COUNTER, calls[4:7])
+        assert replies[0] == [15, 15] and replies[2] == [21, 21]
+        assert isinstance(replies[1], StoreError) and replies[1].kind == "response"
+        assert s.health.ok
+        # A new master (or SCRIPT FLUSH) without the script: loaded again, run once.
+        redis_cluster.flush()
+        assert await s.run_many(COUNTER, calls[:3]) == [[1, 1], [2, 2], [3, 3]]
+    finally:
+        await s.close()
+
+
+async def test_keys_across_slots_are_a_bug_not_an_outage(cluster_url: str) -> None:
+    s = RedisStore(cluster_url, "t:", timeout=1, failure_threshold=1)
+    await s.start()
+    try:
+        with pytest.raises(StoreError) as exc:
+            await s.run(COUNTER, ["a:{x}", "b:{y}"], [1])
+        assert exc.value.kind == "response"
+        assert s.health.ok  # no back-off: the next call goes through
+        assert await s.run(COUNTER, ["a:{x}", "b:{x}"], [1]) == [1, 1]
+    finally:
+        await s.close()
+
+
+async def test_rate_limit_batches_across_masters_stay_exact(
+    fake_app: FakeApp, cluster_url: str, redis_cluster: RedisClusterServers
+) -> None:
+    """Concurrent checks of routes whose keys live on different masters travel in the
+    batcher's pipelines (one per master) and each route still admits exactly its burst."""
+    names = [f"r{i}" for i in range(6)]
+    owners = {redis_cluster.owner_of("edge:rl:" + Store.tag("rl:" + n)) for n in names}
+    assert len(owners) >= 2
+    cfg = config(
+        fake_app.url,
+        [route(n, f"/{n}", [{"by": "route", "rate": HOUR, "burst": 3}]) for n in names],
+        {"url": cluster_url, "timeout": "2s"},
+    )
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        paths = [f"/{n}" for n in names for _ in range(5)]
+        replies = await asyncio.gather(*[c.get(p) for p in paths])
+        for n in names:
+            codes = sorted(
+                r.status_code for r, p in zip(replies, paths, strict=True) if p == f"/{n}"
+            )
+            assert codes == [200, 200, 200, 429, 429], n
+        status = gw.app.rt.services["status"]["ratelimit"]()
+        assert status["redis_batches"] < status["redis_checks"]
+
+
+async def test_a_dead_master_fails_its_slots_fast_and_the_rest_keep_working() -> None:
+    # Its own cluster (it kills a node) with a long node timeout, so the survivors keep
+    # serving their slots while the test runs instead of declaring the cluster down.
+    servers = RedisClusterServers(node_timeout_ms=60_000)
+    try:
+        servers.start()
+        s = RedisStore(servers.url, "t:", timeout=0.3, failure_threshold=100)
+        await s.start()
+        keys = [f"k{i}" for i in range(30)]
+        for k in keys:
+            await s.set(k, b"v")
+        victim = servers.owner_of("t:k0")
+        dead = [k for k in keys if servers.owner_of("t:" + k) == victim]
+        alive = [k for k in keys if servers.owner_of("t:" + k) != victim]
+        servers.kill(victim)
+        t0 = time.perf_counter()
+        with pytest.raises(StoreError) as exc:
+            await s.get(dead[0])
+        assert exc.value.kind in {"connection", "timeout"}
+        assert time.perf_counter() - t0 < 0.5  # bounded by store.timeout, no retries
+        for k in alive:
+            assert await s.get(k) == b"v"
+        await s.close()
+    finally:
+        servers.stop()
+
+
+# ------------------------------------------------------------------ sentinel failover
+
+
+async def test_sentinel_failover_moves_writes_to_the_new_master() -> None:
+    servers = SentinelServers()
+    try:
+        servers.start()
+        s = RedisStore(servers.url, "t:", timeout=0.5, failure_threshold=100)
+        await s.start()
+        assert await s.incr("n", 1) == 1
+        old = servers.master()
+        new = servers.failover()
+        assert new != old
+        # The first call meets the dead master's connection: it fails as a StoreError
+        # like any outage, and the next connection asks the sentinel for the master.
+        results: list[Any] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                results.append(await s.incr("n", 1))
+                break
+            except StoreError as exc:
+                results.append(exc.kind)
+                await asyncio.sleep(0.05)
+        assert results[-1] == 2  # the write before the failover was replicated
+        assert set(results[:-1]) <= {"connection", "timeout"}
+        assert len(results) <= 3
+        with servers.client(new) as c:
+            assert c.get("t:n") == b"2"
+        await s.close()
+    finally:
+        servers.stop()
