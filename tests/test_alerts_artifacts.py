@@ -33,7 +33,7 @@ def registry() -> list[tuple[str, str, tuple[str, ...], str]]:
     out = []
     for value in vars(m).values():
         if isinstance(value, MetricWrapperBase):
-            kind: str = value._type
+            kind = str(value._type)
             name: str = value._name + ("_total" if kind == "counter" else "")
             out.append((name, kind, tuple(value._labelnames), str(value._documentation)))
     # Nothing registered on the registry behind Metrics' back.
