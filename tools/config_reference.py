@@ -1,0 +1,350 @@
+"""Generates docs/config-reference.md from the pydantic config models, so the reference
+cannot drift from what the gateway accepts.
+
+Owns: walking `GatewayConfig` (gateway/config.py, with the per-route policy sections from
+gateway/policies/configs.py) into one row per key: dotted path, type, default and
+description. A description is the field's `Field(description=...)`, else the comment lines
+right above the field (or at the end of its line) in the model's source, else an entry in
+`EXTRA` below. tests/test_config_reference.py fails when a key has no description or the
+committed file differs from this output.
+
+    .venv/bin/python tools/config_reference.py          # rewrite docs/config-reference.md
+    .venv/bin/python tools/config_reference.py --check  # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.units import (  # noqa: E402
+    Duration,
+    Rate,
+    format_duration,
+    parse_duration,
+    parse_rate,
+)
+
+OUTPUT = ROOT / "docs" / "config-reference.md"
+
+# Descriptions of keys whose model carries no comment or Field description
+# ("Class.field"). A key the model documents itself does not belong here.
+EXTRA: dict[str, str] = {
+    "GatewayConfig.server": "Listeners, workers, draining, logging.",
+    "GatewayConfig.store": "Shared state for locks, limits, caches (docs/redis.md).",
+    "GatewayConfig.upstreams": "Named upstreams routes send to (`upstream: <name>`).",
+    "GatewayConfig.auth": "Supabase JWT verification settings (docs/auth.md).",
+    "GatewayConfig.routes": "Ordered route table; the first match wins.",
+    "GatewayConfig.client": "Intervals handed to the web app via the client config endpoint.",
+    "GatewayConfig.alerts": "Alert rules and webhooks.",
+    "ServerConfig.listen": "Public HOST:PORT.",
+    "ServerConfig.admin_listen": "Admin HOST:PORT (/healthz, /readyz, /metrics, /_edge/*).",
+    "ServerConfig.trusted_proxies": "CIDRs whose X-Forwarded-For is believed for the client IP.",
+    "ServerConfig.max_body_bytes": "Largest request body the gateway reads (413 above).",
+    "ServerConfig.workers": "Worker processes sharing the listeners (restart to change).",
+    "ServerConfig.drain_timeout": "On SIGTERM, how long in-flight requests may finish.",
+    "ServerConfig.keep_alive_timeout": "Idle keep-alive timeout for client connections.",
+    "ServerConfig.access_log": "Write one JSON access log line per request.",
+    "ServerConfig.log_level": "Minimum log level.",
+    "StoreConfig.url": "memory://, redis://, rediss://, unix://, redis+cluster://h:p[,h:p], "
+    "redis+sentinel://h:p[,h:p]/service[/db].",
+    "StoreConfig.key_prefix": "Prepended to every key (no braces on Redis Cluster).",
+    "StoreConfig.on_failure": "When the store fails: open = serve without it, closed = 503.",
+    "StoreConfig.timeout": "Bound on every store call (no retries).",
+    "StoreConfig.max_connections": "Connections per process (per master on a cluster).",
+    "StoreConfig.memory_max_keys": "Key bound of the memory:// store (LRU beyond it).",
+    "UpstreamConfig.url": "http(s) base URL, no query.",
+    "UpstreamConfig.connect_timeout": "TCP/TLS connect timeout.",
+    "UpstreamConfig.read_timeout": "Time to the response head (routes may override).",
+    "UpstreamConfig.max_connections": "Connection pool size to this upstream.",
+    "UpstreamConfig.keepalive_timeout": "Idle time before a pooled connection is closed.",
+    "AuthSettings.issuer": "Expected `iss` (e.g. https://<ref>.supabase.co/auth/v1).",
+    "AuthSettings.audience": "Accepted `aud` value(s).",
+    "AuthSettings.hs256_secret": "Legacy HS256 JWT secret (use ${SUPABASE_JWT_SECRET}).",
+    "AuthSettings.jwks_url": "JWKS endpoint for asymmetric (ES256/RS256) signing keys.",
+    "AuthSettings.jwks_min_refetch": "Least time between JWKS fetches (unknown kid).",
+    "AuthSettings.jwks_max_age": "Refetch the JWKS after this long.",
+    "AuthSettings.jwks_timeout": "Timeout of one JWKS fetch.",
+    "AuthSettings.leeway": "Clock skew allowed on exp/nbf/iat.",
+    "AuthSettings.cookie_name": "Session cookie to read when there is no Authorization header.",
+    "AuthSettings.token_cache_size": "Verified tokens remembered per process.",
+    "AuthSettings.identity_hmac_secret": "Signs the identity headers sent upstream.",
+    "AuthSettings.user_url": "GoTrue /auth/v1/user, for `revalidate`.",
+    "AuthSettings.apikey": "Supabase anon key sent with revalidation calls.",
+    "RouteMatch.methods": "HTTP methods (any when unset).",
+    "RouteMatch.path": "Path template, e.g. /api/webinars/{id}.",
+    "RouteMatch.query": "Query parameters that must equal these values.",
+    "Route.name": "Unique route name (metrics label, key part).",
+    "Route.match": "What requests this route takes.",
+    "Route.upstream": "Name of an entry under `upstreams`.",
+    "Route.auth": "Auth mode or section; a string is shorthand for `{mode: ...}`.",
+    "Route.heartbeat": "Heartbeat coalescing (docs/heartbeat.md).",
+    "Route.cache": "Response cache (docs/cache.md).",
+    "Route.refresh": "Refresh-token coalescing (docs/refresh.md).",
+    "Route.breaker": "Circuit breaker (docs/breaker.md).",
+    "Route.rate_limit": "GCRA rate-limit rules, all checked at once (docs/ratelimit.md).",
+    "Route.concurrency": "Per-key cap on in-flight upstream requests.",
+    "DegradedIntervals.presence_ping_interval": "Presence ping interval while degraded.",
+    "DegradedIntervals.access_track_interval": "Access tracking interval while degraded.",
+    "DegradedIntervals.chat_fallback_interval": "Chat polling interval while degraded.",
+    "DegradedIntervals.admin_polling_interval": "Admin polling interval while degraded.",
+    "ClientConfig.presence_ping_interval": "Presence ping interval.",
+    "ClientConfig.access_track_interval": "Access tracking interval.",
+    "ClientConfig.chat_fallback_interval": "Chat polling interval when realtime is down.",
+    "ClientConfig.admin_polling_interval": "Admin dashboard polling interval.",
+    "ClientConfig.degraded": "Slower intervals served while the upstream is unhealthy.",
+    "ClientConfig.cache_max_age": "Cache-Control max-age of the client config answer.",
+    "Webhook.kind": "Message format.",
+    "Webhook.url": "Webhook URL (an unset ${VAR} drops the webhook).",
+    "AlertRules.upstream_400_per_min": "Alert above this many upstream 400s a minute.",
+    "AlertRules.upstream_409_per_min": "Alert above this many upstream 409s a minute.",
+    "AlertRules.upstream_5xx_per_min": "Alert above this many upstream 5xx a minute.",
+    "AlertRules.auth_p95": "Alert when the auth upstream's p95 latency exceeds this.",
+    "AlertRules.realtime_disconnects_per_min": "Alert above this many realtime disconnects.",
+    "AlertRules.breaker_open": "Alert when a breaker opens.",
+    "AlertsConfig.evaluate_every": "How often the rules are evaluated.",
+    "AlertsConfig.cooldown": "Least time between two alerts of one rule.",
+    "AlertsConfig.webhooks": "Where alerts are sent.",
+    "AlertsConfig.rules": "Thresholds (null turns a rule off).",
+    "AlertsConfig.send_attempts": "Delivery attempts per alert.",
+    "AlertsConfig.send_backoff": "Wait before the second attempt (doubles after).",
+    "StoreConfig.backoff": "After failure_threshold failures, fail fast for this long.",
+    "RouteAuth.mode": "required = 401 without a valid token; optional; off = not checked.",
+    "LocalResponse.status": "Status of the edge's answer to an absorbed heartbeat.",
+    "LocalResponse.body": "Body (non-strings are JSON-encoded).",
+    "LocalResponse.content_type": "Content-Type of the edge's answer.",
+    "HeartbeatConfig.mode": "sample: forward one per forward_interval; batch: flush to flush_url.",
+    "HeartbeatConfig.forward_interval": "Sample mode: at most one heartbeat per viewer per "
+    "webinar per interval reaches the app.",
+    "HeartbeatConfig.local_response": "The edge's answer to an absorbed heartbeat.",
+    "HeartbeatConfig.key": "Viewer identity without a verified token: user, ip, cookie:NAME, "
+    "header:NAME (first present).",
+    "HeartbeatConfig.negative_ttl": "How long an app's negative answer is replayed per viewer.",
+    "HeartbeatConfig.negative_statuses": "App statuses cached per viewer (400-599).",
+    "HeartbeatConfig.presence_window": "Online if seen within it (default 3 x "
+    "client.presence_ping_interval).",
+    "HeartbeatConfig.flush_interval": "Batch mode: how often a flush runs.",
+    "HeartbeatConfig.flush_url": "Batch mode: path on flush_upstream (or absolute URL).",
+    "HeartbeatConfig.flush_upstream": "Batch mode: the upstream the flush goes to.",
+    "HeartbeatConfig.flush_headers": "Headers of the flush request (use ${ENV} for keys).",
+    "HeartbeatConfig.on_failure": "Store failure: open = forward, closed = 503 (default "
+    "store.on_failure).",
+    "CacheAuthorize.claim": "Verified claim (dotted path) that decides access.",
+    "CacheAuthorize.in_": "Values of `claim` that may read the cached answer.",
+    "CacheConfig.ttl": "How long a stored answer is fresh (> 0).",
+    "CacheConfig.stale_while_revalidate": "After ttl: one request refreshes, others get the "
+    "stale copy.",
+    "CacheConfig.stale_if_error": "After ttl: serve the last good copy if the refresh fails.",
+    "CacheConfig.vary_query": "Query parameters that are part of the key.",
+    "CacheConfig.vary_claims": "Verified claims (dotted paths) that are part of the key.",
+    "CacheConfig.authz_ttl": "How long a caller the app answered 200 may read the cache.",
+    "CacheConfig.deny_ttl": "How long a caller the app answered 401/403 is remembered denied.",
+    "CacheConfig.authorize": "Decide access from a verified claim instead of asking the app.",
+    "CacheConfig.lock_timeout": "Refresh lock lifetime and longest wait for another's refresh.",
+    "CacheConfig.max_body_bytes": "Larger answers stream through and are not stored.",
+    "CacheConfig.on_failure": "Store failure: open = the app answers, closed = 503.",
+    "RefreshConfig.poll_interval": "How often a follower looks for the leader's answer.",
+    "RefreshConfig.on_failure": "Store failure: open = call GoTrue anyway, closed = 503.",
+    "BreakerConfig.group": "Breaker name; routes naming one group share one breaker.",
+    "BreakerConfig.failure_threshold": "Open after this many consecutive failures.",
+    "BreakerConfig.failure_ratio": "...or when failures/requests over window reach this.",
+    "BreakerConfig.window": "Sliding window of the ratio.",
+    "BreakerConfig.min_requests": "Least requests in the window for the ratio to count.",
+    "BreakerConfig.cooldown": "How long the breaker stays open the first time (doubles).",
+    "BreakerConfig.max_cooldown": "Cap of the cooldown and of an upstream Retry-After.",
+    "BreakerConfig.half_open_probes": "Requests let through after the cooldown.",
+    "BreakerConfig.jitter": "Retry-After = remaining cooldown x uniform(1-jitter, 1+jitter).",
+    "BreakerConfig.negative_ttl": "How long a caller's 4xx answer is replayed (0 = off).",
+    "BreakerConfig.negative_statuses": "Statuses the negative cache keeps.",
+    "RateLimitRule.by": "user, ip, webinar, route or header:NAME.",
+    "RateLimitRule.rate": "Sustained rate.",
+    "RateLimitRule.burst": "Requests that may arrive at once (bucket size).",
+    "RateLimitRule.on_failure": "Store failure: open (skip), closed (503), local (in process).",
+    "ConcurrencyConfig.by": "Key of the cap (anonymous user -> IP).",
+    "ConcurrencyConfig.max": "In-flight requests per key, per process.",
+    "ConcurrencyConfig.retry_after": "Retry-After on the 503.",
+}
+
+_FIELD = re.compile(r"^\s+([A-Za-z_][A-Za-z0-9_]*)\s*:")
+
+
+def _source_comments(cls: type) -> dict[str, str]:
+    """field name -> the comment right above it (or trailing on its line)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        m = _FIELD.match(line)
+        if m and not stripped.startswith(("def ", "@")) and "(" not in line.split(":")[0]:
+            text = " ".join(above)
+            if "#" in line and not text:
+                text = line.split("#", 1)[1].strip()
+            if text:
+                out.setdefault(m.group(1), text)
+        above = []
+    return out
+
+
+def _type(ann: Any) -> str:
+    if ann is Duration:
+        return "duration"
+    if ann is Rate:
+        return "rate"
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _type(args[0])
+    if origin in (Union, types.UnionType):
+        parts = [_type(a) for a in args if a is not type(None)]
+        return " | ".join(parts) + (" | null" if type(None) in args else "")
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin is list:
+        return f"list[{_type(args[0])}]"
+    if origin is dict:
+        return f"map[{_type(args[0])}, {_type(args[1])}]"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "section"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _field_type(field: FieldInfo) -> str:
+    # pydantic moves a top-level Annotated's metadata off the annotation: find the unit
+    # by its parser.
+    for meta in field.metadata:
+        func = getattr(meta, "func", None)
+        if func is parse_duration:
+            return "duration" + (" | null" if _type(field.annotation).endswith("null") else "")
+        if func is parse_rate:
+            return "rate"
+    return _type(field.annotation)
+
+
+def _default(field: FieldInfo, *, duration: bool = False) -> str:
+    if field.is_required():
+        return "required"
+    factory = field.default_factory
+    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
+    if value is PydanticUndefined:
+        return "required"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if value is None:
+        return "null"
+    if duration and isinstance(value, int | float):
+        return f"`{format_duration(value)}`"
+    return "`" + json.dumps(value) + "`"
+
+
+def _models(ann: Any) -> list[tuple[str, type[BaseModel]]]:
+    """Section models inside an annotation, with the path suffix that reaches them."""
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _models(args[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in args for m in _models(a)]
+    if origin is list:
+        return [("[]" + s, m) for s, m in _models(args[0])]
+    if origin is dict:
+        return [(".<name>" + s, m) for s, m in _models(args[1])]
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [("", ann)]
+    return []
+
+
+Row = tuple[str, str, str, str]
+
+
+def rows(model: type[BaseModel] = GatewayConfig, prefix: str = "") -> list[Row]:
+    comments = _source_comments(model)
+    out: list[Row] = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        path = f"{prefix}.{key}" if prefix else key
+        desc = (
+            field.description
+            or comments.get(name)
+            or EXTRA.get(f"{model.__name__}.{name}")
+            # A field inherited by a subclass keeps its base class's comment.
+            or next(
+                (
+                    _source_comments(base).get(name)
+                    for base in model.__mro__[1:]
+                    if isinstance(base, type)
+                    and issubclass(base, BaseModel)
+                    and _source_comments(base).get(name)
+                ),
+                "",
+            )
+        )
+        typ = _field_type(field)
+        out.append((path, typ, _default(field, duration=typ.startswith("duration")), desc or ""))
+        for suffix, sub in _models(field.annotation):
+            out.extend(rows(sub, path + suffix))
+    return out
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by tools/config_reference.py from the config models; do not edit."
+        " Run `.venv/bin/python tools/config_reference.py` after changing a model. -->",
+        "",
+        "Every key `config.yaml` accepts (unknown keys are errors). Types: `duration` is a"
+        " number of seconds or a string like `50ms`, `2s`, `5m`; `rate` is `N/s`, `N/m` or"
+        " `N/h`; `section` is a nested mapping whose keys follow; `[]` marks a list item and"
+        " `<name>` a key you choose. Any value may use `${VAR}` / `${VAR:-default}`.",
+        "",
+    ]
+    current = None
+    for path, typ, default, desc in rows():
+        top = path.split(".", 1)[0].split("[", 1)[0]
+        if top != current:
+            current = top
+            lines += ["", f"## `{top}`", "", "| Key | Type | Default | Description |"]
+            lines.append("|---|---|---|---|")
+        cell = desc.replace("|", "\\|")
+        typ_cell = typ.replace("|", "\\|")
+        default_cell = default.replace("|", "\\|")
+        lines.append(f"| `{path}` | {typ_cell} | {default_cell} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not OUTPUT.exists() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is stale: run .venv/bin/python tools/config_reference.py")
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT.relative_to(ROOT)} ({len(rows())} keys)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
