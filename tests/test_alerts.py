@@ -334,6 +334,39 @@ async def test_two_gateways_sharing_redis_send_one_alert(
                 assert metric(text, "edge_alerts_firing", rule="upstream_409_per_min") == 1
 
 
+async def test_a_config_reload_keeps_the_fleet_state(
+    fake_app: FakeApp, receiver: WebhookReceiver, store_url: str
+) -> None:
+    fake_app.status_override["/api/rooms/join"] = (409, {"code": "conflict"})
+    cfg = alert_config(
+        fake_app.url, store_url, receiver, {"upstream_409_per_min": 2}, kinds=("slack",)
+    )
+    clock = FakeClock(T0)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        old = recorder(gw)
+        await hit(c, gw.url + "/api/rooms/join", 3)
+        assert await old.tick() is True
+        await old.drain()
+        # A reload builds a new recorder on the new runtime; the old one lets go.
+        data = cfg.model_dump()
+        data["alerts"]["cooldown"] = "20m"
+        await gw.app.reload(type(cfg).model_validate(data))
+        new = recorder(gw)
+        assert new is not old
+        assert all(up.observer is new for up in gw.app.rt.upstreams.values())
+        for _ in range(100):
+            if old.client is None or old.client.is_closed:
+                break
+            await asyncio.sleep(0.01)
+        clock.advance(120)
+        assert await new.tick() is True
+        await new.drain()
+        assert [b["text"].split(":")[0] for b in receiver.bodies("slack")] == [
+            "FIRING upstream_409_per_min",
+            "RESOLVED upstream_409_per_min",
+        ]
+
+
 # --------------------------------------------------------------------------- failures
 
 

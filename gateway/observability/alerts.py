@@ -192,11 +192,9 @@ class Message:
         return f"{head} {o.rule}: {o.show(o.value)} > {o.show(o.threshold)} ({o.window})"
 
     def top_lines(self) -> list[str]:
-        label = "group" if self.obs.rule == "breaker_open" else "route"
-        out = []
-        for name, n in self.obs.top:
-            out.append(f"{name}" if self.obs.rule == "breaker_open" else f"{name}: {n:.0f}")
-        return out or [f"(no {label} data)"]
+        if self.obs.rule == "breaker_open":
+            return [name for name, _ in self.obs.top] or ["(none)"]
+        return [f"{name}: {n:.0f}" for name, n in self.obs.top] or ["(none in the window)"]
 
     def iso(self, t: float) -> str:
         return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
