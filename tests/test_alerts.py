@@ -669,6 +669,13 @@ def test_window_weights_the_previous_minute() -> None:
     assert o409.top == [("a", 30.0), ("b", 30.0)]  # ties by name
 
 
+def test_tick_keys_share_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    keys = [f"edge:{k}".encode() for k in AlertRecorder.keys(123, 456)]
+    assert len({key_slot(k) for k in keys}) == 1
+
+
 def test_quantile_is_linear_inside_the_bucket() -> None:
     assert _quantile(0.95, (1.0, 2.0), [0, 100, 0]) == pytest.approx(1.95)
     assert _quantile(0.5, (1.0, 2.0), [50, 50, 0]) == pytest.approx(1.0)

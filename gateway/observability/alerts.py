@@ -478,7 +478,9 @@ class AlertRecorder:
 
     # ------------------------------------------------------------------ flush + evaluate
 
-    def _keys(self, slot: int, minute: int) -> list[str]:
+    @staticmethod
+    def keys(slot: int, minute: int) -> list[str]:
+        """The tick script's keys: one `{alerts}` hash tag, so one Redis Cluster slot."""
         return [
             f"alerts:{_TAG}:lock:{slot}",
             f"alerts:{_TAG}:state",
@@ -527,7 +529,7 @@ class AlertRecorder:
         args.append(len(groups))
         args.extend(groups)
         try:
-            res = await self.rt.store.run(TICK, self._keys(slot, minute), args)
+            res = await self.rt.store.run(TICK, self.keys(slot, minute), args)
         except StoreError as exc:
             # Keep the counts for the next turn; evaluation waits for the store.
             for m, delta in ((minute, cur), (minute - 1, prev)):
