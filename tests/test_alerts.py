@@ -669,6 +669,23 @@ def test_window_weights_the_previous_minute() -> None:
     assert o409.top == [("a", 30.0), ("b", 30.0)]  # ties by name
 
 
+def test_a_rule_turned_off_while_firing_is_forgotten_quietly() -> None:
+    from gateway.runtime import Runtime
+
+    cfg = make_config(
+        "http://127.0.0.1:9",
+        alerts={
+            "webhooks": [{"kind": "slack", "url": "http://127.0.0.1:9/x"}],
+            "rules": {**NO_RULES, "upstream_409_per_min": 5},
+        },
+    )
+    rec = AlertRecorder(Runtime(cfg))
+    state: dict[str, Any] = {"upstream_400_per_min": {"firing": True, "last_sent": T0}}
+    obs = [Observation("upstream_409_per_min", 1.0, 5.0, False)]
+    assert rec._transitions(state, obs, T0 + 60) == []
+    assert state["upstream_400_per_min"]["firing"] is False
+
+
 def test_tick_keys_share_one_cluster_slot() -> None:
     from redis.crc import key_slot
 

@@ -577,6 +577,11 @@ class AlertRecorder:
         resolved message. A new breach within cooldown of the last message stays quiet."""
         out: list[Message] = []
         cooldown = self.cfg.cooldown
+        enabled = {o.rule for o in observations}
+        for rule, old in state.items():
+            # A rule turned off (config reload) while firing: forgotten, not "resolved".
+            if rule not in enabled and isinstance(old, dict):
+                old["firing"] = False
         for o in observations:
             st: dict[str, Any] = state.setdefault(o.rule, {})
             firing = bool(st.get("firing"))
