@@ -1,5 +1,5 @@
-"""The store at scale: the store contract, the refresh tests and the rate-limit tests run
-again on a real 3-master Redis Cluster (`redis+cluster://`) and on Sentinel
+"""The store at scale: the store contract and the refresh, rate-limit, heartbeat and cache
+tests run again on a real 3-master Redis Cluster (`redis+cluster://`) and on Sentinel
 (`redis+sentinel://`, one master + one replica + one sentinel), plus what only those
 topologies have: keys of one script in one slot, batches spread over masters, a master
 dying, a Sentinel failover.
@@ -33,6 +33,20 @@ from tests.helpers import run_gateway
 from tests.redis_cluster import RedisClusterServers, SentinelServers
 
 # The shared tests, collected again in this module (see the module docstring).
+from tests.test_cache import (
+    stats,
+    test_cache_status_and_age,
+    test_other_replica_waits_for_the_refresh,
+    test_stale_while_revalidate,
+    test_waiters_share_the_leaders_error,
+)
+from tests.test_heartbeat import (
+    test_batch_flushes_on_shutdown,
+    test_one_forward_per_viewer_per_interval,
+    test_presence_counts_viewers_within_window,
+    test_recorder_sends_one_call_for_heartbeats_of_one_turn,
+    test_webinars_are_separate,
+)
 from tests.test_ratelimit import (
     HOUR,
     config,
@@ -65,6 +79,16 @@ from tests.test_store import (
 )
 
 REUSED = [
+    stats,
+    test_cache_status_and_age,
+    test_other_replica_waits_for_the_refresh,
+    test_stale_while_revalidate,
+    test_waiters_share_the_leaders_error,
+    test_batch_flushes_on_shutdown,
+    test_one_forward_per_viewer_per_interval,
+    test_presence_counts_viewers_within_window,
+    test_recorder_sends_one_call_for_heartbeats_of_one_turn,
+    test_webinars_are_separate,
     gotrue,
     test_all_rules_in_one_decision,
     test_burst_then_refused_with_headers,
@@ -111,11 +135,36 @@ def redis_sentinel() -> Iterator[SentinelServers]:
         servers.stop()
 
 
-@pytest.fixture(params=["cluster", "sentinel"])
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """Overrides conftest's db-15 fixture for every test in this module: the same tests
-    get a flushed Redis Cluster, then a flushed Sentinel-managed master."""
-    name = "redis_cluster" if request.param == "cluster" else "redis_sentinel"
+# The store contract runs on both topologies; the policy tests on the cluster only (the
+# topology with the extra rule, one slot per script), to keep this module well under 30 s.
+BOTH_TOPOLOGIES = {
+    test_get_set_delete,
+    test_incr_sets_ttl_once,
+    test_script_is_atomic_and_prefixed,
+    test_set_nx_is_a_lock,
+    test_ttl_expires,
+    test_two_replicas_sharing_the_store_make_one_upstream_call,
+    test_shared_limit_across_two_gateways,
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "topology" in metafunc.fixturenames:
+        both = metafunc.function in BOTH_TOPOLOGIES
+        params = ["cluster", "sentinel"] if both else ["cluster"]
+        metafunc.parametrize("topology", params, indirect=True)
+
+
+@pytest.fixture
+def topology(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """Overrides conftest's db-15 fixture for every test in this module: a flushed Redis
+    Cluster, or a flushed Sentinel-managed master."""
+    name = "redis_cluster" if topology == "cluster" else "redis_sentinel"
     servers: RedisClusterServers | SentinelServers = request.getfixturevalue(name)
     servers.flush()
     return servers.url
@@ -169,6 +218,16 @@ def test_cluster_and_sentinel_urls_parse() -> None:
     ):
         with pytest.raises(ValueError, match=r"redis\+|database|path"):
             parse_store_url(bad)
+
+
+def test_config_check_names_a_bad_store_url() -> None:
+    from gateway.config import StoreConfig
+
+    assert StoreConfig(url="redis+sentinel://s1:26379,s2:26379/mymaster").url.endswith("master")
+    with pytest.raises(ValueError, match="host:port"):
+        StoreConfig(url="redis+cluster://10.0.0.1")
+    with pytest.raises(ValueError, match="unsupported store scheme 'memcached'"):
+        StoreConfig(url="memcached://10.0.0.1:11211")
 
 
 def test_cluster_refuses_a_key_prefix_with_braces() -> None:
@@ -234,6 +293,20 @@ async def test_run_many_spreads_over_masters_and_keeps_order(
         # A new master (or SCRIPT FLUSH) without the script: loaded again, run once.
         redis_cluster.flush()
         assert await s.run_many(COUNTER, calls[:3]) == [[1, 1], [2, 2], [3, 3]]
+    finally:
+        await s.close()
+
+
+async def test_more_callers_than_connections_queue_instead_of_failing(cluster_url: str) -> None:
+    # redis-py's cluster pool raises "too many connections" when full; the store makes
+    # callers wait for a connection instead (within store.timeout), like one server's.
+    s = RedisStore(cluster_url, "t:", timeout=2, max_connections=2)
+    await s.start()
+    try:
+        await s.set("k:{a}", b"v")
+        got = await asyncio.gather(*[s.get("k:{a}") for _ in range(200)])
+        assert got == [b"v"] * 200
+        assert s.health.ok and not s.health.counters
     finally:
         await s.close()
 
