@@ -279,3 +279,57 @@ class SentinelServers(_Servers):
     def flush(self) -> None:
         with self.client(self.master()) as c:
             c.flushall()
+
+
+async def _bench(rounds: int = 2000, batch: int = 32) -> None:
+    """Latency of one script call and of a batch of `batch` calls (`run_many`), on one
+    server, on the cluster and via Sentinel. `python -m tests.redis_cluster`."""
+    import statistics
+
+    from gateway.policies.ratelimit import GCRA
+    from gateway.store import Store
+    from gateway.store.redis import RedisStore
+
+    single = _Servers("edge-bench-")
+    port = free_port()
+    single._server(port)
+    single._wait_up(port)
+    cluster = RedisClusterServers()
+    sentinel = SentinelServers()
+    try:
+        cluster.start()
+        sentinel.start()
+        for name, url in (
+            ("redis://", f"redis://{HOST}:{port}/0"),
+            ("redis+cluster://", cluster.url),
+            ("redis+sentinel://", sentinel.url),
+        ):
+            s = RedisStore(url, "b:", timeout=1)
+            await s.start()
+            one: list[float] = []
+            many: list[float] = []
+            for i in range(rounds):
+                t0 = time.perf_counter()
+                await s.run(GCRA, [f"rl:{Store.tag(str(i % 64))}:k"], [1, 1_000_000])
+                one.append(time.perf_counter() - t0)
+            calls = [([f"rl:{Store.tag(str(j))}:k"], [1, 1_000_000]) for j in range(batch)]
+            for _ in range(rounds // 10):
+                t0 = time.perf_counter()
+                await s.run_many(GCRA, calls)
+                many.append(time.perf_counter() - t0)
+            await s.close()
+            print(
+                f"{name:18} run p50 {statistics.median(one) * 1e6:6.0f} us   "
+                f"run_many({batch}) p50 {statistics.median(many) * 1e6:6.0f} us "
+                f"({statistics.median(many) / batch * 1e6:4.0f} us/call)"
+            )
+    finally:
+        single.stop()
+        cluster.stop()
+        sentinel.stop()
+
+
+if __name__ == "__main__":
+    import asyncio
+
+    asyncio.run(_bench())
