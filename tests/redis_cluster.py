@@ -215,7 +215,7 @@ class SentinelServers(_Servers):
 
         def linked() -> bool:
             with self.client(self.replica_port) as c:
-                return c.info("replication").get("master_link_status") == "up"
+                return bool(c.info("replication").get("master_link_status") == "up")
 
         _wait(linked, "replica in sync")
         conf = self.dir / "sentinel.conf"
@@ -270,7 +270,7 @@ class SentinelServers(_Servers):
 
         def writable() -> bool:
             with self.client(new) as c:
-                return c.info("replication").get("role") == "master"
+                return bool(c.info("replication").get("role") == "master")
 
         _wait(writable, "new master writable")
 
