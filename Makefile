@@ -36,7 +36,16 @@ wheel: $(STAMP)
 bench-passthrough: $(STAMP)
 	$(BIN)/python bench/passthrough.py
 
-bench: bench-passthrough
+# S1-S3 quick scenarios (each < 90 s): need PostgreSQL (BENCH_PG_DSN, default
+# postgresql://postgres@127.0.0.1:5432/test) and Redis (BENCH_REDIS_URL, default db 8);
+# write bench/results/s{1,2,3}-quick.{json,md,png}. See docs/scenarios.md.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: bench-passthrough $(BENCH_STAMP)
+	$(BIN)/python -m bench all --quick --out bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -69,7 +69,8 @@ def _counter_at(timeline: list[dict[str, Any]], t: float) -> dict[str, Any]:
     """The last sim counters sampled at or before scenario time t (a phase's first
     requests are not counted in the phase before it)."""
     before = [p for p in timeline if p["t"] <= t]
-    return (before[-1] if before else timeline[0])["stats"]
+    stats: dict[str, Any] = (before[-1] if before else timeline[0])["stats"]
+    return stats
 
 
 def series(timeline: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -274,15 +275,15 @@ def targets(spec: Spec, rep: dict[str, Any]) -> list[dict[str, Any]]:
                     shift_pct is not None and shift_pct <= 20,
                 )
             )
-        limit = round(len(spec.webinars) * 60 / 10 + spec.admins * 60 / 300, 1)
+        admin_limit = round(len(spec.webinars) * 60 / 10 + spec.admins * 60 / 300, 1)
         v = g["admin_stats_upstream_per_min"]
         out.append(
             _target(
                 "gateway: admin stats upstream calls/min"
                 " (1 per 10 s TTL per webinar + 1 per admin per 5 min authz)",
                 v,
-                f"<= {limit}",
-                v <= limit,
+                f"<= {admin_limit}",
+                v <= admin_limit,
             )
         )
     return out

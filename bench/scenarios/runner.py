@@ -358,7 +358,10 @@ def gateway_config(
     i.e. edge_presence_batch on PostgreSQL), and the chat poll micro-cache of
     docs/breaker.md."""
     port, admin_port = common.free_port(), common.free_port()
-    d = lambda s: _d(s, scale)  # noqa: E731
+
+    def d(seconds: float) -> str:
+        return _d(seconds, scale)
+
     api = "/api/webinars/{webinar_id}"
     return {
         "server": {
