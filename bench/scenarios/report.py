@@ -310,6 +310,7 @@ def build(spec: Spec, pop: Population, raws: list[SideRaw]) -> dict[str, Any]:
         "duration_s": spec.duration_s,
         "time_scale": spec.time_scale,
         "quick": spec.quick,
+        "gateway_access_track_forward_s": spec.track_forward,
         "webinars": spec.webinars,
         "admins": spec.admins,
         "surge_viewers": spec.surge,
@@ -339,6 +340,10 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def _ratio3(v: float | None) -> str | None:
+    return None if v is None else f"{v:.3f}"
 
 
 def _row(label: str, d: Any, g: Any) -> str:
@@ -394,8 +399,8 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(
         _row(
             "pg_stat_database transactions / (statements + pool resets) counted",
-            d["pg_stat_database"]["ratio"],
-            g["pg_stat_database"]["ratio"],
+            _ratio3(d["pg_stat_database"]["ratio"]),
+            _ratio3(g["pg_stat_database"]["ratio"]),
         )
     )
     gw_cpu = f"{_fmt(g['cpu_s'].get('sim_app'))} / {_fmt(g['cpu_s'].get('gateway'))}"

@@ -82,6 +82,8 @@ class Spec:
     surge_window: float = 0.5
     phases: list[Phase] = field(default_factory=list)
     chat: bool = False  # 5 % of the signed-in viewers post a chat message every minute
+    # Gateway: access/track heartbeat forward_interval in scenario seconds (shipped: 300).
+    track_forward: float = 300.0
     auth_latency_ms: float = 50.0
 
     @property
@@ -94,7 +96,7 @@ class Spec:
 
 
 QUICK = {  # viewers, minutes, time scale: ~30 s of wall time per side
-    "s1": (200, 20.0, 40.0),
+    "s1": (150, 62.0, 120.0),
     "s2": (50, 6.0, 12.0),
     "s3": (200, 10.0, 20.0),
 }
@@ -351,7 +353,12 @@ def _d(seconds: float, scale: float) -> str:
 
 
 def gateway_config(
-    app_url: str, redis_url: str, prefix: str, secret: str, scale: float
+    app_url: str,
+    redis_url: str,
+    prefix: str,
+    secret: str,
+    scale: float,
+    track_forward: float = 300.0,
 ) -> dict[str, Any]:
     """The shipped config.yaml's routes, intervals divided by the time scale, the Redis
     store, presence pings in batch mode (their flush goes to the sim app's RPC endpoint,
@@ -403,7 +410,10 @@ def gateway_config(
                 "match": {"methods": ["POST"], "path": f"{api}/access/track"},
                 "upstream": "app",
                 "auth": "optional",
-                "heartbeat": {"forward_interval": d(300), "key": ["user", "cookie:el_guest", "ip"]},
+                "heartbeat": {
+                    "forward_interval": d(track_forward),
+                    "key": ["user", "cookie:el_guest", "ip"],
+                },
             },
             {
                 "name": "admin_stats",
@@ -597,7 +607,9 @@ def run_side(
                 cpu = {"sim_app": common.tree_cpu_seconds(sim.proc.pid) - cpu0["sim_app"]}
             else:
                 prefix = f"edge-bench:{tag}:"
-                cfg = gateway_config(sim.url, redis_url, prefix, pop.secret, spec.time_scale)
+                cfg = gateway_config(
+                    sim.url, redis_url, prefix, pop.secret, spec.time_scale, spec.track_forward
+                )
                 try:
                     with common.gateway(cfg) as gw:
                         cpu0["gateway"] = common.tree_cpu_seconds(gw.proc.pid)
@@ -677,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, help="scenario seconds per wall second")
     p.add_argument("--json", type=Path, help="JSON report path (default: OUT/<scenario>.json)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--track-forward",
+        type=float,
+        default=300.0,
+        help="gateway access_track forward_interval, scenario seconds (shipped config: 300)",
+    )
     p.add_argument("--no-chart", action="store_true")
     p.add_argument(
         "--pg",
@@ -688,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["s1", "s2", "s3"] if a.scenario == "all" else [a.scenario]
     for name in names:
         spec = build_spec(name, a.quick, a.viewers, a.minutes, a.time_scale)
+        spec.track_forward = a.track_forward
         print(
             f"{name}: {spec.viewers} viewers, {spec.minutes:g} scenario min, time scale "
             f"{spec.time_scale:g} (~{spec.wall_s:.0f} s per side)",
