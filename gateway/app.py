@@ -30,7 +30,7 @@ from gateway.http import (
     send_error,
 )
 from gateway.proxy import ClientGone, Proxy, TruncatedResponse, WebSocketProxy
-from gateway.routing import CompiledRoute, RouteTable
+from gateway.routing import CompiledRoute, RouteTable, unsafe_path
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
@@ -250,6 +250,16 @@ class Gateway:
                 msg["headers"] = [*msg.get("headers", ()), rid_header]
             await send(msg)
 
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        if unsafe_path(raw_path.split(b"?", 1)[0]):
+            await send_error(
+                send_with_id,
+                400,
+                "bad_path",
+                "dot segments, empty segments and encoded slashes are refused",
+            )
+            self._finish(state, "none", scope, 400, start, request_id, client_ip, None, [])
+            return
         if scope["path"].startswith("/_edge/"):
             await state.edge(scope, receive, send_with_id, ctx, client_ip)
             self._finish(state, "_edge", scope, status, start, request_id, client_ip, None, [])
@@ -340,7 +350,8 @@ class Gateway:
         start = time.perf_counter()
         state = self.state
         ctx, request_id, client_ip = self._context(state, scope)
-        if ctx is None:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        if ctx is None or unsafe_path(raw_path.split(b"?", 1)[0]):
             await send({"type": "websocket.close", "code": 1008})
             return
         handler = state.ws_handlers[ctx.route.name]

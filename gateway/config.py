@@ -116,6 +116,9 @@ class UpstreamConfig(Section):
     connect_timeout: Duration = 2.0
     read_timeout: Duration = 30.0
     max_connections: int = Field(256, ge=1)
+    # How long a request may wait for a free pooled connection (all max_connections busy)
+    # before it is answered 504, instead of queueing inside the gateway without limit.
+    pool_timeout: Duration = 5.0
     keepalive_timeout: Duration = 30.0
     # Send the client's Host header upstream instead of the upstream's own host.
     preserve_host: bool = False

@@ -61,6 +61,19 @@ _WS_SKIP = _REQUEST_REWRITTEN | {
 }
 _RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
 _EDGE_PREFIX = b"x-edge-"
+# Client-IP headers other hops or origins may believe (GoTrue rate-limits by
+# Sb-Forwarded-For): a client must not be able to set them through the gateway.
+_CLIENT_IP_HEADERS = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"sb-forwarded-for",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-client-ip",
+    }
+)
 # Bodies up to this size (with a Content-Length) are read before the upstream call: one
 # receive() in practice, and aiohttp then sends headers and body in one write.
 _PREREAD_LIMIT = 64 * 1024
@@ -101,11 +114,7 @@ class Upstream:
         url = URL(self.config.url)
         self.base = self.config.url
         self.host_header = url.raw_authority
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.config.connect_timeout,
-            sock_read=self.config.read_timeout,
-        )
+        self.timeout = _timeout(self.config, self.config.read_timeout)
 
     async def open(self) -> None:
         if self.session is not None:
@@ -150,6 +159,17 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "bad_gateway", "upstream connection failed"
 
 
+def _timeout(cfg: UpstreamConfig, read_timeout: float) -> aiohttp.ClientTimeout:
+    """`connect` bounds the wait for a pooled connection plus the TCP connect, so a
+    saturated pool cannot queue requests inside the gateway without limit."""
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=cfg.pool_timeout + cfg.connect_timeout,
+        sock_connect=cfg.connect_timeout,
+        sock_read=read_timeout,
+    )
+
+
 class UpstreamFailure(Exception):
     """Raised by `Proxy.fetch` when no upstream response was obtained."""
 
@@ -175,15 +195,7 @@ class Proxy:
         self.max_body = server.max_body_bytes
         self.trusted = trusted
         self.metrics = metrics
-        self.timeout = (
-            aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=upstream.config.connect_timeout,
-                sock_read=read_timeout,
-            )
-            if read_timeout
-            else None
-        )
+        self.timeout = _timeout(upstream.config, read_timeout) if read_timeout else None
         self._req_counter = metrics.upstream_requests
         self._err_counter = metrics.upstream_errors
         self._latency = metrics.upstream_latency.labels(upstream.name)
@@ -195,11 +207,19 @@ class Proxy:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         nominated = _nominated(raw)
         out: CIMultiDict[str] = CIMultiDict()
-        xff = proto = fhost = host = None
+        xff: list[bytes] = []
+        proto = fhost = host = None
         for k, v in raw:
-            if k in skip or k in nominated or k.startswith(_EDGE_PREFIX):
+            if (
+                k in skip
+                or k in nominated
+                or k in _CLIENT_IP_HEADERS
+                or k.startswith(_EDGE_PREFIX)
+                # CGI-style frameworks read x_edge_user_id as X-Edge-User-Id.
+                or (b"_" in k and k.replace(b"_", b"-").startswith(_EDGE_PREFIX))
+            ):
                 if k == b"x-forwarded-for":
-                    xff = v
+                    xff.append(v)  # several lines form one list, in order
                 elif k == b"x-forwarded-proto":
                     proto = v
                 elif k == b"x-forwarded-host":
@@ -211,9 +231,10 @@ class Proxy:
         peer = scope["client"][0] if scope.get("client") else ctx.client_ip
         trusted_peer = self.trusted.is_trusted(peer)
         if trusted_peer and xff:
-            out["X-Forwarded-For"] = xff.decode("latin-1") + ", " + peer
+            out["X-Forwarded-For"] = b", ".join(xff).decode("latin-1") + ", " + peer
         else:
             out["X-Forwarded-For"] = peer
+        out["X-Real-IP"] = ctx.client_ip
         out["X-Forwarded-Proto"] = (
             proto.decode("latin-1") if trusted_peer and proto else scope.get("scheme", "http")
         )
@@ -298,8 +319,14 @@ class Proxy:
                 data = _stream_body(receive, self.max_body, watch)
             headers["Content-Length"] = str(n)
         elif chunked is not None:
+            if chunked.strip().lower() != b"chunked":
+                # A transfer coding we would silently drop (gzip, chunked) corrupts the
+                # body upstream; refuse it as Envoy does.
+                raise UpstreamFailure(501, "not_implemented", "unsupported Transfer-Encoding", "")
             data = _stream_body(receive, self.max_body, watch)
-        if watch is not None and not isinstance(data, AsyncIterator):
+        if watch is not None and isinstance(data, AsyncIterator):
+            watch.body_done = False
+        if watch is not None and watch.body_done:
             watch.start()
         method = scope["method"]
         t0 = time.perf_counter()
@@ -390,17 +417,20 @@ class DisconnectWatch:
     does not run on. `done` is set before the final send so the normal end of a response
     (which uvicorn also reports as a disconnect) cancels nothing."""
 
-    __slots__ = ("done", "gone", "receive", "task", "watcher")
+    __slots__ = ("body_done", "done", "gone", "receive", "task", "watcher")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
+        # False while a streamed request body is still being read by the upstream
+        # writer: a second receive() then would steal body chunks.
+        self.body_done = True
         self.task = asyncio.current_task()
         self.watcher: asyncio.Future[None] | None = None
         self.done = False
         self.gone = False
 
     def start(self) -> None:
-        if self.watcher is None and not self.done:
+        if self.watcher is None and not self.done and self.body_done:
             self.watcher = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -473,6 +503,7 @@ async def _stream_body(
             yield body
         if not msg.get("more_body", False):
             if watch is not None:
+                watch.body_done = True
                 watch.start()
             return
 

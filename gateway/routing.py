@@ -18,6 +18,16 @@ from starlette.routing import compile_path
 from gateway.config import Route
 from gateway.http import Handler, Scope
 
+# Paths whose meaning differs between the gateway's router (decoded, segments as
+# written) and the app's (WHATWG URL parsing resolves dot segments; %2F inside a segment
+# is a different route): refused, so no request can match a lax route here and a strict
+# handler there. Dot segments (also %2e), empty segments, encoded slash/backslash, NUL.
+_UNSAFE_PATH = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|//|%2f|%5c|\\|%00|\x00", re.IGNORECASE)
+
+
+def unsafe_path(raw_path: bytes) -> bool:
+    return _UNSAFE_PATH.search(raw_path) is not None
+
 
 @dataclass(eq=False)
 class CompiledRoute:
@@ -62,7 +72,10 @@ class RouteTable:
             if route.query:
                 if parsed_qs is None:
                     qs = scope.get("query_string", b"").decode("latin-1")
-                    parsed_qs = dict(parse_qsl(qs, keep_blank_values=True))
+                    # The first value of a repeated key wins, as GoTrue's FormValue does.
+                    parsed_qs = {}
+                    for k, v in parse_qsl(qs, keep_blank_values=True):
+                        parsed_qs.setdefault(k, v)
                 if any(parsed_qs.get(k) != v for k, v in route.query):
                     continue
             params = {k: str(route.convertors[k].convert(v)) for k, v in m.groupdict().items()}

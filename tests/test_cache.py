@@ -635,3 +635,55 @@ async def test_micro_cache_for_polling(stats: StatsApp, store_url: str) -> None:
             assert all(r.status_code == 200 for r in rs)
             clock.advance(0.5)
     assert stats.calls <= 10 + 1
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+async def test_unlisted_query_cannot_poison_the_entry(stats: StatsApp, store_url: str) -> None:
+    clock = FakeClock()
+    cfg = cache_config(stats.url, store_url)  # no vary_query: the key is route + params
+    async with run_gateway(cfg, clock=clock) as gw:
+        install_test_identity(gw.app)
+        async with httpx.AsyncClient() as c:
+            # Admin A fills the entry with a parameter the key does not hold...
+            a = await get(c, gw.url, "alice", PATH + "?range=all&callback=x")
+            assert a.json()["range"] == ""  # ...which the app never saw,
+            b = await get(c, gw.url, "bob", PATH)
+            assert b.json()["range"] == ""  # so B's plain URL gets the plain answer.
+    assert "range=" not in json.dumps(stats.last_headers)
+
+
+async def test_answers_that_vary_on_credentials_are_not_stored(
+    stats: StatsApp, store_url: str
+) -> None:
+    cfg = cache_config(stats.url, store_url)
+    async with run_gateway(cfg, clock=FakeClock()) as gw:
+        install_test_identity(gw.app)
+        async with httpx.AsyncClient() as c:
+            for vary in ("Cookie", "Authorization", "Accept-Language, Accept-Encoding"):
+                stats.extra_headers = {"Vary": vary}
+                calls = stats.calls
+                await get(c, gw.url, "alice")
+                r = await get(c, gw.url, "alice")
+                assert "stored" not in cs(r)
+                assert "hit" not in cs(r)
+                assert stats.calls == calls + 2, vary
+
+
+async def test_public_fills_carry_no_credentials(stats: StatsApp, store_url: str) -> None:
+    stats.allow_anonymous = True
+    cfg = cache_config(stats.url, store_url, public=True)
+    async with run_gateway(cfg, clock=FakeClock()) as gw:
+        install_test_identity(gw.app)
+        async with httpx.AsyncClient() as c:
+            await get(
+                c,
+                gw.url,
+                "alice",
+                headers={"Cookie": "sb-x-auth-token=SECRET", "Authorization": "Bearer SECRET"},
+            )
+    sent = {k.lower() for k in stats.last_headers}
+    assert "cookie" not in sent
+    assert "authorization" not in sent
+    assert "x-edge-user-id" not in sent

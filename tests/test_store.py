@@ -98,10 +98,22 @@ async def test_incr_sets_ttl_once(store: tuple[Store, Clock | None]) -> None:
 async def test_script_is_atomic_and_prefixed(store: tuple[Store, Clock | None]) -> None:
     s, _ = store
     tag = Store.tag("w1")
-    assert await s.run(COUNTER, [f"a:{tag}", f"b:{tag}"], [2]) == [2, 2]
-    assert await s.run(COUNTER, [f"a:{tag}", f"b:{tag}"], [1]) == [3, 3]
+    assert await s.run(COUNTER, [f"c:a:{tag}", f"c:b:{tag}"], [2]) == [2, 2]
+    assert await s.run(COUNTER, [f"c:a:{tag}", f"c:b:{tag}"], [1]) == [3, 3]
     if isinstance(s, RedisStore):
-        assert await s.client.get("t:a:{w1}") == b"3"
+        assert await s.client.get("t:c:a:{w1}") == b"3"
+
+
+async def test_memory_namespaces_do_not_evict_each_other() -> None:
+    s = MemoryStore("t:", max_keys=1000, clock=Clock())
+    await s.set("rl:{user}", b"spent", ttl=60)
+    # A flood of client-chosen keys in another namespace (made-up webinar ids)...
+    for i in range(5000):
+        await s.set(f"hb:{{w{i}}}:seen", b"x", ttl=60)
+    # ...cannot push rate-limit state out of its own keyspace.
+    assert await s.get("rl:{user}") == b"spent"
+    with pytest.raises(ValueError, match="namespaces"):
+        await s.run(COUNTER, ["rl:{x}", "hb:{x}"], [1])
 
 
 def test_tag_cannot_be_escaped() -> None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from cachetools import LRUCache
 
@@ -104,6 +104,7 @@ _POLL_INTERVAL = 0.02
 _FILL_DROP = frozenset(
     {b"accept-encoding", b"if-none-match", b"if-modified-since", b"range", b"if-range"}
 )
+_FILL_DROP_PUBLIC = _FILL_DROP | {b"authorization", b"cookie", b"apikey"}
 # Per route: bytes of entries kept in process memory.
 _LOCAL_MAX_BYTES = 32 * 1024 * 1024
 
@@ -179,8 +180,14 @@ def storable(resp: CapturedResponse) -> str | None:
         return "private"
     if resp.header(b"set-cookie") is not None:
         return "set-cookie"
-    if (resp.header(b"vary") or b"").strip() == b"*":
-        return "vary"
+    # The key holds only the route, its params, vary_query and vary_claims: an answer that
+    # says it varies on anything else (Cookie, Authorization, Accept-Language, *) is
+    # personal or negotiated and must not be replayed to others. Accept-Encoding is fine:
+    # fills never send it, and encoded bodies are refused below.
+    for v in resp.header_list(b"vary"):
+        for name in v.split(b","):
+            if name.strip().lower() not in (b"", b"accept-encoding"):
+                return "vary"
     if (resp.header(b"content-encoding") or b"identity").strip().lower() != b"identity":
         # Served to callers whatever their Accept-Encoding: only unencoded bodies.
         return "encoded"
@@ -339,6 +346,7 @@ class CachePolicy:
         self.on_failure = cfg.on_failure or rt.config.store.on_failure
         self.public = cfg.public
         self.vary_query = list(cfg.vary_query)
+        self._vary_query_set = frozenset(cfg.vary_query)
         self.vary_claims = [(c, c.split(".")) for c in cfg.vary_claims]
         self.authz_claim = cfg.authorize.claim.split(".") if cfg.authorize else None
         self.authz_in = frozenset(cfg.authorize.in_) if cfg.authorize else frozenset()
@@ -365,6 +373,19 @@ class CachePolicy:
             values = _claim_strings(claim_value(ident.claims, self.authz_claim))
             return _OPEN if any(v in self.authz_in for v in values) else _CLAIM_NO
         return _RECORD
+
+    def _keyed_query(self, qs: bytes) -> bytes:
+        """The query string a fill sends upstream: only the `vary_query` parameters, the
+        ones the key holds (raw bytes kept). Anything else — a cache-buster, or a
+        `?range=all` — would otherwise shape an answer stored under the plain key."""
+        if not qs:
+            return qs
+        kept = [
+            part
+            for part in qs.split(b"&")
+            if unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) in self._vary_query_set
+        ]
+        return b"&".join(kept)
 
     def keys(self, ctx: RequestContext, ident: Identity | None) -> Keys:
         parts: list[Any] = [self.route, sorted(ctx.params.items())]
@@ -685,12 +706,21 @@ class CachePolicy:
         # What goes upstream asks for the whole, unencoded representation (GET for a
         # HEAD, no conditionals, ranges or compression) so the answer can be stored and
         # served to anyone allowed, whatever their own request headers were.
+        # A public entry is served to anyone, so it is filled without the filler's
+        # credentials or identity: the app cannot personalise what everyone will get.
+        drop = _FILL_DROP_PUBLIC if self.public else _FILL_DROP
         scope = {
             **ctx.scope,
             "method": "GET",
-            "headers": [(k, v) for k, v in ctx.scope["headers"] if k not in _FILL_DROP],
+            "headers": [(k, v) for k, v in ctx.scope["headers"] if k not in drop],
+            "query_string": self._keyed_query(ctx.scope.get("query_string", b"")),
         }
-        inner = dataclasses.replace(ctx, scope=scope, response_headers=[])
+        inner = dataclasses.replace(
+            ctx,
+            scope=scope,
+            response_headers=[],
+            upstream_headers=[] if self.public else ctx.upstream_headers,
+        )
         t0 = time.perf_counter()
         try:
             await self.next(inner, receive, tee)

@@ -115,6 +115,12 @@ def _b(v: ScriptArg) -> bytes:
 
 
 class MemoryStore(Store):
+    """Each key namespace (`rl:`, `refresh:`, `hb:`, `cache:`, ... — the part before the
+    first `:`) has its own size-bounded keyspace. Some namespaces grow with what clients
+    send (a heartbeat per made-up webinar id); in one shared LRU a flood of those would
+    evict rate-limit state and refresh locks, which is exactly what must hold under
+    attack."""
+
     backend = "memory"
 
     def __init__(
@@ -122,8 +128,16 @@ class MemoryStore(Store):
     ) -> None:
         super().__init__(key_prefix)
         self.clock = clock
-        self.data = MemoryData(max_keys, clock)
+        self.max_keys = max_keys
+        self.spaces: dict[str, MemoryData] = {}
         self._health = StoreHealth(backend="memory")
+
+    def _space(self, key: str) -> MemoryData:
+        ns = key.split(":", 1)[0] if ":" in key else ""
+        data = self.spaces.get(ns)
+        if data is None:
+            data = self.spaces[ns] = MemoryData(self.max_keys, self.clock)
+        return data
 
     @property
     def health(self) -> StoreHealth:
@@ -133,31 +147,36 @@ class MemoryStore(Store):
         return None
 
     async def get(self, key: str) -> bytes | None:
-        v = self.data.get(self.k(key))
+        v = self._space(key).get(self.k(key))
         return None if v is None else _b(v)
 
     async def set(
         self, key: str, value: bytes, ttl: float | None = None, *, nx: bool = False
     ) -> bool:
+        data = self._space(key)
         k = self.k(key)
-        if nx and self.data.exists(k):
+        if nx and data.exists(k):
             return False
-        self.data.set(k, value, ttl)
+        data.set(k, value, ttl)
         return True
 
     async def delete(self, *keys: str) -> int:
-        return sum(self.data.delete(self.k(k)) for k in keys)
+        return sum(self._space(k).delete(self.k(k)) for k in keys)
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        return self.data.incr(self.k(key), amount, ttl)
+        return self._space(key).incr(self.k(key), amount, ttl)
 
     async def delete_if_equals(self, key: str, value: bytes) -> bool:
+        data = self._space(key)
         k = self.k(key)
-        if self.data.get(k) == value:
-            self.data.delete(k)
+        if data.get(k) == value:
+            data.delete(k)
             return True
         return False
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         now_ms = int(self.clock() * 1000)
-        return script.py(self.data, [self.k(k) for k in keys], list(args), now_ms)
+        space = self._space(keys[0]) if keys else self._space("")
+        if any(self._space(k) is not space for k in keys[1:]):
+            raise ValueError(f"script {script.name}: keys span several namespaces")
+        return script.py(space, [self.k(k) for k in keys], list(args), now_ms)
