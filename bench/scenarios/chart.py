@@ -57,28 +57,31 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
     top = axes[0]
     for ph in rep.get("phases", []):
         if ph["name"] in PHASE_COLORS:
+            # Above the plot area (x in data, y in axes units): never under a legend.
             top.text(
                 (ph["start_min"] + ph["end_min"]) / 2,
-                top.get_ylim()[1] * 0.97,
+                1.01,
                 ph["name"].replace("_", " "),
                 ha="center",
-                va="top",
+                va="bottom",
                 fontsize=8,
                 color="#555",
+                transform=top.get_xaxis_transform(),
             )
     if rep.get("surge_window_min"):
         top.text(
             rep["surge_window_min"][0],
-            top.get_ylim()[1] * 0.97,
-            f" surge +{rep['surge_viewers']} ({rep['webinars'][-1]})",
+            1.01,
+            f"surge +{rep['surge_viewers']} ({rep['webinars'][-1]})",
             ha="left",
-            va="top",
+            va="bottom",
             fontsize=8,
             color="#555",
+            transform=top.get_xaxis_transform(),
         )
     axes[-1].set_xlabel(
         f"scenario minutes (time scale {rep['time_scale']:g}: 1 wall s = {rep['time_scale']:g} s)"

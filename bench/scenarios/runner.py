@@ -658,6 +658,8 @@ def run_scenario(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         suffix = "-quick" if spec.quick else ""
+        if spec.track_forward != 300.0:
+            suffix += f"-track{spec.track_forward:g}s"
         stem = f"{spec.name}{suffix}"
         json_path = json_path or out_dir / f"{stem}.json"
         if chart:
