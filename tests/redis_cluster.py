@@ -115,11 +115,12 @@ class _Servers:
 
 
 class RedisClusterServers(_Servers):
-    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
         super().__init__("edge-cluster-")
         self.node_timeout_ms = node_timeout_ms
+        self.replicas = replicas
         self.ports: list[int] = []
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             port = free_port(bus=True)
             while port in self.ports:
                 port = free_port(bus=True)
@@ -139,6 +140,9 @@ class RedisClusterServers(_Servers):
                 f"nodes-{port}.conf",
                 "--cluster-node-timeout",
                 str(self.node_timeout_ms),
+                # Replicas' first sync without the 5 s diskless-sync delay.
+                "--repl-diskless-sync-delay",
+                "0",
             )
         for port in self.ports:
             self._wait_up(port)
@@ -149,7 +153,7 @@ class RedisClusterServers(_Servers):
                 "create",
                 *(f"{HOST}:{p}" for p in self.ports),
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -168,16 +172,75 @@ class RedisClusterServers(_Servers):
             return True
 
         _wait(ok, "cluster_state:ok")
+        if self.replicas:
+            _wait(self._replicas_in_sync, "replicas in sync")
+
+    def _role(self, port: int) -> str:
+        with self.client(port) as c:
+            return str(c.info("replication").get("role"))
+
+    def _replicas_in_sync(self) -> bool:
+        for port in self.ports:
+            with self.client(port) as c:
+                info = c.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+        return True
 
     def flush(self) -> None:
         for port in self.ports:
+            if self._role(port) != "master":
+                continue  # replicas follow their master's FLUSHALL
             with self.client(port) as c:
                 c.flushall()
                 c.script_flush()
 
-    def owner_of(self, key: str) -> int:
-        """Port of the master serving `key`'s slot."""
-        with self.client(self.ports[0]) as c:
+    def replica_of(self, master_port: int) -> int:
+        """A replica of that master, asked from the replicas' side (their own INFO is
+        authoritative; the master's view of its replicas arrives by gossip)."""
+        for port in self.ports:
+            with self.client(port) as c:
+                info = c.info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == master_port:
+                return port
+        raise LookupError(master_port)
+
+    def promote(self, replica_port: int) -> None:
+        """A manual failover (CLUSTER FAILOVER TAKEOVER on the replica): the replica
+        takes over its master's slots and the old master becomes its replica."""
+        for attempt in range(3):
+            with self.client(replica_port) as c:
+                # TAKEOVER: no handshake with the old master and no election (the
+                # coordinated form is often abandoned on a busy machine after its 5 s
+                # timeout, and an election takes seconds more); the caller has made sure
+                # (WAIT) that the replica holds every write.
+                c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+            try:
+                _wait(lambda: self._role(replica_port) == "master", "replica promoted", 5.0)
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        with self.client(replica_port) as c:
+            slots = [int(r[0]) for r in c.execute_command("CLUSTER", "SLOTS")]
+        mine = next(s for s in slots if self.owner_of_slot(s, via=replica_port) == replica_port)
+
+        def agreed() -> bool:
+            return all(self.owner_of_slot(mine, via=p) == replica_port for p in self.ports)
+
+        _wait(agreed, "every node sees the new owner")
+
+    def owner_of_slot(self, slot: int, *, via: int) -> int:
+        """Port of the master serving `slot` as node `via` sees it (-1: none right now)."""
+        with self.client(via) as c:
+            for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(primary[1])
+        return -1
+
+    def owner_of(self, key: str, *, via: int | None = None) -> int:
+        """Port of the master serving `key`'s slot (as node `via` sees it)."""
+        with self.client(self.ports[0] if via is None else via) as c:
             slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
                 if int(start) <= slot <= int(end):

@@ -35,7 +35,6 @@ from tests.redis_cluster import RedisClusterServers, SentinelServers
 # The shared tests, collected again in this module (see the module docstring).
 from tests.test_cache import (
     stats,
-    test_cache_status_and_age,
     test_other_replica_waits_for_the_refresh,
     test_stale_while_revalidate,
     test_waiters_share_the_leaders_error,
@@ -80,7 +79,6 @@ from tests.test_store import (
 
 REUSED = [
     stats,
-    test_cache_status_and_age,
     test_other_replica_waits_for_the_refresh,
     test_stale_while_revalidate,
     test_waiters_share_the_leaders_error,
@@ -371,6 +369,34 @@ async def test_a_dead_master_fails_its_slots_fast_and_the_rest_keep_working() ->
         assert time.perf_counter() - t0 < 0.5  # bounded by store.timeout, no retries
         for k in alive:
             assert await s.get(k) == b"v"
+        await s.close()
+    finally:
+        servers.stop()
+
+
+async def test_cluster_failover_is_followed_without_an_error() -> None:
+    """A replica takes over a master's slots (CLUSTER FAILOVER): the store's stale slot
+    map gets MOVED, follows it, loads the script on the new master (NOSCRIPT) and the
+    counts carry on from the replicated state, for single calls and for batches."""
+    servers = RedisClusterServers(replicas=1)
+    try:
+        servers.start()
+        s = RedisStore(servers.url, "t:", timeout=1, failure_threshold=100)
+        await s.start()
+        tag = Store.tag("w1")
+        keys = [f"a:{tag}", f"b:{tag}"]
+        others = [([f"a:{Store.tag(f'o{i}')}", f"b:{Store.tag(f'o{i}')}"], [1]) for i in range(6)]
+        assert await s.run(COUNTER, keys, [1]) == [1, 1]
+        assert await s.run_many(COUNTER, [(keys, [1]), *others]) == [[2, 2]] + [[1, 1]] * 6
+        old = servers.owner_of("t:" + keys[0])
+        new = servers.replica_of(old)
+        with servers.client(old) as c:
+            c.execute_command("WAIT", 1, 2000)  # the replica has every write so far
+        servers.promote(new)
+        assert servers.owner_of("t:" + keys[0]) == new
+        assert await s.run(COUNTER, keys, [1]) == [3, 3]
+        assert await s.run_many(COUNTER, [(keys, [1]), *others]) == [[4, 4]] + [[2, 2]] * 6
+        assert s.health.ok and not s.health.counters
         await s.close()
     finally:
         servers.stop()
