@@ -27,8 +27,8 @@ the status PostgREST would have logged (42703 → 400, 23505 → 409), so the ru
 report DB queries and the review's 400/409 error loops, and cross-check the count with
 `pg_stat_database`.
 
-Run: `python -m bench.sim_app --port 3000 --dsn postgresql://postgres@127.0.0.1/edge_bench
---jwt-secret S` (the runner starts it as a subprocess).
+Run: `SIM_JWT_SECRET=S python -m bench.sim_app --port 3000 --dsn
+postgresql://postgres@127.0.0.1/edge_bench` (the runner starts it as a subprocess).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -528,11 +529,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--dsn", required=True)
-    p.add_argument("--jwt-secret", required=True)
+    # From the environment by default: a secret on the command line shows in `ps`.
+    p.add_argument("--jwt-secret", default=os.environ.get("SIM_JWT_SECRET"))
     p.add_argument("--auth-latency-ms", type=float, default=50.0)
     p.add_argument("--gotrue-url", default=None, help="default: this process (/auth/v1/user)")
     p.add_argument("--pool-size", type=int, default=10)
     a = p.parse_args(argv)
+    if not a.jwt_secret:
+        p.error("--jwt-secret or SIM_JWT_SECRET is required")
     sim = SimApp(
         a.dsn,
         a.jwt_secret,
