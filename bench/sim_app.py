@@ -40,7 +40,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -179,7 +179,11 @@ class SimApp:
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
 
-    def endpoint(self, name: str, fn: Any) -> Any:
+    def endpoint(
+        self, name: str, fn: Callable[[Request, str], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a route: count its requests and answers; unhandled failures → 500."""
+
         async def handler(request: Request) -> Response:
             route = name
             if name == "chat":
@@ -190,7 +194,8 @@ class SimApp:
                 resp: Response = await fn(request, route)
             except DbDown:
                 resp = JSONResponse({"error": "db_unavailable"}, status_code=500)
-            except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            except (TimeoutError, asyncpg.PostgresError, aiohttp.ClientError, OSError) as exc:
+                # An unhandled error in the app: Next.js answers 500.
                 resp = JSONResponse({"error": type(exc).__name__}, status_code=500)
             finally:
                 self.stats.in_flight -= 1
