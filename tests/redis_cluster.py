@@ -13,6 +13,7 @@ here touches the shared Redis on 6379.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -205,7 +206,7 @@ class RedisClusterServers(_Servers):
                 return port
         raise LookupError(master_port)
 
-    def promote(self, replica_port: int) -> None:
+    def promote(self, replica_port: int, *, hung: int | None = None) -> None:
         """A manual failover (CLUSTER FAILOVER TAKEOVER on the replica): the replica
         takes over its master's slots and the old master becomes its replica."""
         for attempt in range(3):
@@ -226,7 +227,8 @@ class RedisClusterServers(_Servers):
         mine = next(s for s in slots if self.owner_of_slot(s, via=replica_port) == replica_port)
 
         def agreed() -> bool:
-            return all(self.owner_of_slot(mine, via=p) == replica_port for p in self.ports)
+            asked = [p for p in self.ports if p != hung]  # a hung node answers nobody
+            return all(self.owner_of_slot(mine, via=p) == replica_port for p in asked)
 
         _wait(agreed, "every node sees the new owner")
 
@@ -246,6 +248,11 @@ class RedisClusterServers(_Servers):
                 if int(start) <= slot <= int(end):
                     return int(primary[1])
         raise LookupError(slot)
+
+    def freeze(self, port: int) -> None:
+        """SIGSTOP the node: it keeps its sockets (the kernel still accepts connections)
+        but answers nothing, like a frozen VM. stop() kills it as usual."""
+        self.procs[self.ports.index(port)].send_signal(signal.SIGSTOP)
 
     def kill(self, port: int) -> None:
         proc = self.procs[self.ports.index(port)]

@@ -402,6 +402,39 @@ async def test_cluster_failover_is_followed_without_an_error() -> None:
         servers.stop()
 
 
+async def test_a_hung_master_replaced_by_its_replica_is_found_again() -> None:
+    """A master that stops answering without closing connections (a frozen VM: no RST)
+    lets no call fail with a connection error, so nothing in redis-py re-reads the slot
+    map. The store does, in the background, after a timeout: once the replica has taken
+    over, calls for those slots work again long before the old master comes back."""
+    servers = RedisClusterServers(replicas=1)
+    try:
+        servers.start()
+        s = RedisStore(servers.url, "t:", timeout=0.1, failure_threshold=1000)
+        await s.start()
+        assert await s.incr("n:{w1}", 1) == 1
+        old = servers.owner_of("t:n:{w1}")
+        new = servers.replica_of(old)
+        with servers.client(old) as c:
+            c.execute_command("WAIT", 1, 2000)
+        servers.freeze(old)  # for good: it never answers again
+        servers.promote(new, hung=old)
+        t0 = time.monotonic()
+        outcomes: list[Any] = []
+        while time.monotonic() - t0 < 5:
+            try:
+                outcomes.append(await s.incr("n:{w1}", 1))
+                break
+            except StoreError as exc:
+                outcomes.append(exc.kind)
+                await asyncio.sleep(0.05)
+        assert outcomes[-1] == 2, outcomes  # on the new master, from the replicated count
+        assert set(outcomes[:-1]) <= {"timeout"}
+        await s.close()
+    finally:
+        servers.stop()
+
+
 # ------------------------------------------------------------------ sentinel failover
 
 

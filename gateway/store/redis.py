@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from gateway.store.base import (
     StoreHealth,
 )
 
+log = logging.getLogger("gateway.store")
+
 T = TypeVar("T")
 Call = tuple[Sequence[str], Sequence[ScriptArg]]
 
@@ -71,6 +74,9 @@ _INCR_SCRIPT = Script("_incr_ttl", _INCR_TTL, lambda *_: None)
 # Server errors that mean "the topology is moving" (a failover in progress, a master that
 # became a replica), not "the script is wrong": they count as outages and back off.
 _OUTAGE_REPLIES = (ClusterDownError, ReadOnlyError, TryAgainError)
+
+# Cluster: least time between two background re-reads of the slot map.
+TOPOLOGY_REFRESH_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,8 @@ class RedisStore(Store):
         )
         # Script name -> SHA1 once loaded (SCRIPT LOAD goes to every master on a cluster).
         self._shas: dict[str, str] = {}
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._refreshed_at = float("-inf")
 
     @property
     def health(self) -> StoreHealth:
@@ -253,6 +261,7 @@ class RedisStore(Store):
                     async with self._gate:
                         result = await fn()
         except TimeoutError:
+            self._topology_suspect()
             raise self.guard.failure(
                 op, "timeout", f"store call exceeded {self.timeout}s"
             ) from None
@@ -263,6 +272,7 @@ class RedisStore(Store):
                 # command does): make the next call rediscover the topology.
                 self.client._initialize = True
             if outage:
+                self._topology_suspect()
                 raise self.guard.failure(op, kind, message) from None
             # A script or type error is a bug, not an outage: count it but do not back off.
             self.guard.success()
@@ -270,6 +280,34 @@ class RedisStore(Store):
             raise StoreError(kind, message) from None
         self.guard.success()
         return result
+
+    def _topology_suspect(self) -> None:
+        """Cluster only: a call timed out or lost its node, so the slot map may be stale
+        (a failover). Re-read it in the background, one refresh at a time and at most one
+        per TOPOLOGY_REFRESH_INTERVAL, with its own time budget. Not inside a request's
+        `store.timeout`: a master that hangs (no RST) lets no call fail with a connection
+        error, redis-py then never refreshes the map, and a refresh bounded by 50 ms would
+        be cancelled at the hung node every time; the slots it served would stay failed
+        after their replica took over. Requests keep using the current map meanwhile."""
+        if not isinstance(self.client, RedisCluster) or self._refresh_task is not None:
+            return
+        now = time.monotonic()
+        if now - self._refreshed_at < TOPOLOGY_REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_topology())
+
+    async def _refresh_topology(self) -> None:
+        assert isinstance(self.client, RedisCluster)
+        try:
+            # CLUSTER SLOTS from the known nodes in random order; a hung one costs its
+            # socket timeout, then the next is asked. The new map replaces the old at once.
+            async with asyncio.timeout(max(2.0, self.timeout * 20)):
+                await self.client.nodes_manager.initialize()
+        except Exception as exc:  # the next failing call tries again
+            log.warning("cluster slot map refresh failed", extra={"error": type(exc).__name__})
+        finally:
+            self._refresh_task = None
 
     async def ping(self) -> None:
         await self._call("ping", self.client.ping)
@@ -393,6 +431,10 @@ class RedisStore(Store):
             await self.ping()
 
     async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refresh_task
         await self.client.aclose()
         if self.backend == "redis-sentinel":
             for s in self._sentinel.sentinels:
