@@ -57,7 +57,7 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
     top = axes[0]
     for ph in rep.get("phases", []):
         if ph["name"] in PHASE_COLORS:
@@ -92,6 +92,9 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         + (" (quick)" if rep["quick"] else "")
         + " — direct vs through EventLive Edge"
     )
+    track = rep.get("gateway_access_track_forward_s", 300.0)
+    if track != 300.0:
+        title += f" (access_track window {track:g} s)"
     fig.suptitle(title, fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
