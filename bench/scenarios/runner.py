@@ -508,9 +508,11 @@ async def drive(
     rec = Recorder()
     timeout = aiohttp.ClientTimeout(total=15)
     connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, force_close=False)
-    control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     timeline: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as control,
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
+    ):
         clock = Clock(spec.time_scale)
         env = Env(base_url, http, clock, spec.duration_s, rec)
         # ~60 points per run, at most 4 a second.
@@ -557,7 +559,6 @@ async def drive(
             sim_url + "/_sim/control", json={"db_latency_ms": 0, "db_down": False}
         ) as resp:
             await resp.read()
-    await control.close()
     return rec, timeline, wall
 
 
