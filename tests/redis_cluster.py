@@ -120,6 +120,7 @@ class RedisClusterServers(_Servers):
         super().__init__("edge-cluster-")
         self.node_timeout_ms = node_timeout_ms
         self.replicas = replicas
+        self.down: set[int] = set()  # killed or frozen by a test: never asked again
         self.ports: list[int] = []
         for _ in range(masters * (1 + replicas)):
             port = free_port(bus=True)
@@ -189,7 +190,7 @@ class RedisClusterServers(_Servers):
         return True
 
     def flush(self) -> None:
-        for port in self.ports:
+        for port in self.live:
             if self._role(port) != "master":
                 continue  # replicas follow their master's FLUSHALL
             with self.client(port) as c:
@@ -199,14 +200,14 @@ class RedisClusterServers(_Servers):
     def replica_of(self, master_port: int) -> int:
         """A replica of that master, asked from the replicas' side (their own INFO is
         authoritative; the master's view of its replicas arrives by gossip)."""
-        for port in self.ports:
+        for port in self.live:
             with self.client(port) as c:
                 info = c.info("replication")
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == master_port:
                 return port
         raise LookupError(master_port)
 
-    def promote(self, replica_port: int, *, hung: int | None = None) -> None:
+    def promote(self, replica_port: int) -> None:
         """A manual failover (CLUSTER FAILOVER TAKEOVER on the replica): the replica
         takes over its master's slots and the old master becomes its replica."""
         for attempt in range(3):
@@ -227,8 +228,7 @@ class RedisClusterServers(_Servers):
         mine = next(s for s in slots if self.owner_of_slot(s, via=replica_port) == replica_port)
 
         def agreed() -> bool:
-            asked = [p for p in self.ports if p != hung]  # a hung node answers nobody
-            return all(self.owner_of_slot(mine, via=p) == replica_port for p in asked)
+            return all(self.owner_of_slot(mine, via=p) == replica_port for p in self.live)
 
         _wait(agreed, "every node sees the new owner")
 
@@ -240,9 +240,13 @@ class RedisClusterServers(_Servers):
                     return int(primary[1])
         return -1
 
+    @property
+    def live(self) -> list[int]:
+        return [p for p in self.ports if p not in self.down]
+
     def owner_of(self, key: str, *, via: int | None = None) -> int:
         """Port of the master serving `key`'s slot (as node `via` sees it)."""
-        with self.client(self.ports[0] if via is None else via) as c:
+        with self.client(self.live[0] if via is None else via) as c:
             slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
                 if int(start) <= slot <= int(end):
@@ -253,11 +257,13 @@ class RedisClusterServers(_Servers):
         """SIGSTOP the node: it keeps its sockets (the kernel still accepts connections)
         but answers nothing, like a frozen VM. stop() kills it as usual."""
         self.procs[self.ports.index(port)].send_signal(signal.SIGSTOP)
+        self.down.add(port)
 
     def kill(self, port: int) -> None:
         proc = self.procs[self.ports.index(port)]
         proc.kill()
         proc.wait()
+        self.down.add(port)
 
 
 class SentinelServers(_Servers):

@@ -347,48 +347,103 @@ async def test_rate_limit_batches_across_masters_stay_exact(
         assert status["redis_batches"] < status["redis_checks"]
 
 
-async def test_a_dead_master_fails_its_slots_fast_and_the_rest_keep_working() -> None:
-    # Its own cluster (it kills a node) with a long node timeout, so the survivors keep
-    # serving their slots while the test runs instead of declaring the cluster down.
-    servers = RedisClusterServers(node_timeout_ms=60_000)
+# Failover tests share one 3 + 3 cluster (one replica per master); each takes a master
+# of its own (`claim`) and may kill, freeze or replace it. The long node timeout keeps the
+# cluster serving the other masters' slots meanwhile instead of declaring itself down.
+class FailoverCluster:
+    def __init__(self) -> None:
+        self.servers = RedisClusterServers(replicas=1, node_timeout_ms=60_000)
+        self.claimed: set[int] = set()
+
+    def claim(self, *, slot_zero: bool = False) -> tuple[int, str]:
+        """A master no other test has touched (with `slot_zero`, the one serving slot 0,
+        which redis-py makes its default node), and a hash tag whose slot it serves."""
+        s = self.servers
+        if slot_zero:
+            port = s.owner_of_slot(0, via=s.live[0])
+            assert port not in self.claimed
+        else:
+            masters = {s.owner_of("t:" + Store.tag(f"w{i}")) for i in range(64)}
+            port = min(masters - self.claimed - {s.owner_of_slot(0, via=s.live[0])})
+        self.claimed.add(port)
+        tag = next(t for i in range(10_000) if s.owner_of("t:" + (t := Store.tag(f"w{i}"))) == port)
+        return port, tag
+
+
+@pytest.fixture(scope="module")
+def failover_cluster() -> Iterator[FailoverCluster]:
+    cluster = FailoverCluster()
     try:
-        servers.start()
-        s = RedisStore(servers.url, "t:", timeout=0.3, failure_threshold=100)
-        await s.start()
+        cluster.servers.start()
+        yield cluster
+    finally:
+        cluster.servers.stop()
+
+
+async def test_a_dead_master_fails_its_slots_fast_and_the_rest_keep_working(
+    failover_cluster: FailoverCluster,
+) -> None:
+    """The master of slot 0 dies (the worst one: redis-py's default node, asked for
+    COMMAND whenever it re-reads the map). Its slots fail fast; the others keep working,
+    scripts included, for a process that was running and for one started afterwards."""
+    servers = failover_cluster.servers
+    victim, tag = failover_cluster.claim(slot_zero=True)
+    s = RedisStore(servers.url, "t:", timeout=0.3, failure_threshold=100)
+    await s.start()
+    try:
         keys = [f"k{i}" for i in range(30)]
-        for k in keys:
+        healthy = set(servers.live)
+        alive = [k for k in keys if servers.owner_of("t:" + k) in healthy - {victim}]
+        assert alive
+        for k in [f"k:{tag}", *alive]:
             await s.set(k, b"v")
-        victim = servers.owner_of("t:k0")
-        dead = [k for k in keys if servers.owner_of("t:" + k) == victim]
-        alive = [k for k in keys if servers.owner_of("t:" + k) != victim]
         servers.kill(victim)
         t0 = time.perf_counter()
         with pytest.raises(StoreError) as exc:
-            await s.get(dead[0])
+            await s.get(f"k:{tag}")
         assert exc.value.kind in {"connection", "timeout"}
         assert time.perf_counter() - t0 < 0.5  # bounded by store.timeout, no retries
         for k in alive:
             assert await s.get(k) == b"v"
-        await s.close()
+        await s.ping()  # the health check moved off the dead default node
+        fresh = RedisStore(servers.url, "t:", timeout=0.3, failure_threshold=100)
+        await fresh.start()
+        try:
+            for k in alive:
+                assert await fresh.get(k) == b"v"
+            ok = next(
+                t
+                for t in (Store.tag(f"c{i}") for i in range(100))
+                if servers.owner_of(f"t:a:{t}") in healthy - {victim}
+            )
+            assert await fresh.run(COUNTER, [f"a:{ok}", f"b:{ok}"], [1]) == [1, 1]
+            await fresh.ping()
+        finally:
+            await fresh.close()
     finally:
-        servers.stop()
+        await s.close()
 
 
-async def test_cluster_failover_is_followed_without_an_error() -> None:
-    """A replica takes over a master's slots (CLUSTER FAILOVER): the store's stale slot
-    map gets MOVED, follows it, loads the script on the new master (NOSCRIPT) and the
-    counts carry on from the replicated state, for single calls and for batches."""
-    servers = RedisClusterServers(replicas=1)
+async def test_cluster_failover_is_followed_without_an_error(
+    failover_cluster: FailoverCluster,
+) -> None:
+    """A replica takes over a master's slots: the store's stale slot map gets MOVED,
+    follows it, loads the script on the new master (NOSCRIPT) and the counts carry on
+    from the replicated state, for single calls and for batches."""
+    servers = failover_cluster.servers
+    old, tag = failover_cluster.claim()
+    s = RedisStore(servers.url, "t:", timeout=1, failure_threshold=100)
+    await s.start()
     try:
-        servers.start()
-        s = RedisStore(servers.url, "t:", timeout=1, failure_threshold=100)
-        await s.start()
-        tag = Store.tag("w1")
         keys = [f"a:{tag}", f"b:{tag}"]
-        others = [([f"a:{Store.tag(f'o{i}')}", f"b:{Store.tag(f'o{i}')}"], [1]) for i in range(6)]
+        # Batch companions on the masters that are still up.
+        others = [
+            ([f"a:{t}", f"b:{t}"], [1])
+            for t in (Store.tag(f"o{i}") for i in range(40))
+            if servers.owner_of(f"t:a:{t}") in servers.live
+        ][:6]
         assert await s.run(COUNTER, keys, [1]) == [1, 1]
         assert await s.run_many(COUNTER, [(keys, [1]), *others]) == [[2, 2]] + [[1, 1]] * 6
-        old = servers.owner_of("t:" + keys[0])
         new = servers.replica_of(old)
         with servers.client(old) as c:
             c.execute_command("WAIT", 1, 2000)  # the replica has every write so far
@@ -397,42 +452,41 @@ async def test_cluster_failover_is_followed_without_an_error() -> None:
         assert await s.run(COUNTER, keys, [1]) == [3, 3]
         assert await s.run_many(COUNTER, [(keys, [1]), *others]) == [[4, 4]] + [[2, 2]] * 6
         assert s.health.ok and not s.health.counters
-        await s.close()
     finally:
-        servers.stop()
+        await s.close()
 
 
-async def test_a_hung_master_replaced_by_its_replica_is_found_again() -> None:
+async def test_a_hung_master_replaced_by_its_replica_is_found_again(
+    failover_cluster: FailoverCluster,
+) -> None:
     """A master that stops answering without closing connections (a frozen VM: no RST)
     lets no call fail with a connection error, so nothing in redis-py re-reads the slot
     map. The store does, in the background, after a timeout: once the replica has taken
-    over, calls for those slots work again long before the old master comes back."""
-    servers = RedisClusterServers(replicas=1)
+    over, calls for those slots work again although the old master never answers."""
+    servers = failover_cluster.servers
+    old, tag = failover_cluster.claim()
+    s = RedisStore(servers.url, "t:", timeout=0.1, failure_threshold=1000)
+    await s.start()
     try:
-        servers.start()
-        s = RedisStore(servers.url, "t:", timeout=0.1, failure_threshold=1000)
-        await s.start()
-        assert await s.incr("n:{w1}", 1) == 1
-        old = servers.owner_of("t:n:{w1}")
+        assert await s.incr(f"n:{tag}", 1) == 1
         new = servers.replica_of(old)
         with servers.client(old) as c:
             c.execute_command("WAIT", 1, 2000)
         servers.freeze(old)  # for good: it never answers again
-        servers.promote(new, hung=old)
+        servers.promote(new)
         t0 = time.monotonic()
         outcomes: list[Any] = []
         while time.monotonic() - t0 < 5:
             try:
-                outcomes.append(await s.incr("n:{w1}", 1))
+                outcomes.append(await s.incr(f"n:{tag}", 1))
                 break
             except StoreError as exc:
                 outcomes.append(exc.kind)
                 await asyncio.sleep(0.05)
         assert outcomes[-1] == 2, outcomes  # on the new master, from the replicated count
         assert set(outcomes[:-1]) <= {"timeout"}
-        await s.close()
     finally:
-        servers.stop()
+        await s.close()
 
 
 # ------------------------------------------------------------------ sentinel failover

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +79,8 @@ _OUTAGE_REPLIES = (ClusterDownError, ReadOnlyError, TryAgainError)
 
 # Cluster: least time between two background re-reads of the slot map.
 TOPOLOGY_REFRESH_INTERVAL = 1.0
+# How long a cluster node that failed a call is kept off the default-node role.
+FAILED_NODE_MEMORY = 30.0
 
 
 @dataclass(frozen=True)
@@ -238,10 +242,12 @@ class RedisStore(Store):
             clock=clock,
             on_error=on_error,
         )
-        # Script name -> SHA1 once loaded (SCRIPT LOAD goes to every master on a cluster).
+        # Script name -> SHA1 (loaded on one server; computed locally on a cluster).
         self._shas: dict[str, str] = {}
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
+        # Cluster node name -> when a call to it last failed (see _avoid_failed_default).
+        self._failed_nodes: dict[str, float] = {}
 
     @property
     def health(self) -> StoreHealth:
@@ -261,18 +267,14 @@ class RedisStore(Store):
                     async with self._gate:
                         result = await fn()
         except TimeoutError:
-            self._topology_suspect()
+            self._cluster_outage(None)
             raise self.guard.failure(
                 op, "timeout", f"store call exceeded {self.timeout}s"
             ) from None
         except (RedisError, RedisClusterException, OSError) as exc:
             kind, message, outage = _error(exc)
-            if isinstance(exc, RedisConnectionError) and isinstance(self.client, RedisCluster):
-                # A pipeline does not mark the slot map stale on a dead node (a single
-                # command does): make the next call rediscover the topology.
-                self.client._initialize = True
             if outage:
-                self._topology_suspect()
+                self._cluster_outage(exc)
                 raise self.guard.failure(op, kind, message) from None
             # A script or type error is a bug, not an outage: count it but do not back off.
             self.guard.success()
@@ -281,29 +283,88 @@ class RedisStore(Store):
         self.guard.success()
         return result
 
-    def _topology_suspect(self) -> None:
-        """Cluster only: a call timed out or lost its node, so the slot map may be stale
-        (a failover). Re-read it in the background, one refresh at a time and at most one
-        per TOPOLOGY_REFRESH_INTERVAL, with its own time budget. Not inside a request's
-        `store.timeout`: a master that hangs (no RST) lets no call fail with a connection
-        error, redis-py then never refreshes the map, and a refresh bounded by 50 ms would
-        be cancelled at the hung node every time; the slots it served would stay failed
-        after their replica took over. Requests keep using the current map meanwhile."""
-        if not isinstance(self.client, RedisCluster) or self._refresh_task is not None:
+    # --------------------------------------------------------- cluster topology
+
+    def _cluster_outage(self, exc: BaseException | None) -> None:
+        """Cluster only, after a call failed as an outage (timeout, lost node, CLUSTERDOWN):
+        remember the node, keep the default node on a live master, and re-read the slot
+        map in the background."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
             return
         now = time.monotonic()
-        if now - self._refreshed_at < TOPOLOGY_REFRESH_INTERVAL:
+        name = getattr(exc, "last_failed_node_name", None)
+        if isinstance(name, str):
+            self._failed_nodes[name] = now
+        if client._initialize and self._cluster_ready():
+            # redis-py would re-read the map inline on the next call, inside that call's
+            # store.timeout, and then send COMMAND to the first master, dead or not: a dead
+            # master owning slot 0 would fail every call until the cluster failed it over.
+            # Keep serving from the current map; the background refresh replaces it.
+            client._initialize = False
+        self._avoid_failed_default(now)
+        self._topology_suspect(now)
+
+    def _cluster_ready(self) -> bool:
+        assert isinstance(self.client, RedisCluster)
+        return bool(self.client.nodes_manager.slots_cache) and bool(
+            self.client.commands_parser.commands
+        )
+
+    def _avoid_failed_default(self, now: float) -> None:
+        # The default node answers keyless commands: the health PING and, on a refresh,
+        # COMMAND. Keep it off a master that just failed.
+        assert isinstance(self.client, RedisCluster)
+        failed = {n for n, t in self._failed_nodes.items() if now - t < FAILED_NODE_MEMORY}
+        node = self.client.get_default_node()
+        if node is None or node.name not in failed:
+            return
+        live = [n for n in self.client.get_primaries() if n.name not in failed]
+        if live:
+            self.client.set_default_node(random.choice(live))
+
+    async def _cluster_init(self) -> None:
+        """redis-py's `initialize()` (slot map, then COMMAND for key positions), except
+        that COMMAND goes to a master that answers."""
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        await client.nodes_manager.initialize()
+        self._avoid_failed_default(time.monotonic())
+        if not client.commands_parser.commands:
+            default = client.get_default_node()
+            others = [n for n in client.get_primaries() if n is not default]
+            error: BaseException | None = None
+            for node in [default, *random.sample(others, len(others))]:
+                try:
+                    await client.commands_parser.initialize(node)
+                except (RedisError, OSError) as exc:
+                    self._failed_nodes[node.name] = time.monotonic()
+                    error = exc
+                    continue
+                client.set_default_node(node)
+                break
+            else:
+                raise error or RedisClusterException("no master answered COMMAND")
+        client._initialize = False
+
+    def _topology_suspect(self, now: float) -> None:
+        """Re-read the slot map in the background, one refresh at a time and at most one
+        per TOPOLOGY_REFRESH_INTERVAL, with its own time budget. Not inside a request's
+        `store.timeout`: a master that hangs (no RST) lets no call fail with a connection
+        error, so redis-py never refreshes the map, and a refresh bounded by 50 ms would be
+        cut off at the hung node every time; the slots it served would stay failed after
+        their replica took over. Requests keep using the current map meanwhile."""
+        if self._refresh_task is not None or now - self._refreshed_at < TOPOLOGY_REFRESH_INTERVAL:
             return
         self._refreshed_at = now
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_topology())
 
     async def _refresh_topology(self) -> None:
-        assert isinstance(self.client, RedisCluster)
         try:
             # CLUSTER SLOTS from the known nodes in random order; a hung one costs its
             # socket timeout, then the next is asked. The new map replaces the old at once.
             async with asyncio.timeout(max(2.0, self.timeout * 20)):
-                await self.client.nodes_manager.initialize()
+                await self._cluster_init()
         except Exception as exc:  # the next failing call tries again
             log.warning("cluster slot map refresh failed", extra={"error": type(exc).__name__})
         finally:
@@ -383,12 +444,29 @@ class RedisStore(Store):
         self._shas[script.name] = sha
         return sha
 
+    async def _sha(self, script: Script) -> str:
+        sha = self._shas.get(script.name)
+        if sha is not None:
+            return sha
+        if isinstance(self.client, RedisCluster):
+            # No SCRIPT LOAD on a cluster: redis-py sends it to every master, so one dead
+            # master would fail every script call, healthy slots included. The SHA1 is
+            # the script's own; a master without it answers NOSCRIPT and gets an EVAL.
+            # Redis names scripts by SHA1 (an identifier here, not a security measure).
+            digest = hashlib.sha1(script.lua.encode(), usedforsecurity=False)
+            sha = self._shas[script.name] = digest.hexdigest()
+            return sha
+        return await self._load(script)
+
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        sha = self._shas.get(script.name) or await self._load(script)
+        sha = await self._sha(script)
         try:
             return await self.client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
             # Redis restarted, SCRIPT FLUSH, or a promoted replica that never saw it.
+            if isinstance(self.client, RedisCluster):
+                # EVAL goes to the slot's master only, and caches the script there.
+                return await self.client.eval(script.lua, len(keys), *keys, *args)
             sha = await self._load(script)
             return await self.client.evalsha(sha, len(keys), *keys, *args)
 
@@ -399,7 +477,7 @@ class RedisStore(Store):
             # Alone (low load): a plain EVALSHA is cheaper than a pipeline of one.
             keys, args = calls[0]
             return [await self._eval(script, keys, args)]
-        sha = self._shas.get(script.name) or await self._load(script)
+        sha = await self._sha(script)
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
             # execute_command, not pipe.evalsha(): redis-py's ClusterPipeline blocks the
@@ -409,12 +487,16 @@ class RedisStore(Store):
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
-            # Load again and send only those: the others ran and must not run twice.
-            sha = await self._load(script)
+            # Send only those again (the others ran and must not run twice): one server
+            # loads the script once; on a cluster each goes as EVAL to its own master.
+            cluster = isinstance(self.client, RedisCluster)
+            head: tuple[str, ...] = (
+                ("EVAL", script.lua) if cluster else ("EVALSHA", await self._load(script))
+            )
             pipe = self.client.pipeline(transaction=False)
             for i in missing:
                 keys, args = calls[i]
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                pipe.execute_command(*head, len(keys), *keys, *args)
             for i, r in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = r
         return replies
@@ -426,7 +508,7 @@ class RedisStore(Store):
             # first requests do not pay for it inside store.timeout.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(max(1.0, self.timeout * 10)):
-                    await self.client.initialize()
+                    await self._cluster_init()
         with contextlib.suppress(StoreError):
             await self.ping()
 
