@@ -317,17 +317,21 @@ class SentinelServers(_Servers):
             _host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
             return int(port)
 
-    def failover(self) -> int:
-        """Kill the master (a crash), have the sentinel promote the replica (SENTINEL
-        FAILOVER, instead of waiting out down-after-milliseconds), and wait until the
-        replica is the writable master; returns its port."""
+    def failover(self, *, freeze: bool = False) -> int:
+        """Kill the master (a crash; with `freeze`, SIGSTOP it: a frozen VM that keeps its
+        connections open and never answers), have the sentinel promote the replica
+        (SENTINEL FAILOVER, instead of waiting out down-after-milliseconds), and wait
+        until the replica is the writable master; returns its port."""
         old = self.master()
         with self.client(old) as c:
             # Every write so far reached the replica before the crash.
             c.execute_command("WAIT", 1, 2000)
         proc = self.procs[0]  # the master, started first
-        proc.kill()
-        proc.wait()
+        if freeze:
+            proc.send_signal(signal.SIGSTOP)
+        else:
+            proc.kill()
+            proc.wait()
 
         def started() -> bool:
             with self.client(self.sentinel_port) as c:

@@ -521,3 +521,32 @@ async def test_sentinel_failover_moves_writes_to_the_new_master() -> None:
         await s.close()
     finally:
         servers.stop()
+
+
+async def test_sentinel_failover_away_from_a_frozen_master() -> None:
+    """The master freezes (no RST: every pooled connection just stops answering) and the
+    sentinel promotes the replica: calls time out at store.timeout, each timed-out
+    connection is dropped, and the next connection asks the sentinel, so service comes
+    back after a few timeouts, not after the whole pool has been tried."""
+    servers = SentinelServers()
+    try:
+        servers.start()
+        s = RedisStore(servers.url, "t:", timeout=0.1, failure_threshold=1000)
+        await s.start()
+        # Several pooled connections to the master that is about to freeze.
+        assert len(set(await asyncio.gather(*[s.incr("n", 1) for _ in range(20)]))) == 20
+        servers.failover(freeze=True)
+        outcomes: list[Any] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                outcomes.append(await s.incr("n", 1))
+                break
+            except StoreError as exc:
+                outcomes.append(exc.kind)
+        assert outcomes[-1] == 21, outcomes
+        assert set(outcomes[:-1]) <= {"timeout", "connection"}
+        assert len(outcomes) <= 5, outcomes
+        await s.close()
+    finally:
+        servers.stop()
