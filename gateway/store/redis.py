@@ -4,10 +4,12 @@
 
 Owns: the redis-py asyncio client of each kind (no client-side retries, since the gateway
 would rather fail fast and apply its `on_failure` policy than multiply `store.timeout`),
-store-URL parsing, script registration (EVALSHA, loaded again on NOSCRIPT), batches of
-script calls (`run_many`: one pipelined write per server, which on a cluster means one per
-master touched, sent concurrently), and mapping every client error to StoreError through
-the FailureGuard. See docs/redis.md for URL forms, hash-tag rules and failover behaviour.
+store-URL parsing, script calls (EVALSHA; on NOSCRIPT loaded again, or on a cluster sent
+as EVAL to that master only), batches of script calls (`run_many`: one pipelined write
+per server, which on a cluster means one per master touched, sent concurrently), keeping a
+cluster's slot map current without stalling requests (background refresh after failures),
+and mapping every client error to StoreError through the FailureGuard. See docs/redis.md
+for URL forms, hash-tag rules and failover behaviour.
 """
 
 from __future__ import annotations
@@ -252,10 +254,6 @@ class RedisStore(Store):
     @property
     def health(self) -> StoreHealth:
         return self._health
-
-    @property
-    def is_cluster(self) -> bool:
-        return isinstance(self.client, RedisCluster)
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         self.guard.check(op)
