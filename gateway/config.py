@@ -19,7 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from starlette.routing import compile_path
 
 from gateway.model import Section
@@ -104,6 +104,15 @@ class StoreConfig(Section):
         from gateway.store.redis import check_store_url
 
         check_store_url(v)
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str, info: ValidationInfo) -> str:
+        # On a cluster a brace in the prefix would become the keys' hash tag and put
+        # every key of the gateway in one slot.
+        if str(info.data.get("url", "")).startswith("redis+cluster:") and ("{" in v or "}" in v):
+            raise ValueError("must not contain '{' or '}' with a redis+cluster:// store")
         return v
 
     @property

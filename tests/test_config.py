@@ -179,3 +179,8 @@ def test_cli_check_reports_every_error_without_traceback(tmp_path: Path) -> None
     missing = run_cli("check", "--config", str(tmp_path / "missing.yaml"))
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
+
+
+def test_cluster_key_prefix_without_braces() -> None:
+    found = issues(MINIMAL + "store: {url: 'redis+cluster://127.0.0.1:7000', key_prefix: '{e}:'}\n")
+    assert found == ["store.key_prefix: must not contain '{' or '}' with a redis+cluster:// store"]
