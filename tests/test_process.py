@@ -4,6 +4,7 @@ SIGTERM drain, and several workers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -110,20 +111,36 @@ async def test_sigterm_drains_in_flight_requests(fake_app: FakeApp, tmp_path: Pa
 async def test_two_workers_share_the_port(
     fake_app: FakeApp, redis_url: str, tmp_path: Path
 ) -> None:
-    config = _simple(fake_app.url, workers=2)
+    config = _simple(fake_app.url, workers=2, access_log=True)
     config["store"] = {"url": redis_url}
     async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
-        # Fresh connections spread over both workers (each request on a new connection).
-        for _ in range(40):
-            async with httpx.AsyncClient() as one:
-                assert (await one.get(base + "/w")).status_code == 200
+        # 40 concurrent requests, each on its own connection: both workers accept.
+        async def one(path: str) -> int:
+            async with httpx.AsyncClient(timeout=20) as client:
+                return (await client.get(base + path)).status_code
+
+        codes = await asyncio.gather(*(one("/slow?s=0.2") for _ in range(40)))
+        assert codes == [200] * 40
         metrics = (await c.get(admin + "/metrics")).text
         assert (await c.get(admin + "/readyz")).status_code == 200
+        # SIGTERM while both workers hold requests: every worker drains its own.
+        inflight = [asyncio.ensure_future(one("/slow?s=1")) for _ in range(10)]
+        while fake_app.hits["/slow"] < 50:
+            await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(*inflight) == [200] * 10
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
     total = [
         ln
         for ln in metrics.splitlines()
         if ln.startswith('edge_requests_total{method="GET",route="default",status="200"}')
     ]
+    # The supervisor's /metrics adds up both workers (Prometheus multiprocess mode).
     assert total == ['edge_requests_total{method="GET",route="default",status="200"} 40.0']
+    pids = {
+        json.loads(line)["pid"]
+        for line in err.splitlines()
+        if line.startswith("{") and '"gateway.access"' in line
+    }
+    assert len(pids) == 2

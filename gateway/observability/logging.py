@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,8 @@ class AccessLog:
         self.max_lines = max_lines
         self.clock = clock
         self.lines: list[str] = []
+        # Which worker answered (server.workers > 1): cheap to log, handy to debug.
+        self.pid = os.getpid()
 
     def write(
         self,
@@ -90,6 +93,7 @@ class AccessLog:
             "level": "info",
             "logger": "gateway.access",
             "msg": "access",
+            "pid": self.pid,
             "request_id": request_id,
             "route": route,
             "method": method,
