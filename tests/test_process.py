@@ -96,7 +96,8 @@ async def test_sigterm_drains_in_flight_requests(fake_app: FakeApp, tmp_path: Pa
         httpx.AsyncClient(timeout=20) as c,
     ):
         inflight = asyncio.ensure_future(c.get(base + "/slow?s=1.5"))
-        await asyncio.sleep(0.3)  # let the request reach the upstream
+        while not fake_app.hits["/slow"]:  # the request has reached the upstream
+            await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         # Readiness flips at once while the admin port stays up during the drain.
         r = await c.get(admin + "/readyz")
