@@ -475,6 +475,23 @@ async def test_upstream_429_retry_after_opens_the_group_for_that_long(
         assert ra_app.hits == 2
 
 
+async def test_per_user_429s_need_not_open_the_group(ra_app: RetryAfterApp) -> None:
+    clock = FakeClock()
+    cfg = chat_config(ra_app.url, cooldown="5s", jitter=0, count_429=False)
+    async with (
+        run_gateway(cfg, monotonic=clock) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
+        ra_app.status, ra_app.headers = 429, {"Retry-After": "40"}
+        for _ in range(10):  # one client hammering its own per-user limit in the app
+            r = await c.get("/api/chat/r1")
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "40"
+        assert state(gw) == "closed"
+        ra_app.status, ra_app.headers = 200, {}
+        assert (await c.get("/api/qa/r2")).status_code == 200
+
+
 async def test_upstream_503_http_date_retry_after_and_cap_at_max_cooldown(
     ra_app: RetryAfterApp,
 ) -> None:

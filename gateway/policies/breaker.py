@@ -246,7 +246,7 @@ class Breaker:
         return max(0.0, self.open_until - self.monotonic()) if self.state == "open" else 0.0
 
     def record(self, ticket: Ticket, status: int, retry_after: float | None) -> None:
-        failed = is_failure(status)
+        failed = is_failure(status) and (status != 429 or self.cfg.count_429)
         if failed and retry_after is not None and status in (429, 503):
             # The app said explicitly when to come back: honour it whatever our state,
             # but never for longer than max_cooldown.

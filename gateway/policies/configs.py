@@ -140,6 +140,10 @@ class BreakerConfig(Section):
     jitter: float = Field(0.2, ge=0, lt=1)
     negative_ttl: Duration = 0.0
     negative_statuses: list[int] = Field(default_factory=lambda: [400, 404])
+    # An upstream 429 counts as a failure and its Retry-After opens the whole group (the
+    # app is shedding load). Set false when the app rate-limits *per user*: one client's
+    # 429 must then not open the group for everyone.
+    count_429: bool = True
 
 
 _BY = re.compile(r"^(user|ip|webinar|route|header:[A-Za-z0-9-]+)$")
