@@ -72,6 +72,18 @@ def cs(resp: httpx.Response) -> str:
     return resp.headers.get("cache-status", "")
 
 
+async def all_in_flight(gw: Any, n: int) -> None:
+    """Wait until n requests are inside the gateway's handlers. On a public route nothing
+    awaits between entering the cache policy and joining the in-process flight, so then
+    every one of them is waiting on the same upstream call."""
+    registry = gw.app.rt.metrics.registry
+    for _ in range(500):
+        if registry.get_sample_value("edge_requests_in_flight") == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} requests never were in flight together")
+
+
 def metric(gw: Any, result: str) -> float:
     v = gw.app.rt.metrics.registry.get_sample_value(
         "edge_cache_results_total", {"route": "admin_stats", "result": result}
@@ -587,7 +599,7 @@ async def test_waiters_share_the_leaders_error(stats: StatsApp, store_url: str) 
         async with httpx.AsyncClient(timeout=10) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url)) for _ in range(20)]
             await asyncio.wait_for(stats.entered.wait(), 5)
-            await asyncio.sleep(0.2)
+            await all_in_flight(gw, 20)
             stats.gate.set()
             responses = await asyncio.gather(*tasks)
     assert all(r.status_code == 503 for r in responses)
@@ -605,7 +617,7 @@ async def test_store_down_public_route_keeps_in_process_single_flight(stats: Sta
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
         tasks = [asyncio.ensure_future(get(c, gw.url)) for _ in range(10)]
         await asyncio.wait_for(stats.entered.wait(), 5)
-        await asyncio.sleep(0.2)
+        await all_in_flight(gw, 10)
         stats.gate.set()
         responses = await asyncio.gather(*tasks)
         assert all(r.status_code == 200 for r in responses)
