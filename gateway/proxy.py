@@ -96,7 +96,7 @@ class UpstreamObserver(Protocol):
     """Sees upstream answers and WebSocket closes (the alert recorder,
     gateway/observability/alerts.py). None on the Upstream when alerting is off."""
 
-    def answered(self, ctx: RequestContext, status: int, seconds: float) -> None: ...
+    def answered(self, ctx: RequestContext, status: int, seconds: float | None) -> None: ...
 
     def ws_closed(self, ctx: RequestContext, route: str, by: str) -> None: ...
 
@@ -331,6 +331,7 @@ class Proxy:
         method = scope["method"]
         t0 = time.perf_counter()
         name = self.upstream.name
+        streamed = isinstance(data, AsyncIterator)
         kwargs: dict[str, Any] = {"timeout": self.timeout} if self.timeout else {}
         try:
             resp = await session.request(
@@ -352,13 +353,17 @@ class Proxy:
             kind = code.removeprefix("upstream_")
             self._err_counter.labels(name, kind).inc()
             ctx.upstream_seconds = time.perf_counter() - t0
+            if (obs := self.upstream.observer) is not None:
+                # Unreachable counts as the upstream failing (upstream_5xx_per_min).
+                obs.answered(ctx, status, None)
             raise UpstreamFailure(status, code, message, kind) from None
         elapsed = time.perf_counter() - t0
         ctx.upstream_seconds = elapsed
         self._latency.observe(elapsed)
         self._req_counter.labels(name, str(resp.status)).inc()
         if (obs := self.upstream.observer) is not None:
-            obs.answered(ctx, resp.status, elapsed)
+            # A streamed request body makes the time partly the client's upload.
+            obs.answered(ctx, resp.status, None if streamed else elapsed)
         return resp
 
     async def stream_response(

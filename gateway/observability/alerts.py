@@ -413,14 +413,20 @@ class AlertRecorder:
             bucket = self._pending[minute] = {}
         bucket[name] = bucket.get(name, 0) + n
 
-    def answered(self, ctx: RequestContext, status: int, seconds: float) -> None:
-        """An upstream answer reached the gateway (from Proxy.fetch)."""
+    def answered(self, ctx: RequestContext, status: int, seconds: float | None) -> None:
+        """An upstream answer reached the gateway (from Proxy.fetch), or the upstream
+        could not be reached (502/504). `seconds` is None when the time is not the
+        upstream's alone (a request body streamed from the client)."""
         if status >= 500:
             if self._count_5xx:
                 self._add(f"c|5xx|{ctx.route.name}")
         elif (code := self._status_codes.get(status)) is not None:
             self._add(f"c|{code}|{ctx.route.name}")
-        if self._auth is not None and ctx.scope["path"].startswith(AUTH_PREFIX):
+        if (
+            seconds is not None
+            and self._auth is not None
+            and ctx.scope["path"].startswith(AUTH_PREFIX)
+        ):
             self._add(f"a|{bisect.bisect_left(self.bounds, seconds)}")
             if seconds > self._auth:
                 self._add(f"as|{ctx.route.name}")
@@ -531,11 +537,15 @@ class AlertRecorder:
         try:
             res = await self.rt.store.run(TICK, self.keys(slot, minute), args)
         except StoreError as exc:
-            # Keep the counts for the next turn; evaluation waits for the store.
-            for m, delta in ((minute, cur), (minute - 1, prev)):
-                bucket = self._pending.setdefault(m, {})
-                for k, v in delta.items():
-                    bucket[k] = bucket.get(k, 0) + v
+            # Keep the counts for the next turn when the call was (almost certainly) never
+            # run: backing off, or no connection. After a timeout the script may have run,
+            # and re-sending would count everything twice (a false page); losing one
+            # flush's deltas is the lesser error.
+            if exc.kind in ("backoff", "connection"):
+                for m, delta in ((minute, cur), (minute - 1, prev)):
+                    bucket = self._pending.setdefault(m, {})
+                    for k, v in delta.items():
+                        bucket[k] = bucket.get(k, 0) + v
             self.rt.metrics.store_fallbacks.labels("alerts", "open").inc()
             log.warning("alert counts not flushed: store %s", exc.kind)
             return False
@@ -562,7 +572,10 @@ class AlertRecorder:
                 ttl=max(2 * self.cfg.cooldown, STATE_TTL_S),
             )
         except StoreError as exc:
-            log.warning("alert state not saved: store %s", exc.kind)
+            # Unsaved, the next evaluator would not know these messages went out and
+            # would send them again past the cooldown: send nothing this turn instead.
+            log.warning("alert state not saved, messages held: store %s", exc.kind)
+            return True
         self.last_evaluation = now
         self._show(state)
         for msg in messages:

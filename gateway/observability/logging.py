@@ -49,6 +49,10 @@ def setup_logging(level: str = "info") -> None:
         lg.propagate = True
     # The gateway writes its own access line; uvicorn's would log query strings.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's full URL at INFO: webhook URLs are secrets, and JWKS /
+    # GoTrue calls need no line each.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class AccessLog:
