@@ -14,6 +14,8 @@ on free loopback ports: nothing outside the test run is needed, and nothing shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -295,6 +297,37 @@ async def test_run_many_spreads_over_masters_and_keeps_order(
         await s.close()
 
 
+async def test_a_frozen_master_fails_only_its_calls_in_a_batch() -> None:
+    """One master hangs (SIGSTOP: no RST, just silence). A batch over every master
+    answers the healthy masters' calls and fails only the frozen one's, within
+    store.timeout, without pushing the whole store into back-off."""
+    servers = RedisClusterServers(node_timeout_ms=60_000)
+    servers.start()
+    try:
+        s = RedisStore(servers.url, "t:", timeout=0.3, failure_threshold=2)
+        await s.start()
+        try:
+            tags = [Store.tag(f"w{i}") for i in range(12)]
+            victim = servers.owner_of(f"t:a:{tags[0]}")
+            calls = [([f"a:{t}", f"b:{t}"], [1]) for t in tags]
+            assert len(await s.run_many(COUNTER, calls)) == 12
+            servers.freeze(victim)
+            for _ in range(3):  # more batches than failure_threshold
+                t0 = time.perf_counter()
+                replies = await s.run_many(COUNTER, calls)
+                assert time.perf_counter() - t0 < 1.0
+                for t, reply in zip(tags, replies, strict=True):
+                    if servers.owner_of(f"t:a:{t}") == victim:
+                        assert isinstance(reply, StoreError)
+                    else:
+                        assert isinstance(reply, list)
+            assert s.health.backoff_until == 0.0
+        finally:
+            await s.close()
+    finally:
+        servers.stop()
+
+
 async def test_more_callers_than_connections_queue_instead_of_failing(cluster_url: str) -> None:
     # redis-py's cluster pool raises "too many connections" when full; the store makes
     # callers wait for a connection instead (within store.timeout), like one server's.
@@ -549,4 +582,32 @@ async def test_sentinel_failover_away_from_a_frozen_master() -> None:
         assert len(outcomes) <= 5, outcomes
         await s.close()
     finally:
+        servers.stop()
+
+
+async def test_a_dead_first_sentinel_does_not_take_the_store_down() -> None:
+    """The first sentinel in the URL accepts connections and never answers. Every new
+    connection's master lookup would spend store.timeout on it; the store looks the
+    master up in the background instead, and the live sentinel moves to the front."""
+    servers = SentinelServers()
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(16)  # the kernel completes handshakes; nothing ever reads
+    try:
+        servers.start()
+        good = servers.url.removeprefix("redis+sentinel://")
+        url = f"redis+sentinel://127.0.0.1:{blackhole.getsockname()[1]},{good}"
+        s = RedisStore(url, "t:", timeout=0.05, failure_threshold=100)
+        await s.start()
+        try:
+            ok = 0
+            for i in range(20):
+                with contextlib.suppress(StoreError):
+                    await s.set(f"k{i}", b"v")
+                    ok += 1
+            assert ok == 20
+        finally:
+            await s.close()
+    finally:
+        blackhole.close()
         servers.stop()

@@ -236,6 +236,7 @@ class RedisStore(Store):
                 **common,
             )
             self._sentinel = sentinel
+            self._service = parsed.service
         self._health = StoreHealth(backend=self.backend)
         self.guard = FailureGuard(
             self._health,
@@ -286,8 +287,11 @@ class RedisStore(Store):
     def _cluster_outage(self, exc: BaseException | None) -> None:
         """Cluster only, after a call failed as an outage (timeout, lost node, CLUSTERDOWN):
         remember the node, keep the default node on a live master, and re-read the slot
-        map in the background."""
+        map in the background. (Sentinel: rediscover the master in the background.)"""
         client = self.client
+        if self.backend == "redis-sentinel":
+            self._sentinel_suspect(time.monotonic())
+            return
         if not isinstance(client, RedisCluster):
             return
         now = time.monotonic()
@@ -357,6 +361,27 @@ class RedisStore(Store):
         self._refreshed_at = now
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_topology())
 
+    def _sentinel_suspect(self, now: float) -> None:
+        """A new connection asks the sentinels for the master in list order, each dead
+        one costing its connect timeout: with the first sentinel down, that lookup never
+        fits in store.timeout, so no connection could ever be made. A lookup in the
+        background, with its own budget, reaches a live sentinel, and redis-py then
+        moves it to the front of the list for every later lookup."""
+        if self._refresh_task is not None or now - self._refreshed_at < TOPOLOGY_REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+
+        async def rediscover() -> None:
+            try:
+                async with asyncio.timeout(max(2.0, self.timeout * 20)):
+                    await self._sentinel.discover_master(self._service)
+            except Exception as exc:  # the next failing call tries again
+                log.warning("sentinel master discovery failed", extra={"error": type(exc).__name__})
+            finally:
+                self._refresh_task = None
+
+        self._refresh_task = asyncio.get_running_loop().create_task(rediscover())
+
     async def _refresh_topology(self) -> None:
         try:
             # CLUSTER SLOTS from the known nodes in random order; a hung one costs its
@@ -421,21 +446,81 @@ class RedisStore(Store):
         if not calls:
             return []
         prefixed = [([self.k(k) for k in keys], list(args)) for keys, args in calls]
-        replies = await self._call(script.name, lambda: self._pipeline(script, prefixed))
+        if isinstance(self.client, RedisCluster) and len(prefixed) > 1:
+            replies = await self._cluster_batches(script, prefixed)
+        else:
+            replies = await self._call(script.name, lambda: self._pipeline(script, prefixed))
         out: list[Any] = []
         outage: StoreError | None = None
+        # A batch that some server answered is not an outage of the store: the failed
+        # calls are errors of their own, and must not push every feature into back-off.
+        partial = any(not isinstance(r, Exception) for r in replies)
         for reply in replies:
             if not isinstance(reply, Exception):
                 out.append(reply)
                 continue
             kind, message, is_outage = _error(reply)
             if is_outage and outage is None:
-                # One failure per batch, not per call, for the back-off count.
-                outage = self.guard.failure(script.name, kind, message)
+                if partial:
+                    self.guard._count(script.name, kind)
+                    outage = StoreError(kind, message)
+                else:
+                    # One failure per batch, not per call, for the back-off count.
+                    outage = self.guard.failure(script.name, kind, message)
             elif not is_outage:
                 self.guard._count(script.name, kind)
             out.append(outage if is_outage else StoreError(kind, message))
         return out
+
+    async def _cluster_batches(
+        self, script: Script, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """One pipeline per master, each with its own `store.timeout`: a hung or dead
+        master fails only the calls whose slots it owns (redis-py's ClusterPipeline would
+        fail the whole batch, healthy masters' calls included, after those had already
+        run). Raises StoreError only when no master answered."""
+        op = script.name
+        self.guard.check(op)
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        groups: dict[str, list[int]] = {}
+        for i, (keys, _) in enumerate(calls):
+            try:
+                node = client.get_node_from_key(keys[0])
+                name = node.name if node is not None else "?"
+            except (RedisError, RedisClusterException):
+                name = "?"  # no slot map yet: let redis-py route (and fail) this group
+            groups.setdefault(name, []).append(i)
+
+        async def one(indexes: list[int]) -> list[Any]:
+            async with asyncio.timeout(self.timeout):
+                batch = [calls[i] for i in indexes]
+                if self._gate is None:
+                    return await self._pipeline(script, batch)
+                async with self._gate:
+                    return await self._pipeline(script, batch)
+
+        results = await asyncio.gather(*(one(ix) for ix in groups.values()), return_exceptions=True)
+        replies: list[Any] = [None] * len(calls)
+        failed: BaseException | None = None
+        answered = False
+        for indexes, result in zip(groups.values(), results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                failed = failed or result
+                self._cluster_outage(result if not isinstance(result, TimeoutError) else None)
+                for i in indexes:
+                    replies[i] = result
+                continue
+            answered = True
+            for i, reply in zip(indexes, result, strict=True):
+                replies[i] = reply
+        if not answered and failed is not None:
+            kind, message, _ = _error(failed)
+            raise self.guard.failure(op, kind, message)
+        self.guard.success()
+        return replies
 
     async def _load(self, script: Script) -> str:
         sha = str(await self.client.script_load(script.lua))
@@ -507,6 +592,12 @@ class RedisStore(Store):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(max(1.0, self.timeout * 10)):
                     await self._cluster_init()
+        elif self.backend == "redis-sentinel":
+            # The same for the master's address: a first sentinel that is down would
+            # otherwise eat every early call's budget (see _sentinel_suspect).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(max(2.0, self.timeout * 20)):
+                    await self._sentinel.discover_master(self._service)
         with contextlib.suppress(StoreError):
             await self.ping()
 
