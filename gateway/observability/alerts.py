@@ -388,6 +388,8 @@ class AlertRecorder:
         self._firing: set[str] = set()
         self.last_evaluation: float | None = None
         self.queues: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._loop_task: asyncio.Task[Any] | None = None
         self.client: httpx.AsyncClient | None = None
         m = rt.metrics
         self._sent = m.alerts_sent
@@ -445,16 +447,29 @@ class AlertRecorder:
         for i, hook in enumerate(self.cfg.webhooks):
             q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_MAX)
             self.queues[i] = q
-            self.rt.spawn(self._worker(hook, q), f"alerts-webhook-{i}-{hook.kind}")
-        self.rt.spawn(self._loop(), "alerts-tick")
+            self._tasks.append(
+                self.rt.spawn(self._worker(hook, q), f"alerts-webhook-{i}-{hook.kind}")
+            )
+        self._loop_task = self.rt.spawn(self._loop(), "alerts-tick")
 
     async def stop(self) -> None:
-        # The last deltas of this process reach the fleet's counts; no evaluation.
+        # Stop the periodic flush first: a tick cancelled half-way would lose the deltas
+        # it had taken. Then the last deltas of this process reach the fleet's counts.
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
         with contextlib.suppress(Exception):
             await self.tick(evaluate=False)
-        # Give deliveries in flight a moment; the runtime cancels what remains.
+        # Give deliveries in flight a moment, then stop the workers before the client
+        # closes (a worker in back-off would otherwise fail on a closed client).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), 2.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for up in self.rt.upstreams.values():
             if up.observer is self:
                 up.observer = None
