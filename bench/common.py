@@ -451,3 +451,24 @@ def versions(python: str = sys.executable) -> dict[str, str]:
         r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=20)
         out.update(json.loads(r.stdout))
     return out
+
+
+def run_header(
+    bench: str,
+    argv: list[str] | None,
+    started: float,
+    load_before: str,
+    load_after: str,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """The fields every bench result JSON starts with: what ran, when, on what."""
+    return {
+        "bench": bench,
+        "command": f"python bench/{bench}.py " + " ".join(argv or sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "cpus": os.cpu_count(),
+        "uptime_before": load_before,
+        "uptime_after": load_after,
+        "versions": versions(python),
+    }

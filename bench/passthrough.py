@@ -40,10 +40,10 @@ from common import (
     http_get,
     nginx_proxy,
     require_tools,
+    run_header,
     run_wrk,
     static_upstream,
     uptime,
-    versions,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "passthrough.json"
@@ -187,14 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load: before [{load_before}] after [{load_after}]")
 
     doc = {
-        "bench": "passthrough",
-        "command": "python bench/passthrough.py " + " ".join(argv or sys.argv[1:]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "cpus": os.cpu_count(),
-        "uptime_before": load_before,
-        "uptime_after": load_after,
-        "versions": versions(args.python),
+        **run_header("passthrough", argv, started, load_before, load_after, args.python),
         "settings": {
             "duration_c50_s": args.duration,
             "duration_c1_s": args.duration_c1,

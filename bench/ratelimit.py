@@ -55,10 +55,10 @@ from common import (
     gateway_config,
     http_get,
     require_tools,
+    run_header,
     run_wrk,
     static_upstream,
     uptime,
-    versions,
     wait_port,
 )
 
@@ -285,14 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"p50 added by the check at 1 connection: {summary['added_p50_ms_c1']:+.3f} ms")
     print(f"load: before [{load_before}] after [{load_after}]")
     doc = {
-        "bench": "ratelimit",
-        "command": "python bench/ratelimit.py " + " ".join(argv or sys.argv[1:]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "cpus": os.cpu_count(),
-        "uptime_before": load_before,
-        "uptime_after": load_after,
-        "versions": versions(args.python),
+        **run_header("ratelimit", argv, started, load_before, load_after, args.python),
         "settings": {
             "duration_s": args.duration,
             "duration_c1_s": args.duration_c1,
