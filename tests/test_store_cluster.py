@@ -37,12 +37,14 @@ from tests.redis_cluster import RedisClusterServers, SentinelServers
 # The shared tests, collected again in this module (see the module docstring).
 from tests.test_cache import (
     stats,
+    test_cache_status_and_age,
     test_other_replica_waits_for_the_refresh,
     test_stale_while_revalidate,
     test_waiters_share_the_leaders_error,
 )
 from tests.test_heartbeat import (
     test_batch_flushes_on_shutdown,
+    test_negative_answer_is_cached_per_viewer,
     test_one_forward_per_viewer_per_interval,
     test_presence_counts_viewers_within_window,
     test_recorder_sends_one_call_for_heartbeats_of_one_turn,
@@ -81,6 +83,8 @@ from tests.test_store import (
 
 REUSED = [
     stats,
+    test_cache_status_and_age,
+    test_negative_answer_is_cached_per_viewer,
     test_other_replica_waits_for_the_refresh,
     test_stale_while_revalidate,
     test_waiters_share_the_leaders_error,

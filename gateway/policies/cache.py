@@ -29,7 +29,7 @@ import math
 import secrets
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus
@@ -737,6 +737,8 @@ class CachePolicy:
         user_value = b""
         outcome = _NOTHING
         remember = ident is not None and rule != _OPEN
+        # The answer to send once the store is written (None: already streamed out).
+        respond: Coroutine[Any, Any, None] | None = None
         if tee.streaming:
             result = "miss"
         elif status == 200 and rule != _CLAIM_NO and storable(resp) is None:
@@ -750,7 +752,7 @@ class CachePolicy:
             else:
                 cs = b"edge; fwd=%b; fwd-status=200; detail=store-unavailable" % fwd_b
             outcome = Outcome(entry=entry, fwd_status=200)
-            await self._send_resp(send, resp, outer, cs, head, age=0)
+            respond = self._send_resp(send, resp, outer, cs, head, age=0)
             result = "miss"
         elif status >= 500 and old is not None and now - old.stored_at < self.ttl + self.sie:
             outcome = Outcome(stale=old, fwd_status=status)
@@ -759,7 +761,7 @@ class CachePolicy:
                 status,
                 self._ttl_left(age),
             )
-            await self._send_entry(send, old, outer, cs, head, age)
+            respond = self._send_entry(send, old, outer, cs, head, age)
             result = "stale"
         else:
             if status in (401, 403) and remember:
@@ -770,20 +772,23 @@ class CachePolicy:
             if status >= 500:
                 outcome = Outcome(error=resp, fwd_status=status)
             cs = b"edge; fwd=%b; fwd-status=%d" % (fwd_b, status)
-            await self._send_resp(send, resp, outer, cs, head)
+            respond = self._send_resp(send, resp, outer, cs, head)
         if not store_ok:
             result = "error"
         self._results[result].inc()
         ctx.notes.append("cache=" + result)
         if store_ok and (entry_value or user_value or token):
-            # A failed write is counted by the store (edge_store_errors_total); the
-            # caller has its answer already.
+            # Written before the answer goes out, so the caller's (or anyone's) next
+            # request finds the entry and the lock released. A failed write is counted
+            # by the store (edge_store_errors_total) and does not hold the answer back.
             with contextlib.suppress(StoreError):
                 await self.store.run(
                     FILL,
                     [keys.entry, keys.user, keys.lock],
                     [entry_value, self.entry_px, user_value, self._user_px(user_value), token],
                 )
+        if respond is not None:
+            await respond
         return outcome
 
     def _user_px(self, record: bytes) -> int:

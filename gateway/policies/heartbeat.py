@@ -495,11 +495,11 @@ class HeartbeatPolicy:
         ctype = b""
         body = bytearray()
         keep = False
-        complete = False
+        written = False
 
         async def tee(msg: Message) -> None:
             # Passes the app's answer through untouched; keeps a small negative body.
-            nonlocal status, ctype, keep, complete
+            nonlocal status, ctype, keep, written
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 keep = status in self.negative_statuses
@@ -512,17 +512,19 @@ class HeartbeatPolicy:
                     keep = False
                 else:
                     body.extend(chunk)
-                    complete = not msg.get("more_body", False)
+                    if not msg.get("more_body", False):
+                        # Stored before the last chunk goes out, so the viewer's very
+                        # next heartbeat already meets the negative answer.
+                        expires = int(self.clock() * 1000) + self.negative_ttl_ms
+                        blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
+                        await self._outcome(keys, "neg", viewer, blob)
+                        written = True
             await send(msg)
 
         try:
             await self.next(ctx, receive, tee)
         finally:
-            if keep and complete:
-                expires = int(self.clock() * 1000) + self.negative_ttl_ms
-                blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
-                await self._outcome(keys, "neg", viewer, blob)
-            elif not 200 <= status < 400:
+            if not written and not 200 <= status < 400:
                 # The app did not take it (5xx, timeout, client gone, or a negative too
                 # big to keep): the viewer's next heartbeat goes through, not absorbed.
                 await self._outcome(keys, "fail", viewer, b"")
