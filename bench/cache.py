@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -35,18 +34,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # bench/ is not a package: common.py is found via sys.path
-    WRK,
     BenchError,
     WrkResult,
     free_port,
     gateway,
     gateway_config,
     nginx_proxy,
-    parse_wrk,
     require_tools,
     run_wrk,
     static_upstream,
-    tree_cpu_seconds,
     uptime,
     versions,
 )
@@ -105,22 +101,7 @@ def _get(url: str, headers: dict[str, str]) -> tuple[int, str]:
 
 
 def _wrk(url: str, duration: float, headers: dict[str, str], cpu_pid: int) -> WrkResult:
-    if not headers:
-        return run_wrk(url, CONNECTIONS, THREADS, duration, cpu_pid=cpu_pid)
-    # run_wrk takes no headers; same command with -H.
-    cmd = [WRK, f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(duration))}s"]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
-    cmd += ["--timeout=5s", "--latency", url]
-    cpu0 = tree_cpu_seconds(cpu_pid)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=False)
-    cpu1 = tree_cpu_seconds(cpu_pid)
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed: {out.stderr}{out.stdout}")
-    result = parse_wrk(out.stdout, CONNECTIONS, THREADS)
-    if result.requests:
-        result.cpu_us_per_request = round((cpu1 - cpu0) / result.requests * 1e6, 1)
-    return result
+    return run_wrk(url, CONNECTIONS, THREADS, duration, cpu_pid=cpu_pid, headers=headers)
 
 
 def _measure(

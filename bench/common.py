@@ -404,9 +404,12 @@ def run_wrk(
     *,
     cpu_pid: int | None = None,
     timeout_s: float = 5.0,
+    headers: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> WrkResult:
     """Run wrk for `duration` seconds; with `cpu_pid`, also measure that process tree's
-    CPU time over the run and report it per request."""
+    CPU time over the run and report it per request. `headers` are sent on every
+    request (-H); `script` is a wrk Lua script (-s)."""
     threads = max(1, min(threads, connections))
     cmd = [
         WRK,
@@ -415,8 +418,12 @@ def run_wrk(
         f"-d{max(1, round(duration))}s",
         f"--timeout={timeout_s:g}s",
         "--latency",
-        url,
     ]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    cmd.append(url)
     cpu0 = tree_cpu_seconds(cpu_pid) if cpu_pid else 0.0
     try:
         out = subprocess.run(
@@ -431,6 +438,19 @@ def run_wrk(
     if cpu_pid and result.requests:
         result.cpu_us_per_request = round((cpu1 - cpu0) / result.requests * 1e6, 1)
     return result
+
+
+def print_result(name: str, r: WrkResult, width: int = 22) -> None:
+    """One line per wrk run: requests/s, p50, p99, CPU per request, errors."""
+    lat = r.latency_ms
+    cpu = f"{r.cpu_us_per_request:7.1f}" if r.cpu_us_per_request is not None else "      -"
+    err = f"  errors {r.errors}" if r.errors else ""
+    print(
+        f"  {name:<{width}} c={r.connections:<3} {r.rps:>10,.0f} req/s   "
+        f"p50 {lat.get('p50', float('nan')):7.3f} ms   p99 {lat.get('p99', float('nan')):7.3f} ms"
+        f"   cpu {cpu} us/req{err}",
+        flush=True,
+    )
 
 
 def versions(python: str = sys.executable) -> dict[str, str]:

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    WRK,
     BenchError,
     WrkResult,
     free_port,
@@ -48,11 +46,11 @@ from common import (
     gateway_config,
     http_get,
     nginx_proxy,
-    parse_wrk,
+    print_result,
     require_tools,
     run_header,
+    run_wrk,
     static_upstream,
-    tree_cpu_seconds,
     uptime,
 )
 
@@ -107,59 +105,14 @@ end
     )
 
 
-def run_wrk_script(
-    url: str,
-    script: Path,
-    connections: int,
-    threads: int,
-    duration: float,
-    cpu_pid: int | None,
-) -> WrkResult:
-    cmd = [
-        WRK,
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--timeout=5s",
-        "--latency",
-        "-s",
-        str(script),
-        url,
-    ]
-    cpu0 = tree_cpu_seconds(cpu_pid) if cpu_pid else 0.0
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish: {' '.join(cmd)}") from None
-    cpu1 = tree_cpu_seconds(cpu_pid) if cpu_pid else 0.0
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr}{out.stdout}")
-    result = parse_wrk(out.stdout, connections, threads)
-    if cpu_pid and result.requests:
-        result.cpu_us_per_request = round((cpu1 - cpu0) / result.requests * 1e6, 1)
-    return result
-
-
-def _line(name: str, r: WrkResult) -> None:
-    lat = r.latency_ms
-    cpu = f"{r.cpu_us_per_request:7.1f}" if r.cpu_us_per_request is not None else "      -"
-    err = f"  errors {r.errors}" if r.errors else ""
-    print(
-        f"  {name:<24} c={r.connections:<3} {r.rps:>10,.0f} req/s   "
-        f"p50 {lat.get('p50', float('nan')):7.3f} ms   p99 {lat.get('p99', float('nan')):7.3f} ms"
-        f"   cpu {cpu} us/req{err}",
-        flush=True,
-    )
-
-
 def _measure(
     name: str, url: str, pid: int, script: Path, args: argparse.Namespace
 ) -> dict[str, WrkResult]:
-    run_wrk_script(url, script, 50, 2, args.warmup, None)
-    out = {"c50": run_wrk_script(url, script, 50, 2, args.duration, pid)}
-    _line(name, out["c50"])
-    out["c1"] = run_wrk_script(url, script, 1, 1, args.duration_c1, pid)
-    _line(name, out["c1"])
+    run_wrk(url, 50, 2, args.warmup, script=script)
+    out = {"c50": run_wrk(url, 50, 2, args.duration, cpu_pid=pid, script=script)}
+    print_result(name, out["c50"])
+    out["c1"] = run_wrk(url, 1, 1, args.duration_c1, cpu_pid=pid, script=script)
+    print_result(name, out["c1"])
     return out
 
 

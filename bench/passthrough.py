@@ -39,6 +39,7 @@ from common import (
     gateway_config,
     http_get,
     nginx_proxy,
+    print_result,
     require_tools,
     run_header,
     run_wrk,
@@ -67,23 +68,11 @@ def _measure(
     run_wrk(target, 50, 2, args.warmup)
     out: dict[str, WrkResult] = {}
     out["c50"] = run_wrk(target, 50, 2, args.duration, cpu_pid=pid)
-    _line(name, out["c50"])
+    print_result(name, out["c50"])
     run_wrk(target, 1, 1, 1)
     out["c1"] = run_wrk(target, 1, 1, args.duration_c1, cpu_pid=pid)
-    _line(name, out["c1"])
+    print_result(name, out["c1"])
     return out
-
-
-def _line(name: str, r: WrkResult) -> None:
-    lat = r.latency_ms
-    cpu = f"{r.cpu_us_per_request:7.1f}" if r.cpu_us_per_request is not None else "      -"
-    err = f"  errors {r.errors}" if r.errors else ""
-    print(
-        f"  {name:<22} c={r.connections:<3} {r.rps:>10,.0f} req/s   "
-        f"p50 {lat.get('p50', float('nan')):7.3f} ms   p99 {lat.get('p99', float('nan')):7.3f} ms"
-        f"   cpu {cpu} us/req{err}",
-        flush=True,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
