@@ -250,8 +250,7 @@ class Gateway:
                 msg["headers"] = [*msg.get("headers", ()), rid_header]
             await send(msg)
 
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        if unsafe_path(raw_path.split(b"?", 1)[0]):
+        if unsafe_path(scope):
             await send_error(
                 send_with_id,
                 400,
@@ -350,8 +349,7 @@ class Gateway:
         start = time.perf_counter()
         state = self.state
         ctx, request_id, client_ip = self._context(state, scope)
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        if ctx is None or unsafe_path(raw_path.split(b"?", 1)[0]):
+        if ctx is None or unsafe_path(scope):
             await send({"type": "websocket.close", "code": 1008})
             return
         handler = state.ws_handlers[ctx.route.name]

@@ -55,10 +55,7 @@ class RequestContext:
     notes: list[str] = field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
-        for k, v in self.scope["headers"]:
-            if k == name:
-                return bytes(v)
-        return None
+        return header_value(self.scope, name)
 
 
 Handler = Callable[[RequestContext, Receive, Send], Awaitable[None]]

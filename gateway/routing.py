@@ -25,8 +25,9 @@ from gateway.http import Handler, Scope
 _UNSAFE_PATH = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|//|%2f|%5c|\\|%00|\x00", re.IGNORECASE)
 
 
-def unsafe_path(raw_path: bytes) -> bool:
-    return _UNSAFE_PATH.search(raw_path) is not None
+def unsafe_path(scope: Scope) -> bool:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return _UNSAFE_PATH.search(raw.split(b"?", 1)[0]) is not None
 
 
 @dataclass(eq=False)

@@ -49,7 +49,9 @@ from gateway.http import (
     RequestContext,
     Scope,
     Send,
+    cookies,
     error_body,
+    header_value,
     send_json,
 )
 from gateway.runtime import Runtime
@@ -654,12 +656,12 @@ def get_verifier(rt: Runtime) -> Verifier:
 
 
 def bearer_token(scope: Scope) -> str | None:
-    for k, v in scope["headers"]:
-        if k == b"authorization":
-            scheme, _, token = bytes(v).decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+    value = header_value(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None
 
 
@@ -690,16 +692,7 @@ def session_access_token(value: str) -> str | None:
 
 def cookie_token(scope: Scope, cookie_name: str | None) -> str | None:
     """The access token from the Supabase SSR cookie, reassembling `.0`, `.1`, ... chunks."""
-    jar: dict[str, str] | None = None
-    for k, v in scope["headers"]:
-        if k != b"cookie":
-            continue
-        if jar is None:
-            jar = {}
-        for part in bytes(v).decode("latin-1").split(";"):
-            name, sep, val = part.strip().partition("=")
-            if sep and name and name not in jar:
-                jar[name] = val.strip()
+    jar = cookies(scope)
     if not jar:
         return None
     bases: set[str] = set()
