@@ -29,7 +29,7 @@ import math
 import secrets
 import struct
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus
@@ -48,6 +48,7 @@ from gateway.http import (
     error_body,
     send_error,
 )
+from gateway.policies.cache_vary import decode_marker, encode_marker, variant_digest, vary_names
 from gateway.store.base import Script, ScriptArg, Store, StoreError
 
 if TYPE_CHECKING:
@@ -65,13 +66,15 @@ def _mget_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: i
 
 
 def _fill_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
-    entry, entry_ms, user, user_ms, token = args
+    entry, entry_ms, user, user_ms, token = args[:5]
     if entry != b"":
         data.set(keys[0], entry, int(entry_ms) / 1000)
     if user != b"":
         data.set(keys[1], user, int(user_ms) / 1000)
     if token != b"" and data.get(keys[2]) == token:
         data.delete(keys[2])
+    if len(keys) > 3 and len(args) > 5 and args[5] != b"":
+        data.set(keys[3], args[5], int(entry_ms) / 1000)
     return 1
 
 
@@ -169,7 +172,7 @@ def _cache_control(headers: Headers) -> set[str]:
     return out
 
 
-def storable(resp: CapturedResponse) -> str | None:
+def storable(resp: CapturedResponse, ignore_vary: frozenset[bytes] = frozenset()) -> str | None:
     """Why a 200 must not be stored (None when it may be)."""
     if resp.status != 200 or not resp.complete or resp.too_large:
         return "status"
@@ -180,14 +183,10 @@ def storable(resp: CapturedResponse) -> str | None:
         return "private"
     if resp.header(b"set-cookie") is not None:
         return "set-cookie"
-    # The key holds only the route, its params, vary_query and vary_claims: an answer that
-    # says it varies on anything else (Cookie, Authorization, Accept-Language, *) is
-    # personal or negotiated and must not be replayed to others. Accept-Encoding is fine:
-    # fills never send it, and encoded bodies are refused below.
-    for v in resp.header_list(b"vary"):
-        for name in v.split(b","):
-            if name.strip().lower() not in (b"", b"accept-encoding"):
-                return "vary"
+    # `Vary` on request headers is honoured with a secondary key (cache_vary.py); an
+    # answer that varies on `*` or on credentials is personal and never replayed.
+    if vary_names(resp.headers, ignore_vary) is None:
+        return "vary"
     if (resp.header(b"content-encoding") or b"identity").strip().lower() != b"identity":
         # Served to callers whatever their Accept-Encoding: only unencoded bodies.
         return "encoded"
@@ -244,9 +243,23 @@ def _claim_strings(value: Any) -> list[str]:
 
 @dataclass(slots=True, frozen=True)
 class Keys:
+    """The store keys of one request. `base` is the primary key (route, params, keyed
+    query and claims); `entry` and `lock` add the variant of the request headers named
+    by `names` (the route's `Vary`); `marker` is the no-variant slot, where the names
+    are recorded; `user` (the caller's allow/deny record) and `check` (the lock of the
+    caller's in-flight authorization check) are per primary key: authorization is about
+    the resource, not its representation."""
+
+    base: str
+    names: tuple[bytes, ...]
     entry: str
     lock: str
     user: str
+    check: str
+
+    @property
+    def marker(self) -> str:
+        return self.base + ":e"
 
 
 @dataclass(slots=True)
@@ -258,6 +271,11 @@ class Outcome:
     error: CapturedResponse | None = None  # 5xx with no stale copy: shared, not retried
     fwd_status: int = 0
     cs: bytes = b""  # Cache-Status for `error`, when not a forwarded one
+    # Where `entry` was stored: a waiter whose request headers select another variant
+    # (under `names`, the answer's Vary) must not be served it.
+    key: str = ""
+    names: tuple[bytes, ...] = ()
+    denial: Entry | None = None  # an authorization check the app refused (same caller)
 
 
 _STORE_DOWN = CapturedResponse(
@@ -270,6 +288,24 @@ _STORE_DOWN_CS = b"edge; fwd=bypass; detail=store-unavailable"
 
 
 _NOTHING = Outcome()
+
+
+@dataclass(slots=True)
+class _Settled:
+    """What `_forward` decided from an upstream answer: the result label, what to write
+    to the store, and what to send once it is written (`serve`, a stale copy, or else
+    the upstream answer itself)."""
+
+    result: str
+    cs: bytes = b""
+    outcome: Outcome = dataclasses.field(default_factory=Outcome)
+    entry_value: bytes = b""
+    entry_key: str = ""
+    marker: bytes = b""
+    user_value: bytes = b""
+    serve: Entry | None = None
+    age: int | None = None
+
 
 # How the caller may be served (decided from the route config and verified identity).
 _OPEN = 0  # public route, or the `authorize` claim matches
@@ -350,6 +386,14 @@ class CachePolicy:
         self.vary_claims = [(c, c.split(".")) for c in cfg.vary_claims]
         self.authz_claim = cfg.authorize.claim.split(".") if cfg.authorize else None
         self.authz_in = frozenset(cfg.authorize.in_) if cfg.authorize else frozenset()
+        # Vary names that never split the key: what fills do not send (so the stored
+        # answer is the one for their absence, valid for everyone) and the route's list.
+        drop = _FILL_DROP_PUBLIC if cfg.public else _FILL_DROP
+        self._fill_drop = drop
+        self._ignore_vary = drop | {n.lower().encode("latin-1") for n in cfg.ignore_vary}
+        # Learnt from answers (or a store marker): the Vary names of this route's answers,
+        # so a request's variant key is computed before the lookup, in one round trip.
+        self._vary_names: tuple[bytes, ...] = ()
         m = rt.metrics
         self._results = {r: m.cache_results.labels(self.route, r) for r in _RESULTS}
         self._refresh = m.cache_refresh.labels(self.route)
@@ -359,6 +403,9 @@ class CachePolicy:
         # the last entry seen per key (a byte-bounded LRU) so callers allowed by config
         # alone get hits without a store round trip.
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        # The authorization check in flight per (caller, key): that caller's concurrent
+        # requests wait for it instead of each asking the app.
+        self._checks: dict[str, asyncio.Future[Outcome]] = {}
         self._local: LRUCache[str, Entry] = LRUCache(
             maxsize=_LOCAL_MAX_BYTES, getsizeof=_entry_size
         )
@@ -405,7 +452,18 @@ class CachePolicy:
             sub = hashlib.sha256(b"edge-cache-sub:" + ident.sub.encode()).hexdigest()[:24]
         else:
             sub = "-"
-        return Keys(base + ":e", base + ":l", f"{base}:u:{sub}")
+        user = f"{base}:u:{sub}"
+        return self.variant(Keys(base, (), "", "", user, user + ":l"), ctx, self._vary_names)
+
+    @staticmethod
+    def variant(keys: Keys, ctx: RequestContext, names: tuple[bytes, ...]) -> Keys:
+        """`keys` for the variant of this request's headers under `names`."""
+        if not names:
+            return Keys(keys.base, (), keys.base + ":e", keys.base + ":l", keys.user, keys.check)
+        vd = variant_digest(names, ctx.scope["headers"])
+        return Keys(
+            keys.base, names, f"{keys.base}:e:{vd}", f"{keys.base}:l:{vd}", keys.user, keys.check
+        )
 
     # ------------------------------------------------------------------ request
 
@@ -437,16 +495,17 @@ class CachePolicy:
         if local is not None and now - local.stored_at < self.ttl:
             await self._serve(ctx, send, local, now, head, "hit")
             return
-        fut = self._inflight.get(keys.entry)
+        flight = keys.entry
+        fut = self._inflight.get(flight)
         if fut is not None:
             await self._join(ctx, receive, send, keys, fut, local, _OPEN, head)
             return
         # Registered before the first await, so the requests that arrive meanwhile wait.
         fut = asyncio.get_running_loop().create_future()
-        self._inflight[keys.entry] = fut
+        self._inflight[flight] = fut
         try:
             try:
-                (raw_entry,) = await self.store.run(MGET, [keys.entry], [])
+                keys, raw_entry, _ = await self._lookup(ctx, keys, user=False)
             except StoreError:
                 self._fallback.inc()
                 if self.on_failure == "closed":
@@ -466,7 +525,7 @@ class CachePolicy:
             entry = self._usable(keys.entry, raw_entry, now)
             await self._lead(ctx, receive, send, keys, entry, _OPEN, head, fut, store_ok=True)
         finally:
-            self._done(keys.entry, fut)
+            _done(self._inflight, flight, fut)
 
     async def _checked(
         self,
@@ -476,11 +535,14 @@ class CachePolicy:
         keys: Keys,
         rule: int,
         head: bool,
+        *,
+        again: bool = False,
     ) -> None:
         """Callers who must be known to the store: the entry and the caller's record are
-        read in one round trip."""
+        read in one round trip. `again`: this caller's check just settled elsewhere, so
+        an unknown caller now asks the app directly instead of waiting once more."""
         try:
-            raw_entry, raw_user = await self.store.run(MGET, [keys.entry, keys.user], [])
+            keys, raw_entry, raw_user = await self._lookup(ctx, keys, user=True)
         except StoreError:
             await self._store_failed(ctx, receive, send)
             return
@@ -491,14 +553,16 @@ class CachePolicy:
             await self._replay_denial(ctx, send, record[1], head)
             return
         if rule != _RECORD or record is None:
+            if rule == _RECORD and not again:
+                await self._first_check(ctx, receive, send, keys, entry, head)
+                return
             # Not known to be allowed: this caller's own request must reach the app.
-            fresh = entry is not None and now - entry.stored_at < self.ttl
             await self._forward(
                 ctx,
                 receive,
                 send,
                 keys,
-                fwd="request" if fresh else ("stale" if entry else "miss"),
+                fwd=_fwd(entry, now, self.ttl),
                 old=None,
                 token=b"",
                 rule=rule,
@@ -517,7 +581,114 @@ class CachePolicy:
         try:
             await self._lead(ctx, receive, send, keys, entry, rule, head, fut, store_ok=True)
         finally:
-            self._done(keys.entry, fut)
+            _done(self._inflight, keys.entry, fut)
+
+    async def _lookup(
+        self, ctx: RequestContext, keys: Keys, *, user: bool
+    ) -> tuple[Keys, bytes | None, bytes | None]:
+        """Read the entry (and the caller's record) in one round trip. When the slot
+        holds a vary marker naming headers this process had not learnt, learn them and
+        read this request's variant: one more round trip, once per process and route."""
+        names_keys = [keys.entry, keys.user] if user else [keys.entry]
+        raw = list(await self.store.run(MGET, names_keys, []))
+        names = decode_marker(raw[0])
+        if names is not None and names != keys.names:
+            self._vary_names = names
+            keys = self.variant(keys, ctx, names)
+            (raw[0],) = await self.store.run(MGET, [keys.entry], [])
+        return keys, raw[0], (raw[1] if user else None)
+
+    # ------------------------------------------------------------------ first checks
+
+    async def _first_check(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        entry: Entry | None,
+        head: bool,
+    ) -> None:
+        """This caller is not yet known to be allowed for this key, so its own request
+        must reach the app. Its concurrent requests for the same key (several widgets,
+        several tabs) wait for that one check, in this process and, through a lock in
+        the store, across replicas, instead of each asking the app."""
+        fut = self._checks.get(keys.check)
+        if fut is not None:
+            await self._after_check(ctx, receive, send, keys, fut, head)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._checks[keys.check] = fut
+        try:
+            token, settled = await self._check_lock(keys)
+            if settled:
+                # Another replica's check of this caller landed: read its record.
+                await self._checked(ctx, receive, send, keys, _RECORD, head, again=True)
+                return
+            now = self.rt.clock()
+            outcome = await self._forward(
+                ctx,
+                receive,
+                send,
+                keys,
+                fwd=_fwd(entry, now, self.ttl),
+                old=None,
+                token=token,
+                rule=_RECORD,
+                head=head,
+                lock_key=keys.check,
+            )
+            fut.set_result(outcome)
+        finally:
+            _done(self._checks, keys.check, fut)
+
+    async def _after_check(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: Keys,
+        fut: asyncio.Future[Outcome],
+        head: bool,
+    ) -> None:
+        """Answer a request that waited for its caller's check: the app's denial is
+        replayed, its allowed answer served (same variant), its failure shared;
+        otherwise the caller's record is read again."""
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(fut), self.cfg.lock_timeout)
+        except TimeoutError:
+            outcome = _NOTHING
+        if outcome.denial is not None:
+            await self._replay_denial(ctx, send, outcome.denial, head)
+            return
+        if not await self._serve_outcome(ctx, send, keys, outcome, head):
+            await self._checked(ctx, receive, send, keys, _RECORD, head, again=True)
+
+    async def _check_lock(self, keys: Keys) -> tuple[bytes, bool]:
+        """Take the store lock of this caller's check. (token, False): we ask the app
+        (token b"" when the store cannot coordinate, or after lock_timeout of waiting);
+        (b"", True): another replica's check of this caller settled meanwhile."""
+        token = secrets.token_hex(8).encode()
+        px = max(1, int(self.cfg.lock_timeout * 1000))
+        deadline: float | None = None
+        while True:
+            try:
+                taken, raw = await self.store.run(LOCK, [keys.check, keys.user], [token, px])
+            except StoreError:
+                return b"", False
+            if raw and _read_record(raw, self.rt.clock()) is not None:
+                if taken:
+                    with contextlib.suppress(StoreError):
+                        await self.store.delete_if_equals(keys.check, token)
+                return b"", True
+            if taken:
+                return token, False
+            now = self.rt.monotonic()
+            if deadline is None:
+                deadline = now + self.cfg.lock_timeout
+            elif now >= deadline:
+                return b"", False
+            await asyncio.sleep(_POLL_INTERVAL)
 
     def _usable(self, key: str, raw: bytes | None, now: float) -> Entry | None:
         """Decode a stored entry unless it is past every stale window; keep a copy in
@@ -554,7 +725,7 @@ class CachePolicy:
             outcome = await asyncio.wait_for(asyncio.shield(fut), self.cfg.lock_timeout)
         except TimeoutError:
             outcome = _NOTHING
-        if await self._serve_outcome(ctx, send, outcome, head):
+        if await self._serve_outcome(ctx, send, keys, outcome, head):
             return
         await self._forward(
             ctx,
@@ -604,7 +775,7 @@ class CachePolicy:
         if newer is not None:
             outcome = Outcome(entry=newer)
             fut.set_result(outcome)
-            await self._serve_outcome(ctx, send, outcome, head)
+            await self._serve_outcome(ctx, send, keys, outcome, head)
             return
         fut.set_result(
             await self._forward(
@@ -620,12 +791,6 @@ class CachePolicy:
                 store_ok=store_ok,
             )
         )
-
-    def _done(self, key: str, fut: asyncio.Future[Outcome]) -> None:
-        if self._inflight.get(key) is fut:
-            del self._inflight[key]
-        if not fut.done():
-            fut.set_result(_NOTHING)
 
     async def _lock(self, keys: Keys, seen: Entry | None) -> tuple[bytes | None, Entry | None]:
         """Take the refresh lock and read the entry in one round trip. Returns (token,
@@ -688,27 +853,66 @@ class CachePolicy:
         rule: int,
         head: bool,
         store_ok: bool = True,
+        lock_key: str = "",
     ) -> Outcome:
         """Send this caller's request upstream, answer it, and update the store from the
         answer: a storable 200 becomes the entry (+ the caller's allow record), a 401/403
         the caller's deny record, a 5xx is replaced by `old` when stale_if_error allows.
-        `token` is the lock to release (b"" = none); `old` is only given for callers
-        already known to be allowed; a caller `authorize` refuses never fills the entry."""
-        ident = ctx.identity
+        `token` is the lock to release (b"" = none; `lock_key`, default the entry's);
+        `old` is only given for callers already known to be allowed; a caller
+        `authorize` refuses never fills the entry."""
         fwd_b = fwd.encode()
+        tee = await self._call(ctx, receive, send, fwd_b, timed=bool(token) or not store_ok)
+        if tee.streaming:
+            s = _Settled("miss")
+        else:
+            s = self._settle(ctx, keys, tee.resp, fwd_b, old, rule, store_ok)
+        result = "error" if not store_ok else s.result
+        self._results[result].inc()
+        ctx.notes.append("cache=" + result)
+        if store_ok and (s.entry_value or s.user_value or token):
+            # Written before the answer goes out, so the caller's (or anyone's) next
+            # request finds the entry and the lock released. A failed write is counted
+            # by the store (edge_store_errors_total) and does not hold the answer back.
+            with contextlib.suppress(StoreError):
+                await self.store.run(
+                    FILL,
+                    [s.entry_key or keys.entry, keys.user, lock_key or keys.lock, keys.marker],
+                    [
+                        s.entry_value,
+                        self.entry_px,
+                        s.user_value,
+                        self._user_px(s.user_value),
+                        token,
+                        s.marker,
+                    ],
+                )
+        if tee.streaming:
+            return _NOTHING
+        outer = ctx.response_headers
+        if s.serve is not None:
+            await self._send_entry(send, s.serve, outer, s.cs, head, s.age or 0)
+        else:
+            await self._send_resp(send, tee.resp, outer, s.cs, head, age=s.age)
+        return s.outcome
+
+    async def _call(
+        self, ctx: RequestContext, receive: Receive, send: Send, fwd_b: bytes, *, timed: bool
+    ) -> _Tee:
+        """Call the next handler with the fill's request; the answer is held in the
+        returned tee (or streamed through, past max_body_bytes)."""
 
         def streamed(status: int) -> Headers:
             cs = b"edge; fwd=%b; fwd-status=%d; detail=too-large" % (fwd_b, status)
             return [*ctx.response_headers, (b"cache-status", cs)]
 
-        outer = ctx.response_headers
         tee = _Tee(send, self.cfg.max_body_bytes, streamed)
         # What goes upstream asks for the whole, unencoded representation (GET for a
         # HEAD, no conditionals, ranges or compression) so the answer can be stored and
         # served to anyone allowed, whatever their own request headers were.
         # A public entry is served to anyone, so it is filled without the filler's
         # credentials or identity: the app cannot personalise what everyone will get.
-        drop = _FILL_DROP_PUBLIC if self.public else _FILL_DROP
+        drop = self._fill_drop
         scope = {
             **ctx.scope,
             "method": "GET",
@@ -728,68 +932,74 @@ class CachePolicy:
             ctx.upstream_seconds = inner.upstream_seconds
             if inner.status:
                 ctx.status = inner.status
-            if token or not store_ok:
+            if timed:
                 self._refresh.observe(time.perf_counter() - t0)
-        resp = tee.resp
+        return tee
+
+    def _settle(
+        self,
+        ctx: RequestContext,
+        keys: Keys,
+        resp: CapturedResponse,
+        fwd_b: bytes,
+        old: Entry | None,
+        rule: int,
+        store_ok: bool,
+    ) -> _Settled:
+        """Decide from a whole upstream answer what to store and what to send."""
         status = resp.status
         now = self.rt.clock()
-        entry_value = b""
-        user_value = b""
-        outcome = _NOTHING
-        remember = ident is not None and rule != _OPEN
-        # The answer to send once the store is written (None: already streamed out).
-        respond: Coroutine[Any, Any, None] | None = None
-        if tee.streaming:
-            result = "miss"
-        elif status == 200 and rule != _CLAIM_NO and storable(resp) is None:
-            entry = Entry(200, _stored_headers(resp.headers), bytes(resp.body), now)
-            self._local[keys.entry] = entry
-            if store_ok:
-                entry_value = entry.encode()
-                if remember and rule == _RECORD:
-                    user_value = _allow_record(now + self.cfg.authz_ttl)
-                cs = b"edge; fwd=%b; fwd-status=200; stored" % fwd_b
-            else:
-                cs = b"edge; fwd=%b; fwd-status=200; detail=store-unavailable" % fwd_b
-            outcome = Outcome(entry=entry, fwd_status=200)
-            respond = self._send_resp(send, resp, outer, cs, head, age=0)
-            result = "miss"
-        elif status >= 500 and old is not None and now - old.stored_at < self.ttl + self.sie:
-            outcome = Outcome(stale=old, fwd_status=status)
+        remember = ctx.identity is not None and rule != _OPEN
+        if status == 200 and rule != _CLAIM_NO and storable(resp, self._ignore_vary) is None:
+            return self._settle_fill(ctx, keys, resp, fwd_b, now, rule, store_ok, remember)
+        if status >= 500 and old is not None and now - old.stored_at < self.ttl + self.sie:
             age = max(0, math.floor(now - old.stored_at))
             cs = b"edge; fwd=stale; fwd-status=%d; ttl=%d; detail=stale-if-error" % (
                 status,
                 self._ttl_left(age),
             )
-            respond = self._send_entry(send, old, outer, cs, head, age)
-            result = "stale"
-        else:
-            if status in (401, 403) and remember:
-                user_value = _deny_record(now + self.cfg.deny_ttl, _denial(resp))
-                result = "denied"
-            else:
-                result = "miss"
-            if status >= 500:
-                outcome = Outcome(error=resp, fwd_status=status)
-            cs = b"edge; fwd=%b; fwd-status=%d" % (fwd_b, status)
-            respond = self._send_resp(send, resp, outer, cs, head)
+            return _Settled("stale", cs, Outcome(stale=old, fwd_status=status), serve=old, age=age)
+        s = _Settled("miss", b"edge; fwd=%b; fwd-status=%d" % (fwd_b, status))
+        if status in (401, 403) and remember:
+            denial = _denial(resp)
+            s.user_value = _deny_record(now + self.cfg.deny_ttl, denial)
+            s.result = "denied"
+            s.outcome = Outcome(denial=denial, fwd_status=status)
+        elif status >= 500:
+            s.outcome = Outcome(error=resp, fwd_status=status)
+        return s
+
+    def _settle_fill(
+        self,
+        ctx: RequestContext,
+        keys: Keys,
+        resp: CapturedResponse,
+        fwd_b: bytes,
+        now: float,
+        rule: int,
+        store_ok: bool,
+        remember: bool,
+    ) -> _Settled:
+        """A storable 200: the entry goes under the variant its own `Vary` selects."""
+        names = vary_names(resp.headers, self._ignore_vary) or ()
+        if names != keys.names:
+            keys = self.variant(keys, ctx, names)
+        # Learnt for the next lookups of this process (another process learns it from
+        # the marker written beside the entry).
+        self._vary_names = names
+        entry = Entry(200, _stored_headers(resp.headers), bytes(resp.body), now)
+        self._local[keys.entry] = entry
+        outcome = Outcome(entry=entry, fwd_status=200, key=keys.entry, names=names)
         if not store_ok:
-            result = "error"
-        self._results[result].inc()
-        ctx.notes.append("cache=" + result)
-        if store_ok and (entry_value or user_value or token):
-            # Written before the answer goes out, so the caller's (or anyone's) next
-            # request finds the entry and the lock released. A failed write is counted
-            # by the store (edge_store_errors_total) and does not hold the answer back.
-            with contextlib.suppress(StoreError):
-                await self.store.run(
-                    FILL,
-                    [keys.entry, keys.user, keys.lock],
-                    [entry_value, self.entry_px, user_value, self._user_px(user_value), token],
-                )
-        if respond is not None:
-            await respond
-        return outcome
+            cs = b"edge; fwd=%b; fwd-status=200; detail=store-unavailable" % fwd_b
+            return _Settled("miss", cs, outcome, age=0)
+        s = _Settled("miss", b"edge; fwd=%b; fwd-status=200; stored" % fwd_b, outcome, age=0)
+        s.entry_value = entry.encode()
+        s.entry_key = keys.entry
+        s.marker = encode_marker(names) if names else b""
+        if remember and rule == _RECORD:
+            s.user_value = _allow_record(now + self.cfg.authz_ttl)
+        return s
 
     def _user_px(self, record: bytes) -> int:
         if not record:
@@ -798,10 +1008,13 @@ class CachePolicy:
         return max(1, int(ttl * 1000))
 
     async def _serve_outcome(
-        self, ctx: RequestContext, send: Send, outcome: Outcome, head: bool
+        self, ctx: RequestContext, send: Send, keys: Keys, outcome: Outcome, head: bool
     ) -> bool:
-        """Answer a request that waited on another's refresh; False = nothing to serve."""
+        """Answer a request that waited on another's refresh; False = nothing to serve
+        (or an entry of another variant than this request's)."""
         if outcome.entry is not None:
+            if outcome.key and self.variant(keys, ctx, outcome.names).entry != outcome.key:
+                return False
             await self._serve(ctx, send, outcome.entry, self.rt.clock(), head, "hit")
             return True
         if outcome.stale is not None:
@@ -931,6 +1144,23 @@ class CachePolicy:
             (b"cache-status", b"edge; fwd=bypass; detail=store-unavailable")
         )
         await self.next(ctx, receive, send)
+
+
+def _done(
+    table: dict[str, asyncio.Future[Outcome]], key: str, fut: asyncio.Future[Outcome]
+) -> None:
+    """End a flight: forget it, and release its waiters if it ended without an outcome."""
+    if table.get(key) is fut:
+        del table[key]
+    if not fut.done():
+        fut.set_result(_NOTHING)
+
+
+def _fwd(entry: Entry | None, now: float, ttl: float) -> str:
+    """The `fwd` of a caller's own request: its entry is fresh, stale, or missing."""
+    if entry is None:
+        return "miss"
+    return "request" if now - entry.stored_at < ttl else "stale"
 
 
 def _denial(resp: CapturedResponse) -> Entry:

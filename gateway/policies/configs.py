@@ -91,6 +91,10 @@ class CacheConfig(Section):
     stale_if_error: Duration = 0.0
     vary_query: list[str] = Field(default_factory=list)
     vary_claims: list[str] = Field(default_factory=list)
+    # Request headers named in an answer's `Vary` that must not split the key (the
+    # answer is the same whatever they say). Personal ones (Authorization, Cookie) and
+    # `*` still make the answer unstorable.
+    ignore_vary: list[str] = Field(default_factory=list)
     authz_ttl: Duration = 300.0
     deny_ttl: Duration = 30.0
     authorize: CacheAuthorize | None = None

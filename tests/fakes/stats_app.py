@@ -78,6 +78,8 @@ class StatsApp:
             "viewers": 42,
             "version": self.version,
             "range": request.query.get("range", ""),
+            # An RSC request gets another representation (as in Next.js, with its Vary).
+            "rsc": request.headers.get("RSC", ""),
             "pad": "x" * self.body_padding,
         }
         return web.json_response(payload, headers=self.extra_headers)
