@@ -673,7 +673,8 @@ async def test_answers_that_vary_on_credentials_are_not_stored(
     async with run_gateway(cfg, clock=FakeClock()) as gw:
         install_test_identity(gw.app)
         async with httpx.AsyncClient() as c:
-            for vary in ("Cookie", "Authorization", "*", "X-Edge-User-Id", "Accept-Language, Cookie"):
+            personal = ("Cookie", "Authorization", "*", "X-Edge-User-Id", "Accept-Language, Cookie")
+            for vary in personal:
                 stats.extra_headers = {"Vary": vary}
                 calls = stats.calls
                 await get(c, gw.url, "alice")

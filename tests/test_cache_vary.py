@@ -14,7 +14,7 @@ import httpx
 
 from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
 from tests.helpers import run_gateway
-from tests.test_cache import PATH, as_user, cache_config, cs, get, stats, store_url
+from tests.test_cache import cache_config, cs, get, stats, store_url
 
 __all__ = ["stats", "store_url"]  # the fixtures, re-exported for pytest
 
