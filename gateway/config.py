@@ -128,9 +128,20 @@ class UpstreamConfig(Section):
     # How long a request may wait for a free pooled connection (all max_connections busy)
     # before it is answered 504, instead of queueing inside the gateway without limit.
     pool_timeout: Duration = 5.0
-    keepalive_timeout: Duration = 30.0
+    # Idle time before a pooled connection is closed. Below Node's 5 s keep-alive (and
+    # uvicorn's), so the gateway retires a connection before the upstream closes it; an
+    # upstream's `Keep-Alive: timeout=N` shortens it further (to N - 1 s).
+    keepalive_timeout: Duration = 4.0
     # Send the client's Host header upstream instead of the upstream's own host.
     preserve_host: bool = False
+    # Rewrite Location / Content-Location / Refresh headers that point at this
+    # upstream's own origin to the origin the client used (nginx's `proxy_redirect
+    # default`), so redirects never leak the internal address.
+    rewrite_redirects: bool = True
+    # More origins that count as this upstream's own (scheme://host[:port]), e.g. the
+    # name the app believes it has (Next.js builds absolute URLs from its own
+    # hostname). Loopback aliases of a loopback upstream are always included.
+    redirect_origins: list[str] = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
@@ -141,6 +152,17 @@ class UpstreamConfig(Section):
         if parts.query or parts.fragment:
             raise ValueError("an upstream URL takes no query or fragment")
         return v.rstrip("/")
+
+    @field_validator("redirect_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            parts = urlsplit(origin)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"expected an http:// or https:// origin, got {origin!r}")
+            if parts.path.strip("/") or parts.query or parts.fragment:
+                raise ValueError(f"an origin is scheme://host[:port] only, got {origin!r}")
+        return v
 
 
 class AuthSettings(Section):

@@ -27,6 +27,8 @@ from gateway.config import ServerConfig, UpstreamConfig
 from gateway.http import Headers, Message, Receive, RequestContext, Scope, Send, send_error
 from gateway.net import TrustedProxies
 from gateway.observability.metrics import Metrics
+from gateway.pool import ATTEMPT, Attempt, PoolConnector
+from gateway.redirects import REWRITTEN, RedirectRewriter
 
 HOP_BY_HOP = frozenset(
     {
@@ -119,7 +121,7 @@ class Upstream:
     async def open(self) -> None:
         if self.session is not None:
             return
-        connector = aiohttp.TCPConnector(
+        connector = PoolConnector(
             limit=self.config.max_connections,
             limit_per_host=self.config.max_connections,
             keepalive_timeout=self.config.keepalive_timeout,
@@ -139,6 +141,14 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def note_keep_alive(self, protocol: Any, resp: aiohttp.ClientResponse) -> None:
+        """Retire the answer's connection before the upstream's Keep-Alive timeout."""
+        keep_alive = resp.headers.get("Keep-Alive")
+        if keep_alive is not None and self.session is not None:
+            connector = self.session.connector
+            if isinstance(connector, PoolConnector):
+                connector.note_keep_alive(protocol, keep_alive)
 
     def url(self, scope: Scope) -> URL:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -196,9 +206,15 @@ class Proxy:
         self.trusted = trusted
         self.metrics = metrics
         self.timeout = _timeout(upstream.config, read_timeout) if read_timeout else None
+        self.redirects = (
+            RedirectRewriter(upstream.config, trusted)
+            if upstream.config.rewrite_redirects
+            else None
+        )
         self._req_counter = metrics.upstream_requests
         self._err_counter = metrics.upstream_errors
         self._latency = metrics.upstream_latency.labels(upstream.name)
+        self._retries = metrics.upstream_retries.labels(upstream.name, "stale_connection")
 
     # ------------------------------------------------------------------ headers
 
@@ -250,16 +266,19 @@ class Proxy:
             out[k.decode("latin-1")] = v.decode("latin-1")
         return out
 
-    @staticmethod
-    def response_headers(resp: aiohttp.ClientResponse) -> Headers:
+    def response_headers(self, resp: aiohttp.ClientResponse, scope: Scope) -> Headers:
         raw = resp.raw_headers
         nominated = _nominated(list(raw))
         out: Headers = []
+        redirect = False
         for k, v in raw:
             lk = k.lower()
             if lk in _RESPONSE_SKIP or lk in nominated:
                 continue
+            redirect = redirect or lk in REWRITTEN
             out.append((lk, v))
+        if redirect and self.redirects is not None:
+            return self.redirects.rewrite(out, scope)
         return out
 
     # ------------------------------------------------------------------ HTTP
@@ -299,49 +318,17 @@ class Proxy:
         """Send the request upstream and return the response with its body unread. Raises
         BodyTooLarge or UpstreamFailure. The caller must release the response. With a
         `watch`, a client disconnect after the body was read cancels the call."""
-        scope = ctx.scope
-        session = self.upstream.session
-        assert session is not None, "upstream session not opened (lifespan not run?)"
         headers = self.request_headers(ctx, _REQUEST_REWRITTEN)
-        data: Any = None
-        length = ctx.header(b"content-length")
-        chunked = ctx.header(b"transfer-encoding")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                raise UpstreamFailure(400, "bad_request", "invalid Content-Length", "") from None
-            if n > self.max_body:
-                raise BodyTooLarge
-            if n <= _PREREAD_LIMIT:
-                data = await read_body(receive, self.max_body)
-            else:
-                data = _stream_body(receive, self.max_body, watch)
-            headers["Content-Length"] = str(n)
-        elif chunked is not None:
-            if chunked.strip().lower() != b"chunked":
-                # A transfer coding we would silently drop (gzip, chunked) corrupts the
-                # body upstream; refuse it as Envoy does.
-                raise UpstreamFailure(501, "not_implemented", "unsupported Transfer-Encoding", "")
-            data = _stream_body(receive, self.max_body, watch)
-        if watch is not None and isinstance(data, AsyncIterator):
+        data = await self._request_body(ctx, receive, headers, watch)
+        streamed = isinstance(data, AsyncIterator)
+        if watch is not None and streamed:
             watch.body_done = False
         if watch is not None and watch.body_done:
             watch.start()
-        method = scope["method"]
         t0 = time.perf_counter()
         name = self.upstream.name
-        streamed = isinstance(data, AsyncIterator)
-        kwargs: dict[str, Any] = {"timeout": self.timeout} if self.timeout else {}
         try:
-            resp = await session.request(
-                method,
-                self.upstream.url(scope),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                **kwargs,
-            )
+            resp = await self._send(ctx, headers, data)
         except (BodyTooLarge, ClientGone):
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -366,6 +353,76 @@ class Proxy:
             obs.answered(ctx, resp.status, None if streamed else elapsed)
         return resp
 
+    async def _request_body(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        headers: CIMultiDict[str],
+        watch: DisconnectWatch | None,
+    ) -> Any:
+        """The body to send: None, the whole of a small one (bytes), or a stream."""
+        length = ctx.header(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise UpstreamFailure(400, "bad_request", "invalid Content-Length", "") from None
+            if n > self.max_body:
+                raise BodyTooLarge
+            headers["Content-Length"] = str(n)
+            if n <= _PREREAD_LIMIT:
+                return await read_body(receive, self.max_body)
+            return _stream_body(receive, self.max_body, watch)
+        chunked = ctx.header(b"transfer-encoding")
+        if chunked is not None:
+            if chunked.strip().lower() != b"chunked":
+                # A transfer coding we would silently drop (gzip, chunked) corrupts the
+                # body upstream; refuse it as Envoy does.
+                raise UpstreamFailure(501, "not_implemented", "unsupported Transfer-Encoding", "")
+            return _stream_body(receive, self.max_body, watch)
+        return None
+
+    async def _send(
+        self, ctx: RequestContext, headers: CIMultiDict[str], data: Any
+    ) -> aiohttp.ClientResponse:
+        """One upstream call. A request that failed on a reused connection before any
+        answer (the upstream closed it while idle) is sent once more on a new
+        connection, whatever its method, when its body can be sent again (none, or
+        read whole); a streamed upload that already left cannot be."""
+        session = self.upstream.session
+        assert session is not None, "upstream session not opened (lifespan not run?)"
+        scope = ctx.scope
+        kwargs: dict[str, Any] = {"timeout": self.timeout} if self.timeout else {}
+        attempt = Attempt()
+        token = ATTEMPT.set(attempt)
+        try:
+            while True:
+                try:
+                    resp = await session.request(
+                        scope["method"],
+                        self.upstream.url(scope),
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        **kwargs,
+                    )
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    if (
+                        attempt.fresh
+                        or not attempt.reused
+                        or isinstance(exc, aiohttp.ClientConnectorError)
+                        or isinstance(data, AsyncIterator)
+                    ):
+                        raise
+                    attempt.fresh = True
+                    self._retries.inc()
+                    ctx.notes.append("upstream_retry")
+                    continue
+                self.upstream.note_keep_alive(attempt.protocol, resp)
+                return resp
+        finally:
+            ATTEMPT.reset(token)
+
     async def stream_response(
         self,
         ctx: RequestContext,
@@ -375,7 +432,7 @@ class Proxy:
         extra_headers: Headers | None = None,
         watch: DisconnectWatch | None = None,
     ) -> None:
-        headers = self.response_headers(resp)
+        headers = self.response_headers(resp, ctx.scope)
         if ctx.response_headers:
             headers.extend(ctx.response_headers)
         if extra_headers:

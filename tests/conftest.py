@@ -107,3 +107,49 @@ def private_redis_server() -> Iterator[PrivateRedis]:
 @pytest.fixture
 def private_redis(private_redis_server: PrivateRedis) -> str:
     return private_redis_server.url
+
+
+def node_binary() -> str:
+    """The `node` executable. Missing: under CI=true the test fails (.ci/run installs
+    Node); elsewhere it is skipped with the reason."""
+    exe = shutil.which("node")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("node is required under CI=true (.ci/run installs nodejs)")
+        pytest.skip("node is not installed: the Node upstream tests need it (apt install nodejs)")
+    return exe
+
+
+class NodeUpstream:
+    """tests/fakes/node_upstream.js in its own process: a real Node `http` server."""
+
+    def __init__(self, keep_alive_ms: int) -> None:
+        script = os.path.join(os.path.dirname(__file__), "fakes", "node_upstream.js")
+        self.proc = subprocess.Popen(
+            [node_binary(), script, str(keep_alive_ms)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.isdigit():
+            self.stop()
+            raise RuntimeError(f"node upstream did not start: {line!r}")
+        self.port = int(line)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def node_upstream() -> Iterator[NodeUpstream]:
+    """Node with a 2 s keep-alive (it advertises `timeout=2` and closes ~3 s idle)."""
+    up = NodeUpstream(2000)
+    yield up
+    up.stop()

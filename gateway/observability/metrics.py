@@ -84,6 +84,13 @@ class Metrics:
             ["upstream", "kind"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "edge_upstream_retries_total",
+            "Requests sent again on a new connection after a reused one failed before "
+            "any answer (the upstream closed it while idle), by reason.",
+            ["upstream", "reason"],
+            registry=r,
+        )
         self.upstream_latency = Histogram(
             "edge_upstream_duration_seconds",
             "Time to upstream response headers.",
