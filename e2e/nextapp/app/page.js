@@ -1,0 +1,3 @@
+export default function Home() {
+  return <main>EventLive e2e app</main>;
+}
