@@ -14,7 +14,7 @@ import httpx
 
 from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
 from tests.helpers import run_gateway
-from tests.test_cache import cache_config, cs, get, stats, store_url
+from tests.test_cache import PATH, cache_config, cs, get, stats, store_url
 
 __all__ = ["stats", "store_url"]  # the fixtures, re-exported for pytest
 
@@ -198,3 +198,19 @@ async def test_m_admins_on_two_replicas_cost_m_first_checks(
         rs = await asyncio.gather(*tasks)
     assert [r.status_code for r in rs] == [200] * 30
     assert stats.calls_by_user == {u: 1 for u in admins}
+
+
+async def test_a_rewritten_content_location_is_not_replayed_to_others(
+    stats: StatsApp, store_url: str
+) -> None:
+    """The proxy rewrites Content-Location to the filler's Host; an entry must not carry
+    one caller's Host to everyone else."""
+    stats.allow_anonymous = True
+    stats.extra_headers = {"Content-Location": stats.url + PATH}
+    cfg = cache_config(stats.url, store_url, public=True)
+    async with run_gateway(cfg, clock=FakeClock()) as gw, httpx.AsyncClient() as c:
+        filler = await get(c, gw.url, headers={"Host": "evil.example"})
+        assert filler.headers["content-location"] == "http://evil.example" + PATH
+        hit = await get(c, gw.url)
+        assert cs(hit).startswith("edge; hit")
+        assert "content-location" not in hit.headers

@@ -94,8 +94,19 @@ FILL = Script.from_file("cache_fill", _fill_py)
 # --------------------------------------------------------------------------- entries
 
 # Never kept in an entry: per-response or per-caller headers, and what we recompute.
+# Location-type headers are rewritten to the filler's own Host (gateway/redirects.py):
+# stored, one caller's Host would be served to everyone.
 _UNSTORED = frozenset(
-    {b"set-cookie", b"age", b"cache-status", b"content-length", b"transfer-encoding"}
+    {
+        b"set-cookie",
+        b"age",
+        b"cache-status",
+        b"content-length",
+        b"transfer-encoding",
+        b"location",
+        b"content-location",
+        b"refresh",
+    }
 )
 _MAGIC = b"EC1"
 _HEAD = struct.Struct(">3sHqH")  # magic, status, stored_at (ms), header count
