@@ -26,6 +26,7 @@ from gateway.config import parse_config
 from tests.conftest import free_port
 from tests.e2e.conftest import NextApp
 from tests.fakes.gotrue import sign_hs256
+from tests.fakes.stats_app import FakeClock
 from tests.helpers import Running, run_gateway
 
 SECRET = "e2e-secret-at-least-32-bytes-long-xxxx"
@@ -39,7 +40,8 @@ async def gw(next_app: NextApp) -> AsyncIterator[Running]:
     cfg = parse_config((ROOT / "config.yaml").read_text(), env=env)
     async with httpx.AsyncClient() as c:
         await c.delete(next_app.url + "/api/test-counts")
-    async with run_gateway(cfg) as running:
+    # The gateway's clock stands still: a TTL cannot run out on a busy machine mid-test.
+    async with run_gateway(cfg, clock=FakeClock(time.time())) as running:
         running.supabase = supabase  # type: ignore[attr-defined]
         yield running
 
