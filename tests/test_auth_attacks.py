@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from joserfc.jwk import OctKey
+from joserfc.jws import JWSRegistry
 
 from tests.fakes.app import FakeApp
 from tests.fakes.jwks import (
@@ -93,8 +94,10 @@ async def test_eddsa_key_accepts_ed25519_header_name(issuer: FakeIssuer, fake_ap
         {"exp_offset": -20},  # expired 20 s ago, within the 30 s leeway
         {"nbf_offset": 20},  # valid from 20 s in the future, within leeway
         {"nbf_offset": -60},
+        {"iat_offset": 20},  # issued 20 s "in the future": clock skew within leeway
+        {"iat_offset": None},  # no iat at all (GoTrue always sets one; others may not)
     ],
-    ids=["aud-list", "exp-within-leeway", "nbf-within-leeway", "nbf-past"],
+    ids=["aud-list", "exp-within-leeway", "nbf-within-leeway", "nbf-past", "iat-skew", "no-iat"],
 )
 async def test_accepted_claims(issuer: FakeIssuer, fake_app: FakeApp, over: dict[str, Any]) -> None:
     clock = FakeClock()
@@ -103,6 +106,12 @@ async def test_accepted_claims(issuer: FakeIssuer, fake_app: FakeApp, over: dict
         claims["exp"] = int(clock.now) + over.pop("exp_offset")
     if "nbf_offset" in over:
         claims["nbf"] = int(clock.now) + over.pop("nbf_offset")
+    if "iat_offset" in over:
+        offset = over.pop("iat_offset")
+        if offset is None:
+            del claims["iat"]
+        else:
+            claims["iat"] = int(clock.now) + offset
     claims.update(over)
     token = issuer.sign(claims, kid="es-1")
     cfg = make_config(fake_app.url, auth=auth_settings(issuer), routes=auth_routes())
@@ -182,6 +191,27 @@ def _alg_mismatch(iss: FakeIssuer, now: float) -> str:
     return sign_with(attacker.key, "ES256", _claims(iss, now), {"kid": "rs-1"})
 
 
+def _raw_signed(iss: FakeIssuer, header: bytes, payload: bytes) -> str:
+    """Validly signed by es-1 over JSON text as written (dicts cannot repeat a key)."""
+    k = iss.keys["es-1"]
+    signing_input = f"{b64(header)}.{b64(payload)}".encode()
+    sig = JWSRegistry.algorithms["ES256"].sign(signing_input, k.key)
+    return f"{signing_input.decode()}.{b64(sig)}"
+
+
+def _duplicate_claim(iss: FakeIssuer, now: float) -> str:
+    """A parser keeping the first `sub` and one keeping the last would disagree on who
+    this is."""
+    body = json.dumps(_claims(iss, now))[:-1]
+    payload = f'{body}, "sub": "00000000-0000-0000-0000-000000000000"}}'.encode()
+    return _raw_signed(iss, b'{"alg":"ES256","typ":"JWT","kid":"es-1"}', payload)
+
+
+def _duplicate_header_member(iss: FakeIssuer, now: float) -> str:
+    header = b'{"alg":"ES256","typ":"JWT","kid":"es-1","kid":"rs-1"}'
+    return _raw_signed(iss, header, json.dumps(_claims(iss, now)).encode())
+
+
 def _rs384(iss: FakeIssuer, now: float) -> str:
     k = iss.keys["rs-1"]
     return sign_with(k.key, "RS384", _claims(iss, now), {"kid": "rs-1"})
@@ -218,6 +248,21 @@ REFUSED: list[tuple[str, Maker, str]] = [
         lambda i, n: i.sign(_claims(i, n, nbf=int(n) + 120), kid="es-1"),
         "not_yet_valid",
     ),
+    (
+        "iat-a-year-in-future",
+        lambda i, n: i.sign(
+            _claims(i, n, iat=int(n) + 365 * 86400, exp=int(n) + 366 * 86400), kid="es-1"
+        ),
+        "not_yet_valid",
+    ),
+    (
+        "iat-beyond-leeway",
+        lambda i, n: i.sign(_claims(i, n, iat=int(n) + 31), kid="es-1"),
+        "not_yet_valid",
+    ),
+    ("string-iat", lambda i, n: i.sign(_claims(i, n, iat="now"), kid="es-1"), "bad_claims"),
+    ("duplicate-claim", _duplicate_claim, "malformed"),
+    ("duplicate-header-member", _duplicate_header_member, "malformed"),
     ("missing-exp", lambda i, n: i.sign(_claims(i, n, exp=None), kid="es-1"), "bad_claims"),
     ("string-exp", lambda i, n: i.sign(_claims(i, n, exp="never"), kid="es-1"), "bad_claims"),
     (
@@ -329,3 +374,104 @@ def test_forged_tokens_are_well_formed_base64() -> None:
     tok = forge({"alg": "none"}, {"sub": "x"})
     h = tok.split(".")[0]
     assert json.loads(base64.urlsafe_b64decode(h + "=" * (-len(h) % 4))) == {"alg": "none"}
+
+
+# --------------------------------------------------------------------------- who decides
+
+OTHER_USER = "00000000-0000-4000-8000-00000000beef"
+
+
+def _cookie(token: str) -> str:
+    session = json.dumps({"access_token": token, "refresh_token": "r", "expires_at": 2**31})
+    return f"sb-abcdefghijklmnop-auth-token=base64-{b64(session.encode())}"
+
+
+# (case, Authorization header lines, cookie holds a valid session, route, expected
+#  status, the X-Edge-User-Id the app may see: None = none, "cookie" / "bearer" = whose)
+Headers = Callable[[FakeIssuer, float], list[str]]
+WHO_DECIDES: list[tuple[str, Headers, str, int, str | None]] = [
+    ("invalid-bearer-beside-a-valid-cookie", lambda i, n: ["Bearer x.y.z"], "req", 401, None),
+    (
+        "expired-bearer-of-another-user-beside-a-valid-cookie",
+        lambda i, n: [
+            "Bearer " + i.sign(_claims(i, n - 7200, sub=OTHER_USER), kid="es-1"),
+        ],
+        "req",
+        401,
+        None,
+    ),
+    (
+        "invalid-bearer-on-an-optional-route-is-anonymous",
+        lambda i, n: ["Bearer x.y.z"],
+        "opt",
+        200,
+        None,
+    ),
+    ("basic-credentials-beside-a-valid-cookie", lambda i, n: ["Basic dTpw"], "req", 401, None),
+    ("empty-bearer-beside-a-valid-cookie", lambda i, n: ["Bearer"], "req", 401, None),
+    (
+        "two-authorization-headers",
+        lambda i, n: [
+            "Bearer " + i.sign(_claims(i, n, sub=OTHER_USER), kid="es-1"),
+            "Bearer x.y.z",
+        ],
+        "req",
+        401,
+        None,
+    ),
+    (
+        "unsigned-bearer-naming-no-user-beside-a-valid-cookie",
+        lambda i, n: ["Bearer " + forge({"alg": "HS256"}, {"role": "anon", "exp": int(n) + 99})],
+        "req",
+        401,
+        None,
+    ),
+    (
+        # supabase-js's anon key: validly signed, names no user: the cookie decides.
+        "anon-key-bearer-beside-a-valid-cookie",
+        lambda i, n: [
+            "Bearer "
+            + i.sign({"iss": "supabase", "role": "anon", "iat": int(n), "exp": int(n) + 10**8})
+        ],
+        "req",
+        200,
+        "cookie",
+    ),
+    (
+        "valid-bearer-of-another-user-beside-a-valid-cookie",
+        lambda i, n: ["Bearer " + i.sign(_claims(i, n, sub=OTHER_USER), kid="es-1")],
+        "req",
+        200,
+        "bearer",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "route", "status", "who"),
+    [case[1:] for case in WHO_DECIDES],
+    ids=[case[0] for case in WHO_DECIDES],
+)
+async def test_an_authorization_header_decides_alone(
+    issuer: FakeIssuer,
+    fake_app: FakeApp,
+    authorization: Headers,
+    route: str,
+    status: int,
+    who: str | None,
+) -> None:
+    clock = FakeClock()
+    cookie_user = issuer.sign(issuer.claims(now=clock.now), kid="es-1")
+    headers = [("Authorization", v) for v in authorization(issuer, clock.now)]
+    headers.append(("Cookie", _cookie(cookie_user)))
+    cfg = make_config(fake_app.url, auth=auth_settings(issuer), routes=auth_routes())
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+        r = await c.get(f"{gw.url}/{route}/x", headers=headers)
+        assert r.status_code == status, r.text
+    if status == 401:
+        assert r.json()["error"] == "invalid_token"
+        assert fake_app.requests == []
+        return
+    seen = upstream_headers(fake_app).get("x-edge-user-id")
+    expected = {None: None, "cookie": issuer.claims()["sub"], "bearer": OTHER_USER}[who]
+    assert seen == expected

@@ -86,6 +86,9 @@ class VerifyError(Exception):
         super().__init__(message)
         self.result = result
         self.message = message
+        # False for a token signed by a trusted key that claims no user (a project's anon
+        # or service key, whose `iss`/`aud` are not a user session's): it names no caller.
+        self.names_user = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,9 +158,22 @@ def _b64decode(segment: str) -> bytes:
     return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
 
 
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DuplicateMember("duplicate member name")
+    return out
+
+
 def _b64json(segment: str) -> Any:
+    """A JWT segment's JSON; None if it is not JSON or names a member twice (RFC 7515
+    §5.2: parsers that keep the first and the last would read different tokens)."""
     try:
-        return json.loads(_b64decode(segment))
+        return json.loads(_b64decode(segment), object_pairs_hook=_unique_members)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
 
@@ -496,7 +512,11 @@ class Verifier:
         claims = _b64json(parts[1])
         if not isinstance(claims, dict):
             raise VerifyError("malformed", "the access token payload is malformed")
-        return self._claims(claims, digest, now, kid, keys[0].alg == "HS256")
+        try:
+            return self._claims(claims, digest, now, kid, keys[0].alg == "HS256")
+        except VerifyError as exc:
+            exc.names_user = claims.get("sub") is not None
+            raise
 
     @staticmethod
     def _check(key: _Key, signing_input: bytes, sig: bytes) -> bool:
@@ -551,6 +571,13 @@ class Verifier:
                 raise VerifyError("bad_claims", "the access token has an invalid nbf")
             if nbf > now + leeway:
                 raise VerifyError("not_yet_valid", "the access token is not valid yet")
+        iat = claims.get("iat")
+        if iat is not None:
+            if not _is_number(iat):
+                raise VerifyError("bad_claims", "the access token has an invalid iat")
+            # A token from the future was minted with a wrong clock or a stolen key.
+            if iat > now + leeway:
+                raise VerifyError("not_yet_valid", "the access token was issued in the future")
         issuer = self.settings.issuer
         if issuer and claims.get("iss") != issuer:
             raise VerifyError("bad_claims", "the access token was issued by someone else")
@@ -665,6 +692,10 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+def _authorization_count(scope: Scope) -> int:
+    return sum(1 for k, _ in scope["headers"] if k == b"authorization")
+
+
 def session_access_token(value: str) -> str | None:
     """The access token inside an @supabase/ssr session cookie value."""
     value = value.strip().strip('"')
@@ -718,37 +749,47 @@ def cookie_token(scope: Scope, cookie_name: str | None) -> str | None:
     return None
 
 
-def _candidates(scope: Scope, cookie_name: str | None) -> list[str]:
-    out = []
-    bearer = bearer_token(scope)
-    if bearer:
-        out.append(bearer)
-    cookie = cookie_token(scope, cookie_name)
-    if cookie and cookie != bearer:
-        out.append(cookie)
-    return out
-
-
 async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedToken] | VerifyError:
-    """The caller's verified user token, or why there is none. The Bearer header is tried
-    first, then the session cookie: a browser's supabase-js sends the project's anon key as
-    Bearer when it has no session in memory, while the cookie holds the user's session."""
-    candidates = _candidates(scope, verifier.settings.cookie_name)
-    if not candidates:
-        verifier.rt.metrics.auth_verifications.labels("missing").inc()
-        return VerifyError("missing", "an access token is required")
-    first: VerifyError | None = None
-    for token in candidates:
+    """The caller's verified user token, or why there is none.
+
+    An `Authorization` header, when present, decides alone: if it is not one valid Bearer
+    token the request has no identity whatever its cookies say, because the header is
+    forwarded and the app would otherwise see one caller while the gateway vouches for
+    another. The one exception keeps browsers working: a Bearer token signed by a trusted
+    key that names no user (the project's anon key, which supabase-js sends when it has
+    no session in memory; its `iss` and `aud` are not a session's) claims no identity,
+    so the session cookie is tried next."""
+    metrics = verifier.rt.metrics
+    count = _authorization_count(scope)
+    if count > 1:
+        metrics.auth_verifications.labels("malformed").inc()
+        return VerifyError("malformed", "more than one Authorization header")
+    bearer = bearer_token(scope) if count else None
+    if count and bearer is None:
+        metrics.auth_verifications.labels("malformed").inc()
+        return VerifyError("malformed", "the Authorization header is not a Bearer token")
+    if bearer is not None:
         try:
-            vt = await verifier.verify(token)
+            vt = await verifier.verify(bearer)
         except VerifyError as exc:
-            first = first or exc
-            continue
-        if vt.identity is not None:
-            return token, vt
-        first = first or VerifyError("bad_claims", "the access token names no user")
-    assert first is not None
-    return first
+            if exc.names_user:  # False only after the signature checked out
+                return exc
+        else:
+            if vt.identity is not None:
+                return bearer, vt
+    cookie = cookie_token(scope, verifier.settings.cookie_name)
+    if cookie is None or cookie == bearer:
+        if bearer is not None:
+            return VerifyError("bad_claims", "the access token names no user")
+        metrics.auth_verifications.labels("missing").inc()
+        return VerifyError("missing", "an access token is required")
+    try:
+        vt = await verifier.verify(cookie)
+    except VerifyError as exc:
+        return exc
+    if vt.identity is None:
+        return VerifyError("bad_claims", "the access token names no user")
+    return cookie, vt
 
 
 def _www_authenticate(err: VerifyError) -> bytes:
