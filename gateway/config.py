@@ -58,8 +58,15 @@ class ServerConfig(Section):
     keep_alive_timeout: Duration = 75.0
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # Upper bound on concurrent connections per process before uvicorn answers 503.
-    limit_concurrency: int | None = Field(None, ge=1)
+    # Upper bound on open connections (and on requests in progress) per process; above
+    # it a request is answered 503 JSON. null = unbounded (docs/security.md).
+    limit_concurrency: int | None = Field(4096, ge=1)
+    # Largest request head (request line plus all headers) in bytes; 431 JSON above it,
+    # decided as the bytes arrive (docs/security.md).
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Time allowed from accept (first request) or from a head's first byte (later
+    # requests) until the end of the head; then the connection is closed.
+    header_timeout: Duration = Field(10.0, gt=0)
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +28,41 @@ import uvicorn
 
 from gateway.config import GatewayConfig, load_config
 from gateway.observability.logging import setup_logging
+from gateway.protocol import SWEEP_TICKS, EdgeConfig, HeadLimits, sweep_heads
 
 log = logging.getLogger("gateway")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server whose signals are ours: the drain sequence is owned here."""
+    """uvicorn.Server whose signals are ours: the drain sequence is owned here. Its tick
+    also expires request heads past `server.header_timeout` (gateway/protocol.py)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
+    async def on_tick(self, counter: int) -> bool:
+        if counter % SWEEP_TICKS == 0:
+            sweep_heads(self.server_state.connections)
+        return await super().on_tick(counter)
+
 
 def _uvicorn_config(
-    app: Any, host: str, port: int, cfg: GatewayConfig, **kw: Any
+    app: Any,
+    host: str,
+    port: int,
+    cfg: GatewayConfig,
+    clock: Callable[[], float] | None = None,
+    **kw: Any,
 ) -> uvicorn.Config:
-    return uvicorn.Config(
+    server = cfg.server
+    return EdgeConfig(
         app,
+        # httptools, with the head size limit and head timeout uvicorn lacks.
+        head_limits=HeadLimits(server.max_header_bytes, server.header_timeout, clock),
         host=host,
         port=port,
         loop="none",
-        http="httptools",
         ws="websockets-sansio",
         log_config=None,
         access_log=False,

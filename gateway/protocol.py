@@ -1,0 +1,234 @@
+"""HTTP/1 connection limits that uvicorn + httptools do not have.
+
+Owns: `EdgeHttpProtocol`, a small subclass of uvicorn's `HttpToolsProtocol` that the
+public and admin listeners run (gateway/server.py), and `sweep_heads`, which the server
+calls from its tick to expire slow heads. It adds:
+
+- `server.max_header_bytes`: the request line plus all headers of one request. httptools
+  grows a header value by concatenating bytes on every read (quadratic: a 128 MB header
+  cost 18 s of CPU), so the bytes are counted *before* they reach the parser, and a read
+  that would cross the limit is fed only up to it. A head still incomplete at the limit
+  gets `431` JSON and the connection is closed after a short lingering read, so the
+  client sees the answer instead of a reset. The cost is one comparison per read.
+- `server.header_timeout`: from accept (a connection's first request) or from the first
+  byte of a later head, until the end of that head; then the connection is closed.
+  Idle time between requests stays uvicorn's keep-alive timeout's. Deadlines are plain
+  floats checked by `sweep_heads` twice a second, so the hot path arms no timer.
+- `server.limit_concurrency` answered as JSON (uvicorn's own 503 is plain text), and
+  uvicorn's plain-text 400 for unparsable requests as JSON too.
+
+A head that starts inside a read that also carried the end of the previous request
+(pipelining) is counted from the next read: such a head may exceed the limit by at most
+that one read (uvloop reads at most 256 KiB), which keeps the cost linear and the memory
+bounded without re-parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gateway.http import Receive, Scope, Send, send_error
+
+# After a 431, how long and how much the connection keeps reading (and discarding) before
+# it closes: closing with unread data makes the kernel send a reset, and a reset can
+# destroy the 431 before the client reads it (nginx's lingering close, bounded).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+# How often (in uvicorn ticks of 0.1 s) the server checks head deadlines.
+SWEEP_TICKS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """Per-listener limits on request heads (from `server.*`)."""
+
+    max_header_bytes: int = 32 * 1024
+    header_timeout: float = 10.0
+    # Tests inject a clock; the default is the event loop's monotonic time.
+    clock: Callable[[], float] | None = None
+
+
+class EdgeConfig(uvicorn.Config):
+    """uvicorn's Config plus the head limits the protocol reads."""
+
+    def __init__(self, app: Any, *, head_limits: HeadLimits, **kwargs: Any) -> None:
+        super().__init__(app, http=EdgeHttpProtocol, **kwargs)
+        self.head_limits = head_limits
+
+
+def _error_response(status: int, code: str, message: str) -> bytes:
+    """A complete `Connection: close` response for errors decided below the ASGI app.
+    It carries an X-Request-Id like every other answer (there is no inbound one to keep:
+    the head was not accepted)."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    return b"".join(
+        (
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: " + os.urandom(16).hex().encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
+    """`server.limit_concurrency` reached: the gateway's own JSON 503."""
+    await send_error(
+        send,
+        503,
+        "overloaded",
+        "too many concurrent connections; retry shortly",
+        [(b"retry-after", b"1"), (b"connection", b"close")],
+    )
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head size limit, a head timeout and JSON
+    answers for the errors decided at this level."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limits: HeadLimits = getattr(config, "head_limits", None) or HeadLimits()
+        self._max_head = limits.max_header_bytes
+        self._head_timeout = limits.header_timeout
+        self._clock = limits.clock or self.loop.time
+        # True from the end of one request until the end of the next one's head.
+        self._in_head = True
+        self._head_room = self._max_head
+        # When the head in progress must be complete (0.0: no head in progress).
+        self._deadline = 0.0
+        self._lingering = False
+        self._lingered = 0
+        self._upgraded = False
+        # Heads completed on this connection (tells _overflow whether its slice ended one).
+        self._heads = 0
+        # uvicorn's own check would answer plain text: do it here instead.
+        self._limit = self.limit_concurrency
+        self.limit_concurrency = None
+        self._app = self.app
+
+    # ------------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection's first request is timed from accept: an idle new connection is
+        # exactly what slowloris and connection floods hold open.
+        self._deadline = self._clock() + self._head_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            if self._lingering:
+                self._linger(len(data))
+                return
+            if not self._deadline:
+                self._deadline = self._clock() + self._head_timeout
+            if len(data) > self._head_room:
+                self._overflow(data)
+                return
+            self._head_room -= len(data)
+        super().data_received(data)
+
+    def _overflow(self, data: bytes) -> None:
+        """Feed only as much as the head may still use; whatever follows the end of the
+        head (a body, a pipelined request) is fed afterwards as a read of its own."""
+        room = self._head_room
+        heads = self._heads
+        self._head_room = 0
+        if room:
+            super().data_received(data[:room])
+        if self._upgraded or self.transport.is_closing():
+            return
+        if self._heads == heads:
+            self._refuse_head()
+            return
+        self.data_received(data[room:])
+
+    def _refuse_head(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a response still being written: a 431 now would
+            # land inside that response.
+            self.transport.close()
+            return
+        self.transport.write(
+            _error_response(
+                431,
+                "header_too_large",
+                f"the request line and headers exceed {self._max_head} bytes",
+            )
+        )
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        self._deadline = self._clock() + min(LINGER_SECONDS, self._head_timeout)
+
+    def _linger(self, n: int) -> None:
+        self._lingered += n
+        if self._lingered > LINGER_BYTES:
+            self.transport.close()
+
+    def expire(self, now: float) -> None:
+        """Close the connection if its head (or its lingering close) is overdue."""
+        if self._deadline and now >= self._deadline and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._upgraded = True
+        self._deadline = 0.0
+        super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        # `msg` is uvicorn's fixed text; the parser's detail is not echoed to the client.
+        self.transport.write(_error_response(400, "bad_request", "invalid HTTP request"))
+        self.transport.close()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._deadline:
+            self._deadline = self._clock() + self._head_timeout
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._deadline = 0.0
+        self._heads += 1
+        limit = self._limit
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self.app = _busy
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = self._app
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next byte on this connection starts the next head.
+        self._in_head = True
+        self._head_room = self._max_head
+
+
+def sweep_heads(connections: Iterable[Any]) -> None:
+    """Expire overdue heads; called by the server a few times a second."""
+    for conn in list(connections):
+        if isinstance(conn, EdgeHttpProtocol):
+            conn.expire(conn._clock())

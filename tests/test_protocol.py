@@ -1,0 +1,242 @@
+"""gateway/protocol.py driven directly: bytes in, answer out, through a fake transport and
+an injected clock (the socket-level behaviour is in tests/test_edge_attacks.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from gateway.http import Receive, Scope, Send, send_json
+from gateway.protocol import LINGER_BYTES, EdgeConfig, EdgeHttpProtocol, HeadLimits, sweep_heads
+from tests.fakes.jwks import FakeClock
+from tests.fakes.transport import FakeTransport
+
+LIMIT = 4096
+
+
+class Recorder:
+    """An ASGI app that answers 200 with the head it saw."""
+
+    def __init__(self) -> None:
+        self.scopes: list[Scope] = []
+        self.done = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+        more = True
+        while more:
+            msg = await receive()
+            more = msg.get("more_body", False)
+        await send_json(send, 200, b"{}")
+        self.done.set()
+
+
+class CountingParser:
+    """Wraps the httptools parser to count the bytes it is fed (the quadratic cost is in
+    the parser, so what matters is that it never sees more than the limit)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.fed = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.fed += len(data)
+        self.inner.feed_data(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def connect(
+    app: Any = None,
+    *,
+    clock: FakeClock | None = None,
+    limit: int = LIMIT,
+    timeout: float = 10.0,
+    limit_concurrency: int | None = None,
+) -> tuple[EdgeHttpProtocol, FakeTransport, CountingParser, ServerState]:
+    cfg = EdgeConfig(
+        app or Recorder(),
+        head_limits=HeadLimits(limit, timeout, clock or FakeClock()),
+        loop="none",
+        log_config=None,
+        lifespan="off",
+        limit_concurrency=limit_concurrency,
+    )
+    state = ServerState()
+    proto = EdgeHttpProtocol(cfg, state, {})
+    parser = CountingParser(proto.parser)
+    proto.parser = parser  # type: ignore[assignment]
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    return proto, transport, parser, state
+
+
+def head(size: int) -> bytes:
+    """A GET head of exactly `size` bytes (request line, Host, one padding header)."""
+    base = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Pad: \r\n\r\n"
+    return base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (size - len(base)))
+
+
+def body_of(transport: FakeTransport) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(bytes(transport.written).split(b"\r\n\r\n", 1)[1])
+    return doc
+
+
+async def test_a_head_exactly_at_the_limit_is_served() -> None:
+    app = Recorder()
+    proto, transport, _, _ = connect(app)
+    data = head(LIMIT)
+    for i in range(0, len(data), 100):  # many small reads
+        proto.data_received(data[i : i + 100])
+    await asyncio.wait_for(app.done.wait(), 5)
+    assert transport.status() == 200
+
+
+async def test_one_byte_over_is_431_json_and_the_parser_never_sees_more() -> None:
+    proto, transport, parser, _ = connect()
+    data = head(LIMIT + 1)
+    for i in range(0, len(data), 1000):
+        proto.data_received(data[i : i + 1000])
+    assert transport.status() == 431
+    doc = body_of(transport)
+    assert doc["error"] == "header_too_large"
+    assert str(LIMIT) in doc["message"]
+    assert b"connection: close" in transport.written
+    assert b"x-request-id: " in transport.written
+    assert parser.fed == LIMIT
+    # Lingering: the answer is out and the write side shut; the rest is read and dropped.
+    assert transport.eof_written and not transport.closed
+
+
+async def test_a_huge_header_costs_only_the_limit_then_the_connection_closes() -> None:
+    proto, transport, parser, _ = connect()
+    proto.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+    chunk = b"x" * 65536
+    reads = 0
+    while not transport.closed:
+        proto.data_received(chunk)
+        reads += 1
+        assert reads < 1000, "the connection was never closed"
+    assert transport.status() == 431
+    assert parser.fed == LIMIT
+    # Closed once the lingering read passed its byte bound, long before 64 MB.
+    assert reads * len(chunk) <= LINGER_BYTES + 2 * len(chunk)
+
+
+async def test_head_and_body_in_one_read_counts_only_the_head() -> None:
+    app = Recorder()
+    proto, transport, _, _ = connect(app)
+    body = b"b" * (3 * LIMIT)
+    proto.data_received(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    await asyncio.wait_for(app.done.wait(), 5)
+    assert transport.status() == 200
+
+
+async def test_the_limit_is_per_request_on_a_keep_alive_connection() -> None:
+    app = Recorder()
+    proto, transport, _, _ = connect(app)
+    for _ in range(3):
+        app.done.clear()
+        transport.written.clear()
+        proto.data_received(head(LIMIT - 10))
+        await asyncio.wait_for(app.done.wait(), 5)
+        assert transport.status() == 200
+    transport.written.clear()
+    proto.data_received(head(LIMIT + 10))
+    assert transport.status() == 431
+
+
+async def test_an_idle_new_connection_is_closed_at_the_header_timeout() -> None:
+    clock = FakeClock()
+    proto, transport, _, state = connect(clock=clock, timeout=10)
+    state.connections.add(proto)
+    clock.advance(9.9)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    clock.advance(0.2)
+    sweep_heads(state.connections)
+    assert transport.closed
+    assert transport.written == b""  # closed, not answered
+
+
+async def test_a_slow_head_is_closed_even_while_bytes_keep_coming() -> None:
+    clock = FakeClock()
+    proto, transport, _, state = connect(clock=clock, timeout=10)
+    state.connections.add(proto)
+    proto.data_received(b"GET / HTTP/1.1\r\n")
+    for _ in range(11):  # slowloris: one header line a second
+        clock.advance(1)
+        proto.data_received(b"X-A: b\r\n")
+        sweep_heads(state.connections)
+    assert transport.closed
+
+
+async def test_keep_alive_idle_is_not_the_header_timeout_and_the_next_head_is_timed() -> None:
+    clock = FakeClock()
+    app = Recorder()
+    proto, transport, _, state = connect(app, clock=clock, timeout=10)
+    state.connections.add(proto)
+    proto.data_received(head(200))
+    await asyncio.wait_for(app.done.wait(), 5)
+    # Idle between requests: uvicorn's keep-alive timer's business, not ours.
+    clock.advance(60)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    # The next head is timed from its first byte.
+    proto.data_received(b"GET /y HTTP/1.1\r\nHost: a\r\n")
+    clock.advance(9)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    clock.advance(2)
+    sweep_heads(state.connections)
+    assert transport.closed
+
+
+async def test_a_request_in_progress_is_not_timed_out() -> None:
+    """The timeout covers the head only: a slow upload or a long response is not cut."""
+    clock = FakeClock()
+    app = Recorder()
+    proto, transport, _, state = connect(app, clock=clock, timeout=10)
+    state.connections.add(proto)
+    proto.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+    clock.advance(600)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    proto.data_received(b"67890")
+    await asyncio.wait_for(app.done.wait(), 5)
+    assert transport.status() == 200
+
+
+async def test_over_limit_concurrency_is_503_json() -> None:
+    proto, transport, _, state = connect(limit_concurrency=1)
+    state.connections.add(proto)
+    proto.data_received(head(100))
+    for _ in range(100):
+        if transport.closed:
+            break
+        await asyncio.sleep(0)  # let the answering task run (no wall-clock wait)
+    assert transport.status() == 503
+    assert body_of(transport)["error"] == "overloaded"
+    assert b"retry-after: 1" in transport.written
+
+
+async def test_unparsable_request_is_400_json() -> None:
+    proto, transport, _, _ = connect()
+    proto.data_received(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert transport.status() == 400
+    assert body_of(transport) == {"error": "bad_request", "message": "invalid HTTP request"}
+    assert transport.closed
+
+
+def test_the_uvicorn_config_runs_this_protocol() -> None:
+    cfg = EdgeConfig(Recorder(), head_limits=HeadLimits(), loop="none", log_config=None)
+    cfg.load()
+    assert cfg.http_protocol_class is EdgeHttpProtocol
+    assert isinstance(cfg, uvicorn.Config)
