@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.edge import EdgeEndpoints
+from gateway.headers import host_problem
 from gateway.health import ErrorRatio
 from gateway.http import (
     Handler,
@@ -250,6 +251,11 @@ class Gateway:
                 msg["headers"] = [*msg.get("headers", ()), rid_header]
             await send(msg)
 
+        problem = host_problem(scope)
+        if problem is not None:
+            await send_error(send_with_id, 400, "bad_host", problem)
+            self._finish(state, "none", scope, 400, start, request_id, client_ip, None, [])
+            return
         if unsafe_path(scope):
             await send_error(
                 send_with_id,
@@ -349,7 +355,7 @@ class Gateway:
         start = time.perf_counter()
         state = self.state
         ctx, request_id, client_ip = self._context(state, scope)
-        if ctx is None or unsafe_path(scope):
+        if ctx is None or unsafe_path(scope) or host_problem(scope) is not None:
             await send({"type": "websocket.close", "code": 1008})
             return
         handler = state.ws_handlers[ctx.route.name]

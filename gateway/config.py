@@ -37,6 +37,35 @@ from gateway.units import Duration
 
 # --------------------------------------------------------------------------- sections
 
+# RFC 9110 token: what a header name may be.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+# Headers some hop or framework believes as the client's address or as the URL that was
+# really asked for (IIS/Symfony X-Original-URL, X-Rewrite-URL): a client must not be able
+# to set them through the gateway. X-Real-IP is then set by the gateway itself.
+STRIP_REQUEST_HEADERS = (
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "sb-forwarded-for",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-forwarded",
+    "forwarded-for",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    "x-host",
+)
+
 
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -67,12 +96,26 @@ class ServerConfig(Section):
     # Time allowed from accept (first request) or from a head's first byte (later
     # requests) until the end of the head; then the connection is closed.
     header_timeout: Duration = Field(10.0, gt=0)
+    # Forward request header names containing `_` (dropped by default, as nginx's
+    # underscores_in_headers off). Framing and gateway-set names stay dropped.
+    allow_underscore_headers: bool = False
+    # Client-IP and URL-override headers dropped from every request before it is
+    # forwarded (a client must not choose what the app believes); case-insensitive.
+    strip_request_headers: list[str] = Field(default_factory=lambda: list(STRIP_REQUEST_HEADERS))
 
     @field_validator("listen", "admin_listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         _parse_listen(v)
         return v
+
+    @field_validator("strip_request_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return [name.lower() for name in v]
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import ServerConfig, UpstreamConfig
+from gateway.headers import drop_underscore_name, valid_authority
 from gateway.http import Headers, Message, Receive, RequestContext, Scope, Send, send_error
 from gateway.net import TrustedProxies
 from gateway.observability.metrics import Metrics
@@ -63,19 +64,6 @@ _WS_SKIP = _REQUEST_REWRITTEN | {
 }
 _RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
 _EDGE_PREFIX = b"x-edge-"
-# Client-IP headers other hops or origins may believe (GoTrue rate-limits by
-# Sb-Forwarded-For): a client must not be able to set them through the gateway.
-_CLIENT_IP_HEADERS = frozenset(
-    {
-        b"x-real-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-        b"sb-forwarded-for",
-        b"x-forwarded-port",
-        b"x-forwarded-prefix",
-        b"x-client-ip",
-    }
-)
 # Bodies up to this size (with a Content-Length) are read before the upstream call: one
 # receive() in practice, and aiohttp then sends headers and body in one write.
 _PREREAD_LIMIT = 64 * 1024
@@ -203,6 +191,11 @@ class Proxy:
     ) -> None:
         self.upstream = upstream
         self.max_body = server.max_body_bytes
+        # Client-IP / URL-override headers (GoTrue rate-limits by Sb-Forwarded-For, IIS
+        # and Symfony route by X-Original-URL): a client must not set them through us.
+        self.strip = frozenset(h.encode() for h in server.strip_request_headers)
+        self.allow_underscore = server.allow_underscore_headers
+        self.underscore_forbidden = _WS_SKIP | self.strip
         self.trusted = trusted
         self.metrics = metrics
         self.timeout = _timeout(upstream.config, read_timeout) if read_timeout else None
@@ -229,10 +222,13 @@ class Proxy:
             if (
                 k in skip
                 or k in nominated
-                or k in _CLIENT_IP_HEADERS
+                or k in self.strip
                 or k.startswith(_EDGE_PREFIX)
-                # CGI-style frameworks read x_edge_user_id as X-Edge-User-Id.
-                or (b"_" in k and k.replace(b"_", b"-").startswith(_EDGE_PREFIX))
+                # CGI-style frameworks read Transfer_Encoding as Transfer-Encoding.
+                or (
+                    b"_" in k
+                    and drop_underscore_name(k, self.allow_underscore, self.underscore_forbidden)
+                )
             ):
                 if k == b"x-forwarded-for":
                     xff.append(v)  # several lines form one list, in order
@@ -254,8 +250,10 @@ class Proxy:
         out["X-Forwarded-Proto"] = (
             proto.decode("latin-1") if trusted_peer and proto else scope.get("scheme", "http")
         )
-        fwd_host = fhost if trusted_peer and fhost else host
-        if fwd_host:
+        # Only a valid host[:port] becomes X-Forwarded-Host (app.py already refused a bad
+        # Host; a trusted proxy's bad X-Forwarded-Host falls back to the Host).
+        fwd_host = fhost if trusted_peer and fhost and valid_authority(fhost) else host
+        if fwd_host and valid_authority(fwd_host):
             out["X-Forwarded-Host"] = fwd_host.decode("latin-1")
         if self.upstream.config.preserve_host and host:
             out["Host"] = host.decode("latin-1")

@@ -11,6 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
@@ -115,3 +120,278 @@ async def test_limit_concurrency_answers_503_json(fake_app: FakeApp) -> None:
     assert status_of(resp) == 503
     assert error_of(resp) == "overloaded"
     assert b"retry-after: 1" in resp.lower()
+
+
+# ----------------------------------------------------------------- the request table
+
+Seen = dict[str, Any]  # what the fake app recorded for one request
+
+
+def names(seen: Seen) -> list[str]:
+    return [k.lower() for k, _ in seen["headers"]]
+
+
+def header(seen: Seen, name: str) -> str | None:
+    values = [v for k, v in seen["headers"] if k.lower() == name]
+    assert len(values) <= 1, values
+    return values[0] if values else None
+
+
+def without(*gone: str) -> Callable[[Seen], bool]:
+    return lambda seen: not set(gone) & set(names(seen))
+
+
+def having(name: str, value: str | None) -> Callable[[Seen], bool]:
+    return lambda seen: header(seen, name) == value
+
+
+def all_of(*checks: Callable[[Seen], bool]) -> Callable[[Seen], bool]:
+    return lambda seen: all(check(seen) for check in checks)
+
+
+CLIENT_IP_AND_URL_OVERRIDES = (
+    "client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "sb-forwarded-for",
+    "x-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    request: bytes
+    status: int
+    # The gateway's own JSON error code, when it answers itself.
+    error: str | None = None
+    # What the app may see: None = the app is not called at all.
+    app_sees: Callable[[Seen], bool] | None = None
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+def req(*lines: str, body: bytes = b"", version: str = "1.1", target: str = "/t") -> bytes:
+    head = "".join(f"{line}\r\n" for line in (f"GET {target} HTTP/{version}", *lines))
+    if body:
+        head = head.replace("GET ", "POST ", 1)
+    return head.encode("latin-1") + b"Connection: close\r\n\r\n" + body
+
+
+ALLOW_UNDERSCORES = {"allow_underscore_headers": True}
+BIG = "v" * (32 * 1024)
+
+CASES = [
+    # --- header names with `_` (framing and identity read as `-` by CGI-style apps)
+    Case(
+        "underscore-transfer-encoding",
+        req("Host: a", "Content-Length: 5", "Transfer_Encoding: chunked", body=b"hello"),
+        200,
+        app_sees=lambda s: "transfer_encoding" not in names(s) and s["body_len"] == 5,
+    ),
+    Case(
+        "underscore-content-length",
+        req("Host: a", "Content-Length: 5", "Content_Length: 100", body=b"hello"),
+        200,
+        app_sees=lambda s: "content_length" not in names(s) and s["body_len"] == 5,
+    ),
+    Case("underscore-any-name", req("Host: a", "X_Custom: 1"), 200, app_sees=without("x_custom")),
+    Case(
+        "underscore-allowed-keeps-other-names",
+        req("Host: a", "X_Custom: 1"),
+        200,
+        app_sees=having("x_custom", "1"),
+        server=ALLOW_UNDERSCORES,
+    ),
+    Case(
+        "underscore-allowed-still-drops-framing-and-forwarding",
+        req(
+            "Host: a",
+            "Content-Length: 5",
+            "Transfer_Encoding: chunked",
+            "Content_Length: 100",
+            "X_Forwarded_For: 6.6.6.6",
+            "X_Real_IP: 6.6.6.6",
+            "Client_IP: 6.6.6.6",
+            "X_Original_URL: /admin",
+            body=b"hello",
+        ),
+        200,
+        app_sees=without(
+            "transfer_encoding",
+            "content_length",
+            "x_forwarded_for",
+            "x_real_ip",
+            "client_ip",
+            "x_original_url",
+        ),
+        server=ALLOW_UNDERSCORES,
+    ),
+    Case(
+        "underscore-identity-header",
+        req("Host: a", "x_edge_user_id: admin", "X_Edge_User_Role: service_role"),
+        200,
+        app_sees=lambda s: not [n for n in names(s) if n.replace("_", "-").startswith("x-edge-")],
+        server=ALLOW_UNDERSCORES,
+    ),
+    # --- Host
+    Case("two-hosts", req("Host: a.example", "Host: evil.example"), 400, "bad_host"),
+    Case("two-equal-hosts", req("Host: a.example", "Host: a.example"), 400, "bad_host"),
+    Case("no-host-on-http-1.1", req(), 400, "bad_host"),
+    Case("no-host-on-http-1.0", req(version="1.0"), 200, app_sees=having("x-forwarded-host", None)),
+    Case("host-with-userinfo-path-query", req("Host: a@evil.example/x?y"), 400, "bad_host"),
+    Case("host-with-userinfo", req("Host: user@a.example"), 400, "bad_host"),
+    Case("host-with-path", req("Host: a.example/admin"), 400, "bad_host"),
+    Case("host-list", req("Host: a.example, evil.example"), 400, "bad_host"),
+    Case("host-port-out-of-range", req("Host: a.example:99999"), 400, "bad_host"),
+    Case("host-port-not-a-number", req("Host: a.example:http"), 400, "bad_host"),
+    Case("host-bad-ip-literal", req("Host: [zz::1]"), 400, "bad_host"),
+    Case("host-with-quote", req("Host: a.example'"), 400, "bad_host"),
+    Case(
+        "host-name-and-port",
+        req("Host: app.example.com:8443"),
+        200,
+        app_sees=having("x-forwarded-host", "app.example.com:8443"),
+    ),
+    Case(
+        "host-ip-literal",
+        req("Host: [2001:db8::1]:8443"),
+        200,
+        app_sees=having("x-forwarded-host", "[2001:db8::1]:8443"),
+    ),
+    Case(
+        "bad-x-forwarded-host-from-a-trusted-proxy-falls-back-to-host",
+        req("Host: a.example", "X-Forwarded-Host: a@evil.example/x"),
+        200,
+        app_sees=having("x-forwarded-host", "a.example"),
+    ),
+    Case(
+        "x-forwarded-host-from-an-untrusted-client-is-ignored",
+        req("Host: a.example", "X-Forwarded-Host: evil.example"),
+        200,
+        app_sees=having("x-forwarded-host", "a.example"),
+        server={"trusted_proxies": ["10.0.0.0/8"]},
+    ),
+    # --- client-IP and URL-override headers
+    Case(
+        "client-ip-and-url-overrides",
+        req("Host: a", *(f"{h}: 6.6.6.6" for h in CLIENT_IP_AND_URL_OVERRIDES)),
+        200,
+        app_sees=all_of(
+            without(*(h for h in CLIENT_IP_AND_URL_OVERRIDES if h != "x-real-ip")),
+            having("x-real-ip", "127.0.0.1"),
+        ),
+    ),
+    Case(
+        "strip-list-is-configurable",
+        req("Host: a", "X-Custom-IP: 6.6.6.6", "Client-IP: 10.0.0.1"),
+        200,
+        app_sees=all_of(without("x-custom-ip"), having("client-ip", "10.0.0.1")),
+        server={"strip_request_headers": ["X-Custom-IP"]},
+    ),
+    # --- head size (server.max_header_bytes, default 32 KiB)
+    # (four 7.5 KiB lines: the fake app, aiohttp, refuses a line over 8 KiB itself)
+    Case(
+        "head-just-under-32k",
+        req("Host: a", *(f"X-Big{i}: {BIG[:7680]}" for i in range(4))),
+        200,
+        app_sees=bool,
+    ),
+    Case("one-header-over-32k", req("Host: a", f"X-Big: {BIG}"), 431, "header_too_large"),
+    Case("request-line-over-32k", req("Host: a", target="/t?" + BIG), 431, "header_too_large"),
+    Case(
+        "many-headers-over-32k",
+        req("Host: a", *(f"X-H{i}: {'v' * 100}" for i in range(400))),
+        431,
+        "header_too_large",
+    ),
+    Case(
+        "configured-smaller-limit",
+        req("Host: a", f"X-Big: {BIG[:3000]}"),
+        431,
+        "header_too_large",
+        server={"max_header_bytes": 2048},
+    ),
+    # --- already refused before issue 16: kept so none regresses
+    Case(
+        "content-length-and-transfer-encoding",
+        req("Host: a", "Content-Length: 5", "Transfer-Encoding: chunked", body=b"0\r\n\r\n"),
+        400,
+        "bad_request",
+    ),
+    Case(
+        "two-content-lengths",
+        req("Host: a", "Content-Length: 5", "Content-Length: 6", body=b"hello!"),
+        400,
+        "bad_request",
+    ),
+    Case(
+        "two-transfer-encodings",
+        req(
+            "Host: a", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked", body=b"0\r\n\r\n"
+        ),
+        400,
+        "bad_request",
+    ),
+    Case("transfer-encoding-gzip", req("Host: a", "Transfer-Encoding: gzip"), 400, "bad_request"),
+    Case(
+        "transfer-encoding-gzip-chunked",
+        req("Host: a", "Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"),
+        501,
+        "not_implemented",
+    ),
+    Case(
+        "content-length-plus",
+        req("Host: a", "Content-Length: +5", body=b"hello"),
+        400,
+        "bad_request",
+    ),
+    Case("space-before-colon", req("Host: a", "X-A : b"), 400, "bad_request"),
+    Case("obs-fold", req("Host: a", "X-A: b", " c"), 400, "bad_request"),
+    Case("nul-in-value", req("Host: a", "X-A: b\x00c"), 400, "bad_request"),
+    Case("bare-lf", b"GET /t HTTP/1.1\nHost: a\n\n", 400, "bad_request"),
+    Case("dot-segments", req("Host: a", target="/api/x/../admin"), 400, "bad_path"),
+    Case("encoded-slash", req("Host: a", target="/api/x%2Fadmin"), 400, "bad_path"),
+    Case(
+        "identity-headers",
+        req("Host: a", "X-Edge-User-Id: admin", "X-Edge-User-Role: service_role"),
+        200,
+        app_sees=without("x-edge-user-id", "x-edge-user-role"),
+    ),
+    Case(
+        "connection-nominated-and-hop-by-hop",
+        req("Host: a", "Connection: X-Drop", "X-Drop: 1", "Proxy-Authorization: Basic eA=="),
+        200,
+        app_sees=without("x-drop", "proxy-authorization"),
+    ),
+    Case(
+        "forged-forwarded-for-from-an-untrusted-client",
+        req("Host: a", "X-Forwarded-For: 6.6.6.6", "Forwarded: for=6.6.6.6"),
+        200,
+        app_sees=all_of(having("x-forwarded-for", "127.0.0.1"), without("forwarded")),
+        server={"trusted_proxies": ["10.0.0.0/8"]},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_request_table(case: Case, fake_app: FakeApp) -> None:
+    cfg = make_config(fake_app.url, server=case.server)
+    async with run_gateway(cfg) as gw:
+        resp = await raw_request(gw.url, case.request)
+    assert status_of(resp) == case.status, resp[:300]
+    if case.error is not None:
+        assert error_of(resp) == case.error
+        assert b"x-request-id: " in resp.lower()
+    if case.app_sees is None:
+        assert fake_app.requests == []
+    else:
+        (seen,) = fake_app.requests
+        assert case.app_sees(seen), seen["headers"]
