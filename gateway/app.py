@@ -251,18 +251,9 @@ class Gateway:
                 msg["headers"] = [*msg.get("headers", ()), rid_header]
             await send(msg)
 
-        problem = host_problem(scope)
-        if problem is not None:
-            await send_error(send_with_id, 400, "bad_host", problem)
-            self._finish(state, "none", scope, 400, start, request_id, client_ip, None, [])
-            return
-        if unsafe_path(scope):
-            await send_error(
-                send_with_id,
-                400,
-                "bad_path",
-                "dot segments, empty segments and encoded slashes are refused",
-            )
+        refused = _refusal(scope)
+        if refused is not None:
+            await send_error(send_with_id, 400, *refused)
             self._finish(state, "none", scope, 400, start, request_id, client_ip, None, [])
             return
         if scope["path"].startswith("/_edge/"):
@@ -355,7 +346,7 @@ class Gateway:
         start = time.perf_counter()
         state = self.state
         ctx, request_id, client_ip = self._context(state, scope)
-        if ctx is None or unsafe_path(scope) or host_problem(scope) is not None:
+        if ctx is None or _refusal(scope) is not None:
             await send({"type": "websocket.close", "code": 1008})
             return
         handler = state.ws_handlers[ctx.route.name]
@@ -375,6 +366,17 @@ class Gateway:
                 None,
                 ctx.notes,
             )
+
+
+def _refusal(scope: Scope) -> tuple[str, str] | None:
+    """(code, message) of a 400 decided before routing: a Host the app could read
+    differently, or a path its URL parser could."""
+    problem = host_problem(scope)
+    if problem is not None:
+        return "bad_host", problem
+    if unsafe_path(scope):
+        return "bad_path", "dot segments, empty segments and encoded slashes are refused"
+    return None
 
 
 def _ws_send_adapter(send: Send, ctx: RequestContext) -> Send:
