@@ -11,15 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import parse_config
+from gateway.store.memory import MemoryStore
 from tests.fakes.app import FakeApp
+from tests.fakes.gotrue import FakeGoTrue
 from tests.helpers import make_config, run_gateway
 from tests.test_proxy import raw_request
+from tests.test_refresh import (
+    CLIENT_HEADERS,
+    TOKEN_PATH,
+    Clock,
+    client,
+    refresh,
+    refresh_config,
+    sample,
+    until,
+)
 
 # A deadline for events the gateway produces itself (a close, an answer): generous for a
 # busy 2-core machine, never a measured duration.
@@ -395,3 +409,154 @@ async def test_request_table(case: Case, fake_app: FakeApp) -> None:
     else:
         (seen,) = fake_app.requests
         assert case.app_sees(seen), seen["headers"]
+
+
+# ----------------------------------------------------------------- refresh (what GoTrue sees)
+
+
+@pytest.fixture
+async def gotrue() -> AsyncIterator[FakeGoTrue]:
+    fake = FakeGoTrue(latency=0.02)
+    await fake.start()
+    yield fake
+    for ev in fake.holds.values():
+        ev.set()
+    await fake.stop()
+
+
+def _body(text: str) -> Callable[[str, str], bytes]:
+    """A refresh body written by hand (JSON objects built from dicts cannot repeat a
+    member); `{A}` / `{B}` are the victim's and the attacker's refresh tokens."""
+    return lambda a, b: text.replace("{A}", a).replace("{B}", b).encode()
+
+
+# (case, body, status, what GoTrue may receive: None = nothing, else the exact body)
+REFRESH_BODIES: list[tuple[str, Callable[[str, str], bytes], int, str | None]] = [
+    ("case-variant-member", _body('{"refresh_token":"{A}","Refresh_Token":"{B}"}'), 400, None),
+    ("upper-case-member-only", _body('{"REFRESH_TOKEN":"{A}"}'), 400, None),
+    # U+017F (long s) and U+212A (Kelvin sign) fold to s and k in Go's decoder.
+    ("long-s-member", _body('{"refresh_token":"{A}","refre\u017fh_token":"{B}"}'), 400, None),
+    ("kelvin-sign-member", _body('{"refresh_token":"{A}","refresh_to\u212aen":"{B}"}'), 400, None),
+    ("duplicate-member", _body('{"refresh_token":"{A}","refresh_token":"{B}"}'), 400, None),
+    (
+        "other-members-are-not-forwarded",
+        _body('{"refresh_token":"{A}","x":{"Refresh_token2":1},"gotrue_meta_security":{}}'),
+        200,
+        '{"refresh_token":"{A}"}',
+    ),
+    (
+        "escaped-token-is-forwarded-as-parsed",
+        lambda a, b: f'{{"refresh_token":"\\u{ord(a[0]):04x}{a[1:]}"}}'.encode(),
+        200,
+        '{"refresh_token":"{A}"}',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "gotrue_sees"),
+    [case[1:] for case in REFRESH_BODIES],
+    ids=[case[0] for case in REFRESH_BODIES],
+)
+async def test_refresh_body_table(
+    gotrue: FakeGoTrue,
+    body: Callable[[str, str], bytes],
+    status: int,
+    gotrue_sees: str | None,
+) -> None:
+    victim = gotrue.sign_in("victim@example.com")["refresh_token"]
+    attacker = gotrue.sign_in("attacker@example.com")["refresh_token"]
+    async with run_gateway(refresh_config(gotrue.url, "memory://")) as gw, client() as c:
+        r = await c.post(
+            gw.url + TOKEN_PATH,
+            content=body(victim, attacker),
+            headers={**CLIENT_HEADERS, "Content-Type": "application/json"},
+        )
+    assert r.status_code == status, r.text
+    if gotrue_sees is None:
+        assert r.json()["error"] == "invalid_request"
+        assert gotrue.seen_bodies == []
+    else:
+        assert gotrue.seen_bodies == [gotrue_sees.replace("{A}", victim).encode()]
+        assert r.json()["user"]["email"] == "victim@example.com"
+
+
+async def test_a_replay_is_served_only_with_the_producers_apikey(gotrue: FakeGoTrue) -> None:
+    """GoTrue's gateway (Kong) refuses a call without the project's apikey: a cached
+    answer must not be handed to a request GoTrue would have refused."""
+    gotrue.require_apikey = "anon-key"
+    rt0 = gotrue.sign_in()["refresh_token"]
+    async with run_gateway(refresh_config(gotrue.url, "memory://")) as gw, client() as c:
+        first = await refresh(c, gw, rt0)
+        assert first.headers["x-edge-refresh"] == "leader"
+        for headers in ({}, {"apikey": "another-key"}):
+            r = await c.post(gw.url + TOKEN_PATH, json={"refresh_token": rt0}, headers=headers)
+            assert r.status_code == 401
+            assert b"access_token" not in r.content
+            assert "x-edge-refresh" not in r.headers
+        same = await refresh(c, gw, rt0)
+        assert same.headers["x-edge-refresh"] == "replay"
+        assert same.content == first.content
+        assert sample(gw, "edge_refresh_total", outcome="passthrough") == 2
+    assert gotrue.calls == 1
+
+
+async def test_a_follower_is_served_only_with_the_leaders_apikey(gotrue: FakeGoTrue) -> None:
+    gotrue.require_apikey = "anon-key"
+    gotrue.holds[1] = asyncio.Event()
+    rt0 = gotrue.sign_in()["refresh_token"]
+    async with run_gateway(refresh_config(gotrue.url, "memory://")) as gw, client() as c:
+        leader = asyncio.ensure_future(refresh(c, gw, rt0))
+        await until(lambda: gotrue.calls == 1)
+        # Joins the flight in progress, or finds its answer cached: either way it is not
+        # the leader's answer to give.
+        other = asyncio.ensure_future(
+            c.post(gw.url + TOKEN_PATH, json={"refresh_token": rt0}, headers={})
+        )
+        await until(lambda: len(gw.app.rt.services["refresh_flights"]) == 1)
+        gotrue.holds[1].set()
+        lead, follow = await asyncio.gather(leader, other)
+    assert lead.status_code == 200
+    assert follow.status_code == 401
+    assert b"access_token" not in follow.content
+
+
+async def test_the_apikey_binding_holds_across_replicas(gotrue: FakeGoTrue) -> None:
+    gotrue.require_apikey = "anon-key"
+    rt0 = gotrue.sign_in()["refresh_token"]
+    cfg = refresh_config(gotrue.url, "memory://")
+    shared = MemoryStore()
+    async with run_gateway(cfg, store=shared) as a, run_gateway(cfg, store=shared) as b:
+        async with client() as c:
+            assert (await refresh(c, a, rt0)).headers["x-edge-refresh"] == "leader"
+            r = await c.post(b.url + TOKEN_PATH, json={"refresh_token": rt0})
+            assert r.status_code == 401
+            assert (await refresh(c, b, rt0)).headers["x-edge-refresh"] == "replay"
+    assert gotrue.calls == 1
+
+
+async def test_grace_defaults_to_gotrues_reuse_interval(gotrue: FakeGoTrue) -> None:
+    rt0 = gotrue.sign_in()["refresh_token"]
+    cfg = refresh_config(gotrue.url, "memory://")
+    routes = [r.model_dump(by_alias=True, exclude_unset=True) for r in cfg.routes]
+    del routes[0]["refresh"]["grace"]
+    cfg = make_config(
+        "http://127.0.0.1:9", upstreams={"supabase": {"url": gotrue.url}}, routes=routes
+    )
+    assert cfg.routes[0].refresh is not None and cfg.routes[0].refresh.grace == 10
+    clock = Clock()
+    async with run_gateway(cfg, clock=clock) as gw, client() as c:
+        await refresh(c, gw, rt0)
+        clock.advance(9)
+        assert (await refresh(c, gw, rt0)).headers["x-edge-refresh"] == "replay"
+        clock.advance(2)
+        assert (await refresh(c, gw, rt0)).headers["x-edge-refresh"] == "leader"
+
+
+def test_shipped_configs_replay_no_longer_than_gotrue() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {"SUPABASE_URL": "http://127.0.0.1:9999", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    for path in (root / "config.yaml", root / "k8s" / "base" / "config.yaml"):
+        cfg = parse_config(path.read_text(), env=env)
+        graces = [r.refresh.grace for r in cfg.routes if r.refresh is not None]
+        assert graces and all(g <= 10 for g in graces), (path, graces)

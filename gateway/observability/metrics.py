@@ -146,8 +146,8 @@ class Metrics:
         # refresh (gateway/policies/refresh.py)
         self.refresh = Counter(
             "edge_refresh_total",
-            "Token refreshes answered, by outcome (leader, follower, replay, upstream_error,"
-            " invalid_request, wait_timeout, store_closed).",
+            "Token refreshes answered, by outcome (leader, follower, replay, passthrough,"
+            " upstream_error, invalid_request, wait_timeout, store_closed).",
             ["outcome"],
             registry=r,
         )

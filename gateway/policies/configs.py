@@ -114,8 +114,9 @@ class CacheConfig(Section):
 
 class RefreshConfig(Section):
     # How long a successful answer is replayed to the same parent token (capped by the
-    # new access token's expires_at). 0 = coalesce concurrent calls only.
-    grace: Duration = 30.0
+    # new access token's expires_at). 0 = coalesce concurrent calls only. The default is
+    # hosted GoTrue's own refresh-token reuse interval (10 s).
+    grace: Duration = 10.0
     # Cross-replica lock per token; a live leader renews it, a dead one lets it expire.
     lock_ttl: Duration = 10.0
     # How long a follower waits for another replica's leader (default: the upstream's

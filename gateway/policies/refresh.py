@@ -17,7 +17,11 @@ and server components log viewers out. This policy:
   encrypted under a key HKDF-derived from the refresh token itself, so only a holder of
   the token can read its cached answer;
 - errors are passed through unchanged and never cached (followers of the same flight
-  share the leader's answer, whatever it is, for a few seconds only).
+  share the leader's answer, whatever it is, for a few seconds only);
+- an answer goes only to requests with the producer's `apikey` (digest sealed with the
+  answer, compared in constant time); others are sent upstream on their own;
+- the upstream body is re-encoded from what was parsed (`{"refresh_token": ...}` only),
+  and bodies Go's case-insensitive JSON decoder could read differently are refused.
 
 The upstream call goes through the next handler (the proxy), so header rewriting,
 identity stripping and X-Forwarded-* stay the proxy's. `X-Edge-Refresh: leader |
@@ -31,6 +35,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -52,6 +57,7 @@ from gateway.http import (
     Message,
     Receive,
     RequestContext,
+    Scope,
     Send,
     capture_send,
     replay_receive,
@@ -80,6 +86,10 @@ _HKDF_INFO = b"aes-256-gcm key v1"
 # Not replayed: per-response or recomputed on send.
 _DROP_HEADERS = frozenset({b"date", b"content-length", b"transfer-encoding"})
 _REUSE_CODES = frozenset({"refresh_token_already_used"})
+_TOKEN_MEMBER = "refresh_token"  # noqa: S105 - a JSON member name, not a secret
+_TOKEN_MEMBER_FOLDED = _TOKEN_MEMBER.casefold()
+# Replaced when the body is re-encoded.
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type"})
 _GATEWAY_ERRORS = frozenset({"store_closed", "wait_timeout"})
 
 
@@ -151,11 +161,14 @@ RENEW = Script.from_file("refresh_renew", _py_renew)
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A whole response, as sent to every request of one flight."""
+    """A whole response, as sent to every request of one flight. `apikey` is the digest
+    of the producing request's `apikey` header(s): the answer is served only to requests
+    whose digest matches (GoTrue, behind Kong, would have refused the others)."""
 
     status: int
     headers: Headers
     body: bytes
+    apikey: bytes = b""
 
     def captured(self) -> CapturedResponse:
         return CapturedResponse(self.status, list(self.headers), bytearray(self.body), True)
@@ -194,6 +207,7 @@ def seal(aes: AESGCM, digest: str, answer: Answer, until: float) -> bytes:
         "h": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in answer.headers],
         "b": base64.b64encode(answer.body).decode(),
         "u": until,
+        "k": answer.apikey.hex(),
     }
     nonce = os.urandom(12)
     plain = json.dumps(doc, separators=(",", ":")).encode()
@@ -209,7 +223,9 @@ def unseal(aes: AESGCM, digest: str, blob: bytes) -> tuple[Answer, float] | None
     try:
         doc = json.loads(aes.decrypt(nonce, ct, digest.encode()))
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in doc["h"]]
-        answer = Answer(int(doc["s"]), headers, base64.b64decode(doc["b"]))
+        # A blob from before the apikey binding has no "k": it then matches no request.
+        apikey = bytes.fromhex(doc.get("k", ""))
+        answer = Answer(int(doc["s"]), headers, base64.b64decode(doc["b"]), apikey)
         return answer, float(doc["u"])
     except (InvalidTag, ValueError, KeyError, TypeError):
         return None
@@ -228,15 +244,48 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _member_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse what GoTrue could read differently: Go's JSON decoder matches member names
+    case-insensitively (Unicode simple folding: `Refresh_Token`, or a long s, U+017F, for `s`) and
+    keeps the last of duplicates, so such a body could be keyed on one token here and
+    rotate another upstream."""
+    matches = [k for k, _ in pairs if k.casefold() == _TOKEN_MEMBER_FOLDED]
+    if matches and matches != [_TOKEN_MEMBER]:
+        raise ValueError("refresh_token given twice or spelled with other case")
+    return dict(pairs)
+
+
 def parse_refresh_body(body: bytes) -> str | None:
-    """The refresh token of a GoTrue refresh body, or None if the body is not one."""
-    doc = _json_object(body)
-    if doc is None:
+    """The refresh token of a GoTrue refresh body, or None if the body is not one (or is
+    one GoTrue might read differently, see `_member_names`)."""
+    try:
+        doc = json.loads(body, object_pairs_hook=_member_names)
+    except (ValueError, UnicodeDecodeError):
         return None
-    token = doc.get("refresh_token")
+    if not isinstance(doc, dict):
+        return None
+    token = doc.get(_TOKEN_MEMBER)
     if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
         return None
     return token
+
+
+def refresh_request(scope: Scope, token: str) -> tuple[Scope, bytes]:
+    """The request sent upstream, re-encoded from what was parsed: exactly
+    `{"refresh_token": token}` (GoTrue's refresh grant reads nothing else), with its own
+    Content-Length, so what GoTrue rotates is what the flight was keyed on."""
+    body = json.dumps({_TOKEN_MEMBER: token}, separators=(",", ":")).encode()
+    headers = [(k, v) for k, v in scope["headers"] if k not in _BODY_HEADERS]
+    headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**scope, "headers": headers}, body
+
+
+def apikey_digest(scope: Scope) -> bytes:
+    """SHA-256 over the request's `apikey` header lines (absent is its own value)."""
+    values = [bytes(v) for k, v in scope["headers"] if k == b"apikey"]
+    seen = b"\n".join(b"v:" + v for v in values) if values else b"absent"
+    return hashlib.sha256(seen).digest()
 
 
 def _upstream_code(answer: Answer) -> str | None:
@@ -318,6 +367,7 @@ class RefreshPolicy:
                 ctx.response_headers,
             )
             return
+        ctx.scope, body = refresh_request(ctx.scope, token)
         digest = token_digest(token)
         task = self.flights.get(digest)
         joined = task is not None
@@ -327,6 +377,14 @@ class RefreshPolicy:
             task.add_done_callback(self._forget(digest))
         # Shielded: a waiter whose client leaves does not cancel the others' answer.
         answer, how = await asyncio.shield(task)
+        own = how == "leader" and not joined
+        if not (own or how in _GATEWAY_ERRORS) and not hmac.compare_digest(
+            answer.apikey, apikey_digest(ctx.scope)
+        ):
+            # Someone else's answer for a request with other credentials: let GoTrue
+            # decide this one itself (uncoalesced, not cached).
+            await self._pass_through(ctx, body, receive, send)
+            return
         extra = list(ctx.response_headers)
         if how in _GATEWAY_ERRORS:
             # The gateway's own answer (store closed, leader wait timed out): not a refresh.
@@ -339,6 +397,13 @@ class RefreshPolicy:
         self.m_outcome.labels(outcome).inc()
         ctx.notes.append(f"refresh={outcome}")
         await send_captured(send, answer.captured(), extra)
+
+    async def _pass_through(
+        self, ctx: RequestContext, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        self.m_outcome.labels("passthrough").inc()
+        ctx.notes.append("refresh=passthrough")
+        await self.next(ctx, replay_receive(body, receive), send)
 
     def _forget(self, digest: str) -> Any:
         def done(t: asyncio.Task[tuple[Answer, str]]) -> None:
@@ -460,6 +525,7 @@ class RefreshPolicy:
             answer = await self._call_upstream(ctx, body)
         finally:
             renew.cancel()
+        answer = dataclasses.replace(answer, apikey=apikey_digest(ctx.scope))
         self.m_latency.observe(time.perf_counter() - t0)
         res_ms = 0
         until = 0.0

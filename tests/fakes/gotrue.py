@@ -96,8 +96,12 @@ class FakeGoTrue:
     # call in flight in a test; the answer is decided after the wait).
     holds: dict[int, asyncio.Event] = field(default_factory=dict)
     calls: int = 0
-    # Headers of each refresh call, as received.
+    # Headers and raw body of each refresh call, as received.
     seen_headers: list[dict[str, str]] = field(default_factory=list)
+    seen_bodies: list[bytes] = field(default_factory=list)
+    # Like Supabase's Kong in front of GoTrue: refresh calls without this `apikey` are
+    # answered 401 before GoTrue sees them (None: no check).
+    require_apikey: str | None = None
     outcomes: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, TokenRow] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
@@ -206,8 +210,13 @@ class FakeGoTrue:
 
     async def token(self, request: web.Request) -> web.Response:
         grant = request.query.get("grant_type")
+        if self.require_apikey is not None and request.headers.get("apikey") != (
+            self.require_apikey
+        ):
+            return _json(401, {"message": "No API key found in request"})
+        raw = await request.read()
         try:
-            body = await request.json()
+            body = go_json_object(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -222,6 +231,7 @@ class FakeGoTrue:
         self.calls += 1
         n = self.calls
         self.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.seen_bodies.append(raw)
         if self.latency:
             await asyncio.sleep(self.latency)
         if n in self.holds:
@@ -282,6 +292,21 @@ class FakeGoTrue:
             "outcomes": dict(self.outcomes),
             "sessions_revoked": sum(1 for s in self.sessions.values() if s.revoked),
         }
+
+
+def _go_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Go's encoding/json matches a struct field by case-folded name and keeps the last
+    # match: model that for the one field GoTrue reads from a refresh body.
+    out = dict(pairs)
+    for k, v in pairs:
+        if k.casefold() == "refresh_token":
+            out["refresh_token"] = v
+    return out
+
+
+def go_json_object(raw: bytes) -> Any:
+    """A JSON body as GoTrue (Go's decoder) reads it."""
+    return json.loads(raw, object_pairs_hook=_go_members)
 
 
 def _err(code: str, message: str) -> dict[str, Any]:
