@@ -292,9 +292,13 @@ def gateway_config(
 
 @contextlib.contextmanager
 def gateway(
-    config: dict[str, Any], python: str = sys.executable, ready_timeout: float = 20.0
+    config: dict[str, Any],
+    python: str = sys.executable,
+    ready_timeout: float = 20.0,
+    cwd: Path | None = None,
 ) -> Iterator[GatewayProcess]:
     """Start `python -m gateway --config <tmp>` and wait until /readyz answers 200.
+    `cwd` runs the gateway package of another source tree (`-m` imports from it first).
 
     Logs (the access log when enabled) go to a file in the temp dir: a file is what a
     deployment writes to, and an unread pipe would stall the gateway."""
@@ -307,7 +311,7 @@ def gateway(
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [python, "-m", "gateway", "--config", str(cfg_path)],
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
