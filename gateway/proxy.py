@@ -251,7 +251,10 @@ class Proxy:
             proto.decode("latin-1") if trusted_peer and proto else scope.get("scheme", "http")
         )
         # Only a valid host[:port] becomes X-Forwarded-Host (app.py already refused a bad
-        # Host; a trusted proxy's bad X-Forwarded-Host falls back to the Host).
+        # Host). From a trusted proxy the first of a list is the client's (as redirects.py
+        # reads it); an invalid one falls back to the Host.
+        if fhost is not None:
+            fhost = fhost.split(b",", 1)[0].strip()
         fwd_host = fhost if trusted_peer and fhost and valid_authority(fhost) else host
         if fwd_host and valid_authority(fwd_host):
             out["X-Forwarded-Host"] = fwd_host.decode("latin-1")

@@ -287,6 +287,12 @@ CASES = [
         app_sees=having("x-forwarded-host", "a.example"),
     ),
     Case(
+        "x-forwarded-host-list-from-a-trusted-proxy-keeps-the-first",
+        req("Host: a.example", "X-Forwarded-Host: public.example, a.example"),
+        200,
+        app_sees=having("x-forwarded-host", "public.example"),
+    ),
+    Case(
         "x-forwarded-host-from-an-untrusted-client-is-ignored",
         req("Host: a.example", "X-Forwarded-Host: evil.example"),
         200,

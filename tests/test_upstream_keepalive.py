@@ -14,6 +14,7 @@ import httpx
 from gateway.pool import idle_budget
 from tests.conftest import NodeUpstream
 from tests.helpers import make_config, run_gateway
+from tests.test_proxy import raw_request
 
 
 def retries(gw: Any) -> float:
@@ -146,6 +147,11 @@ async def test_rewrite_redirects_off_and_bad_hosts(node_upstream: NodeUpstream) 
         assert r.headers["location"] == f"http://localhost:{node_upstream.port}/x"
     cfg = make_config(node_upstream.url, upstreams={"app": {"url": node_upstream.url}})
     async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
-        # A Host that is not a plain authority never becomes part of a Location.
+        # A Host that is not a plain authority never becomes part of a Location: it is
+        # refused before routing (docs/security.md), and a request without any Host
+        # (HTTP/1.0) gets a relative reference.
         r = await c.get(gw.url + "/redirect?to=/x", headers={"Host": "a@evil.example/x?y"})
-        assert r.headers["location"] == "/x"
+        assert r.status_code == 400
+        assert r.json()["error"] == "bad_host"
+        resp = await raw_request(gw.url, b"GET /redirect?to=/x HTTP/1.0\r\n\r\n")
+        assert b"\r\nlocation: /x\r\n" in resp.split(b"\r\n\r\n", 1)[0].lower()
