@@ -20,13 +20,13 @@ import re
 from urllib.parse import urlsplit
 
 from gateway.config import UpstreamConfig
+from gateway.headers import valid_authority
 from gateway.http import Headers, Scope
 from gateway.net import TrustedProxies
 
 REWRITTEN = frozenset({b"location", b"content-location", b"refresh"})
 _LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 _DEFAULT_PORT = {"http": 80, "https": 443}
-_AUTHORITY = re.compile(rb"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
 _REFRESH_URL = re.compile(rb"(?i)(url\s*=\s*['\"]?)([^'\"]*)")
 
 
@@ -110,7 +110,7 @@ class RedirectRewriter:
             host = fhost or host
             if fproto in (b"http", b"https"):
                 scheme = fproto
-        if host is None or not _AUTHORITY.match(host):
+        if host is None or not valid_authority(bytes(host)):
             return b""
         return scheme + b"://" + host
 
