@@ -153,6 +153,10 @@ class StoreConfig(Section):
         # Also parses redis+cluster:// and redis+sentinel:// (docs/redis.md).
         from gateway.store.redis import check_store_url
 
+        if not v.strip():
+            # Typically `${REDIS_URL-...}` with REDIS_URL set to "": refuse it rather than
+            # guess a store (docs/deploy.md).
+            raise ValueError("is empty; set memory:// or a redis:// URL")
         check_store_url(v)
         return v
 
@@ -238,6 +242,36 @@ class AuthSettings(Section):
         return v or None
 
 
+# RFC 9110's methods and PATCH (RFC 5789). Any other name is a typo (`GTE`) that would
+# make the route never match and hand its requests to a weaker route.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+
+_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_][A-Za-z0-9_]*)?")
+
+
+def _template_braces(path: str) -> None:
+    """ValueError naming the first brace that does not open or close a `{name}` /
+    `{name:convertor}` parameter. Starlette reads a stray brace as a literal character,
+    so `/a/{id/b` would compile to a route no request ever matches."""
+    i = 0
+    while i < len(path):
+        ch = path[i]
+        if ch == "}":
+            raise ValueError(f"stray '}}' at character {i + 1} of {path!r}")
+        if ch == "{":
+            end = path.find("}", i)
+            inner = path[i + 1 : end] if end != -1 else ""
+            if end == -1 or "{" in inner or "/" in inner:
+                raise ValueError(f"'{{' at character {i + 1} of {path!r} is not closed by '}}'")
+            if not _PARAM.fullmatch(inner):
+                raise ValueError(
+                    f"{{{inner}}} in {path!r} is not a parameter; use {{name}} or "
+                    "{name:convertor} (str, int, float, uuid, path)"
+                )
+            i = end
+        i += 1
+
+
 class RouteMatch(Section):
     methods: list[str] | None = None
     path: str
@@ -248,10 +282,13 @@ class RouteMatch(Section):
     def _methods(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return None
+        if not v:
+            # An empty list compiles to "any method": leaving the key out says that.
+            raise ValueError("is empty; leave methods out to match every method")
         out = [m.upper() for m in v]
         for m in out:
-            if not re.fullmatch(r"[A-Z]+", m):
-                raise ValueError(f"invalid HTTP method {m!r}")
+            if m not in HTTP_METHODS:
+                raise ValueError(f"unknown HTTP method {m!r}; use one of {', '.join(HTTP_METHODS)}")
         return out
 
     @field_validator("path")
@@ -259,6 +296,7 @@ class RouteMatch(Section):
     def _path(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("a path template starts with '/'")
+        _template_braces(v)
         try:
             compile_path(v)
         except (ValueError, AssertionError, KeyError) as exc:
@@ -379,7 +417,9 @@ class ConfigError(Exception):
         self.issues = issues
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+# `${VAR}`, `${VAR:-default}` (default when unset or empty) and `${VAR-default}` (default
+# only when unset), as in POSIX sh.
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*?))?\}")
 
 
 def dotted(loc: tuple[int | str, ...]) -> str:
@@ -404,14 +444,15 @@ def _interpolate(
     if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            # Shell semantics: `${VAR:-d}` takes d when VAR is unset *or empty*.
+            name, op, default = m.group(1), m.group(2), m.group(3)
+            # Shell semantics: `${VAR:-d}` takes d when VAR is unset *or empty*,
+            # `${VAR-d}` only when it is unset.
             if env.get(name):
                 return env[name]
+            if name in env and op != ":-":
+                return ""
             if default is not None:
                 return default
-            if name in env:
-                return ""
             issues.append(
                 ConfigIssue(dotted(loc), f"environment variable {name} is not set (no default)")
             )
@@ -421,60 +462,97 @@ def _interpolate(
     return node
 
 
-def _semantic_issues(cfg: GatewayConfig) -> list[ConfigIssue]:
+def _reference_issues(data: dict[str, Any]) -> list[ConfigIssue]:
+    """Names that must be unique or refer to something (route names, upstreams), read from
+    the raw data so they are reported in the same pass as type errors."""
     issues: list[ConfigIssue] = []
+    ups = data.get("upstreams")
+    known = set(ups) if isinstance(ups, dict) else None
+    routes = data.get("routes")
     seen: dict[str, int] = {}
-    for i, route in enumerate(cfg.routes):
-        if route.name in seen:
-            issues.append(
-                ConfigIssue(
-                    f"routes[{i}].name",
-                    f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
-                )
-            )
-        seen.setdefault(route.name, i)
-        if route.upstream not in cfg.upstreams:
-            issues.append(
-                ConfigIssue(f"routes[{i}].upstream", f"unknown upstream {route.upstream!r}")
-            )
-        if (
-            route.heartbeat
-            and route.heartbeat.flush_upstream
-            and (route.heartbeat.flush_upstream not in cfg.upstreams)
-        ):
-            issues.append(
-                ConfigIssue(
-                    f"routes[{i}].heartbeat.flush_upstream",
-                    f"unknown upstream {route.heartbeat.flush_upstream!r}",
-                )
-            )
-        if route.cache and route.match.methods and not set(route.match.methods) <= {"GET", "HEAD"}:
-            issues.append(ConfigIssue(f"routes[{i}].cache", "only GET/HEAD routes can be cached"))
-        if route.refresh and route.cache:
-            issues.append(
-                ConfigIssue(f"routes[{i}].refresh", "refresh and cache cannot share a route")
-            )
-        if route.rate_limit:
-            for j, rule in enumerate(route.rate_limit):
-                if rule.by == "webinar" and "{webinar_id" not in route.match.path:
-                    issues.append(
-                        ConfigIssue(
-                            f"routes[{i}].rate_limit[{j}].by",
-                            "by: webinar needs a {webinar_id} parameter in match.path",
-                        )
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                issues.append(
+                    ConfigIssue(
+                        f"routes[{i}].name",
+                        f"duplicate route name {name!r} (also routes[{seen[name]}])",
                     )
-        if (
-            route.concurrency
-            and route.concurrency.by == "webinar"
-            and ("{webinar_id" not in route.match.path)
-        ):
-            issues.append(
-                ConfigIssue(
-                    f"routes[{i}].concurrency.by",
-                    "by: webinar needs a {webinar_id} parameter in match.path",
                 )
-            )
-    if cfg.store.is_memory and cfg.server.workers > 1:
+            seen.setdefault(name, i)
+        if known is None:
+            continue  # `upstreams` itself is missing or malformed: reported as such
+        refs = [("upstream", route.get("upstream"))]
+        hb = route.get("heartbeat")
+        if isinstance(hb, dict):
+            refs.append(("heartbeat.flush_upstream", hb.get("flush_upstream")))
+        for key, ref in refs:
+            if isinstance(ref, str) and ref and ref not in known:
+                issues.append(ConfigIssue(f"routes[{i}].{key}", f"unknown upstream {ref!r}"))
+    return issues
+
+
+def _route_issues(i: int, route: Route) -> list[ConfigIssue]:
+    """Policy combinations one route's valid settings do not allow."""
+    issues: list[ConfigIssue] = []
+    if route.cache and route.match.methods and not set(route.match.methods) <= {"GET", "HEAD"}:
+        issues.append(ConfigIssue(f"routes[{i}].cache", "only GET/HEAD routes can be cached"))
+    if route.refresh and route.cache:
+        issues.append(ConfigIssue(f"routes[{i}].refresh", "refresh and cache cannot share a route"))
+    by_webinar = [
+        f"routes[{i}].rate_limit[{j}].by"
+        for j, rule in enumerate(route.rate_limit or [])
+        if rule.by == "webinar"
+    ]
+    if route.concurrency and route.concurrency.by == "webinar":
+        by_webinar.append(f"routes[{i}].concurrency.by")
+    if "{webinar_id" not in route.match.path:
+        issues.extend(
+            ConfigIssue(key, "by: webinar needs a {webinar_id} parameter in match.path")
+            for key in by_webinar
+        )
+    return issues
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """The sections that validated, so cross-section checks run even when another
+    section has errors (every error in one pass)."""
+
+    server: ServerConfig | None
+    store: StoreConfig | None
+    auth: AuthSettings | None
+    routes: list[tuple[int, Route]]
+
+
+def _valid_parts(data: dict[str, Any]) -> _Parts:
+    def one(model: type[Section], value: Any) -> Any:
+        try:
+            return model.model_validate({} if value is None else value)
+        except ValidationError:
+            return None
+
+    raw_routes = data.get("routes")
+    routes: list[tuple[int, Route]] = []
+    for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+        route = one(Route, raw)
+        if route is not None:
+            routes.append((i, route))
+    return _Parts(
+        one(ServerConfig, data.get("server")),
+        one(StoreConfig, data.get("store")),
+        one(AuthSettings, data.get("auth")),
+        routes,
+    )
+
+
+def _cross_issues(parts: _Parts) -> list[ConfigIssue]:
+    issues = [issue for i, route in parts.routes for issue in _route_issues(i, route)]
+    server, store, auth = parts.server, parts.store, parts.auth
+    if store is not None and server is not None and store.is_memory and server.workers > 1:
         issues.append(
             ConfigIssue(
                 "store.url",
@@ -482,17 +560,19 @@ def _semantic_issues(cfg: GatewayConfig) -> list[ConfigIssue]:
                 "workers share limits, caches and locks",
             )
         )
-    if cfg.server.listen_addr == cfg.server.admin_addr:
+    if server is not None and server.listen_addr == server.admin_addr:
         issues.append(ConfigIssue("server.admin_listen", "must differ from server.listen"))
-    needs_keys = any(r.auth.mode != "off" for r in cfg.routes)
-    if needs_keys and not (cfg.auth.hs256_secret or cfg.auth.jwks_url):
+    if auth is None:
+        return issues
+    needs_keys = any(r.auth.mode != "off" for _, r in parts.routes)
+    if needs_keys and not (auth.hs256_secret or auth.jwks_url):
         issues.append(
             ConfigIssue(
                 "auth",
                 "routes verify tokens but neither auth.hs256_secret nor auth.jwks_url is set",
             )
         )
-    if any(r.auth.revalidate for r in cfg.routes) and not cfg.auth.user_url:
+    if any(r.auth.revalidate for _, r in parts.routes) and not auth.user_url:
         issues.append(
             ConfigIssue("auth.user_url", "auth.revalidate on a route needs auth.user_url")
         )
@@ -527,8 +607,14 @@ def parse_config(text: str, env: dict[str, str] | None = None) -> GatewayConfig:
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([*issues, *_validation_issues(exc)]) from None
-    issues.extend(_semantic_issues(cfg))
+        issues.extend(_validation_issues(exc))
+        issues.extend(_reference_issues(data))
+        issues.extend(_cross_issues(_valid_parts(data)))
+        raise ConfigError(issues) from None
+    issues.extend(_reference_issues(data))
+    issues.extend(
+        _cross_issues(_Parts(cfg.server, cfg.store, cfg.auth, list(enumerate(cfg.routes))))
+    )
     if issues:
         raise ConfigError(issues)
     return cfg

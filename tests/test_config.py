@@ -116,7 +116,9 @@ routes:
     found = issues(text)
     assert "routes[2].cache.ttl: duration 10 has no unit; write e.g. '10s' or '10ms'" in found
     assert any(f.startswith("routes[3].rate_limit[0].rate: invalid rate 'fast'") for f in found)
-    # Semantic checks run once the shape is valid.
+    # References are checked in the same pass as the types.
+    assert "routes[1].upstream: unknown upstream 'nosuch'" in found
+    assert "routes[3].name: duplicate route name 'a' (also routes[0])" in found
     text = text.replace("ttl: 10}", "ttl: 10s}").replace("rate: fast", "rate: 5/s")
     found = issues(text)
     assert "routes[1].upstream: unknown upstream 'nosuch'" in found
