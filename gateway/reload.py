@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, load_config
+from gateway.routecheck import route_warnings
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -65,6 +66,8 @@ class Reloader:
                 return False
             self._counter.labels("ok").inc()
             log.info("config reloaded", extra={"reason": reason, "digest": self.app.rt.digest})
+            for w in route_warnings(cfg):
+                log.warning("config warning", extra={"key": w.key, "detail": w.message})
             if restart:
                 log.warning("these settings change only on restart", extra={"keys": restart})
             return True

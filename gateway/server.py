@@ -37,6 +37,9 @@ class _Server(uvicorn.Server):
     """uvicorn.Server whose signals are ours: the drain sequence is owned here. Its tick
     also expires request heads past `server.header_timeout` (gateway/protocol.py)."""
 
+    # Called once the server accepts requests (lifespan startup done): the startup line.
+    on_started: Callable[[], None] | None = None
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
@@ -45,6 +48,79 @@ class _Server(uvicorn.Server):
         if counter % SWEEP_TICKS == 0:
             sweep_heads(self.server_state.connections)
         return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+class BindError(Exception):
+    """A listener address that cannot be bound, with the config key that names it."""
+
+    def __init__(self, key: str, address: str, reason: str) -> None:
+        super().__init__(f"{key}: cannot listen on {address}: {reason}")
+        self.key = key
+        self.address = address
+        self.reason = reason
+
+
+def bind(key: str, address: str, host: str, port: int) -> socket.socket:
+    """A listening TCP socket, bound before any server starts: a port in use is then one
+    error naming its key, instead of a failure inside uvicorn's startup while the other
+    listener and the lifespan are half started (a CancelledError traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets created as TCP,
+    # and Nagle would otherwise delay every keep-alive response after the first by ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise BindError(key, address, exc.strerror or str(exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _listeners(cfg: GatewayConfig) -> tuple[socket.socket, socket.socket]:
+    s = cfg.server
+    public = bind("server.listen", s.listen, *s.listen_addr)
+    try:
+        admin = bind("server.admin_listen", s.admin_listen, *s.admin_addr)
+    except BindError:
+        public.close()
+        raise
+    return public, admin
+
+
+def log_startup(cfg: GatewayConfig, config_path: str | None) -> None:
+    """The gateway's one startup line: what runs, from which file, where."""
+    from gateway import __version__
+    from gateway.config import config_digest
+
+    log.info(
+        "gateway started",
+        extra={
+            "version": __version__,
+            "config": config_path,
+            "config_digest": config_digest(cfg),
+            "listen": cfg.server.listen,
+            "admin_listen": cfg.server.admin_listen,
+            "workers": cfg.server.workers,
+            # The scheme only: a store URL may carry a password.
+            "store": cfg.store.url.split("://", 1)[0],
+            "routes": len(cfg.routes),
+        },
+    )
+
+
+def _log_warnings(cfg: GatewayConfig) -> None:
+    from gateway.routecheck import route_warnings
+
+    for w in route_warnings(cfg):
+        log.warning("config warning", extra={"key": w.key, "detail": w.message})
 
 
 def _uvicorn_config(
@@ -92,8 +168,10 @@ async def _serve_single(
     cfg: GatewayConfig,
     config_path: str | None,
     sock: socket.socket | None = None,
-    admin: bool = True,
+    admin_sock: socket.socket | None = None,
 ) -> None:
+    """One process: the public listener on `sock`, and the admin listener on `admin_sock`
+    unless a supervisor serves it (workers)."""
     from gateway.admin import create_admin_app
     from gateway.app import create_app
 
@@ -108,7 +186,8 @@ async def _serve_single(
     public = _Server(_uvicorn_config(app, host, port, cfg, lifespan="on"))
     servers = [public.serve(sockets=[sock] if sock else None)]
     admin_server: _Server | None = None
-    if admin:
+    if admin_sock is not None:
+        public.on_started = lambda: log_startup(cfg, config_path)
         ahost, aport = cfg.server.admin_addr
         admin_server = _Server(
             _uvicorn_config(
@@ -144,18 +223,30 @@ async def _serve_single(
                 admin_server.should_exit = True
 
     if admin_server is not None:
-        await asyncio.gather(run_public(), admin_server.serve())
+        await asyncio.gather(
+            run_public(), admin_server.serve(sockets=[admin_sock] if admin_sock else None)
+        )
     else:
         await run_public()
     log.info("stopped")
 
 
 def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
+    """Serve until drained. Exit code 0, or 1 when a listener cannot be bound."""
     setup_logging(cfg.server.log_level)
+    try:
+        sock, admin_sock = _listeners(cfg)
+    except BindError as exc:
+        log.error(
+            "cannot listen",
+            extra={"key": exc.key, "address": exc.address, "error": exc.reason},
+        )
+        return 1
+    _log_warnings(cfg)
     if cfg.server.workers > 1:
-        return _supervise(cfg, config_path)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_single(cfg, config_path))
+        return _supervise(cfg, config_path, sock, admin_sock)
+    with sock, admin_sock, asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve_single(cfg, config_path, sock, admin_sock))
     return 0
 
 
@@ -167,10 +258,12 @@ def _worker(config_path: str, sock: socket.socket, env: dict[str, str]) -> None:
     cfg = load_config(config_path)
     setup_logging(cfg.server.log_level)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_single(cfg, config_path, sock=sock, admin=False))
+        runner.run(_serve_single(cfg, config_path, sock=sock))
 
 
-def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
+def _supervise(
+    cfg: GatewayConfig, config_path: str | None, sock: socket.socket, admin_sock: socket.socket
+) -> int:
     if config_path is None:
         raise RuntimeError("server.workers > 1 needs a config file path")
     mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -179,15 +272,8 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     for f in Path(mp_dir).glob("*.db"):
         f.unlink()
-    host, port = cfg.server.listen_addr
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets created as TCP,
-    # and Nagle would otherwise delay every keep-alive response after the first by ~40 ms.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    # Only the workers serve the public socket; the supervisor keeps the admin one.
+    admin_sock.set_inheritable(False)
     ctx = multiprocessing.get_context("spawn")
     env = {"PROMETHEUS_MULTIPROC_DIR": mp_dir}
     procs = [
@@ -196,7 +282,7 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
     ]
     for p in procs:
         p.start()
-    log.info("workers started", extra={"workers": len(procs), "pids": [p.pid for p in procs]})
+    log.debug("workers started", extra={"pids": [p.pid for p in procs]})
 
     async def admin_main() -> None:
         from prometheus_client import multiprocess
@@ -219,6 +305,7 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
                 lifespan="off",
             )
         )
+        admin.on_started = lambda: log_startup(cfg, config_path)
         loop = asyncio.get_running_loop()
 
         def stop(sig: signal.Signals) -> None:
@@ -245,7 +332,7 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
                 )
             admin.should_exit = True
 
-        await asyncio.gather(admin.serve(), watch_workers())
+        await asyncio.gather(admin.serve(sockets=[admin_sock]), watch_workers())
         for p in procs:
             if p.pid is not None:
                 multiprocess.mark_process_dead(p.pid)
@@ -257,5 +344,6 @@ def _supervise(cfg: GatewayConfig, config_path: str | None) -> int:
     for p in procs:
         p.join(timeout=1)
     sock.close()
+    admin_sock.close()
     codes = [p.exitcode for p in procs]
     return 0 if all(c == 0 for c in codes) else 1

@@ -7,12 +7,15 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from tests.conftest import free_port
@@ -78,6 +81,71 @@ async def test_shipped_config_without_app_answers_502_json(tmp_path: Path) -> No
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
     assert "Traceback" not in err
+    # Every line is JSON without ANSI colour codes, and the gateway's own startup line
+    # (once) replaces uvicorn's per-listener ones.
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert "\x1b" not in err and not any("color_message" in line for line in lines)
+    assert not any(line["msg"].startswith("Started server process") for line in lines)
+    started = [line for line in lines if line["msg"] == "gateway started"]
+    assert len(started) == 1
+    assert started[0].keys() >= {
+        "version",
+        "config",
+        "config_digest",
+        "listen",
+        "admin_listen",
+        "workers",
+        "store",
+        "routes",
+    }
+    assert started[0]["routes"] == len(config["routes"])
+    assert started[0]["store"] == "memory" and started[0]["workers"] == 1
+
+
+async def test_startup_logs_route_warnings(fake_app: FakeApp, tmp_path: Path) -> None:
+    config = _simple(fake_app.url)
+    config["routes"].append(  # type: ignore[attr-defined]
+        {"name": "late", "match": {"path": "/late"}, "upstream": "app", "auth": "off"}
+    )
+    async with gateway_process(config, tmp_path) as (proc, _, _):
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    warnings = [json.loads(line) for line in err.splitlines() if '"config warning"' in line]
+    assert [(w["level"], w["key"]) for w in warnings] == [("warning", "routes[1].match.path")]
+    assert "never matches" in warnings[0]["detail"]
+
+
+@pytest.mark.parametrize("busy", ["listen", "admin_listen"])
+def test_a_port_in_use_is_one_line_and_exit_1(busy: str, tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = _simple("http://127.0.0.1:9")
+    config["server"] = {  # type: ignore[index]
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin_listen": f"127.0.0.1:{free_port()}",
+        busy: f"127.0.0.1:{port}",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with taken:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway", "--config", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    line = json.loads(lines[0])
+    assert line["msg"] == "cannot listen"
+    assert line["key"] == f"server.{busy}"
+    assert line["address"] == f"127.0.0.1:{port}"
 
 
 def _simple(upstream: str, **server: object) -> dict[str, object]:

@@ -4,9 +4,11 @@ bad file is refused and the old config keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from gateway.reload import Reloader
@@ -83,3 +85,17 @@ async def test_restart_only_settings_are_reported(fake_app: FakeApp, tmp_path: P
             )
         )
     assert restart == ["server.listen"]
+
+
+async def test_an_applied_reload_logs_its_route_warnings(
+    fake_app: FakeApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.yaml"
+    late = {"name": "late", "match": {"path": "/late"}, "upstream": "app", "auth": "off"}
+    data = {**BASE, "upstreams": {"app": {"url": fake_app.url}}, "routes": [*BASE["routes"], late]}
+    path.write_text(yaml.safe_dump(data))
+    async with run_gateway(make_config(fake_app.url)) as gw:
+        with caplog.at_level(logging.WARNING, logger="gateway.reload"):
+            assert await Reloader(gw.app, path).reload("test")
+    warned = [r for r in caplog.records if r.getMessage() == "config warning"]
+    assert [getattr(r, "key", None) for r in warned] == ["routes[1].match.path"]

@@ -18,7 +18,11 @@ from typing import Any, TextIO
 
 log = logging.getLogger("gateway")
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+# `color_message` is uvicorn's copy of the message with ANSI colour codes.
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +41,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+def _no_uvicorn_lifecycle(record: logging.LogRecord) -> bool:
+    """uvicorn's INFO lines ("Started server process", "Application startup complete",
+    "Uvicorn running on ...") come once per listener, so twice per process, and say less
+    than the gateway's own startup line: dropped unless the level is debug. Its warnings
+    and errors (a bad request line, a failed startup) still pass."""
+    return record.levelno > logging.INFO
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -47,6 +59,10 @@ def setup_logging(level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+        for f in [f for f in lg.filters if f is _no_uvicorn_lifecycle]:
+            lg.removeFilter(f)
+        if level != "debug":
+            lg.addFilter(_no_uvicorn_lifecycle)
     # The gateway writes its own access line; uvicorn's would log query strings.
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every request's full URL at INFO: webhook URLs are secrets, and JWKS /
