@@ -1,8 +1,9 @@
 """The admin listener (its own port, never the public one): `/healthz`, `/readyz`,
 `/metrics` and `/_edge/status`.
 
-Owns: liveness (the process answers), readiness (not draining, store reachable, and the
-detail of each dependency), Prometheus exposition, and the status document.
+Owns: liveness (the process answers), readiness (not draining, store reachable, the
+runtime's readiness checks such as a loaded token verification key, and the detail of
+each dependency), Prometheus exposition, and the status document.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def create_admin_app(
             ready = False
         for name, fn in rt.services.get("status", {}).items():
             checks[name] = fn()
+        for name, why_not in rt.readiness.items():
+            reason = why_not()
+            checks[name] = {"ok": True} if reason is None else {"ok": False, "reason": reason}
+            ready = ready and reason is None
         body = {"status": "ready" if ready else "not_ready", "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -62,6 +62,8 @@ class Runtime:
         self.degraded_checks: list[Callable[[], bool]] = []
         # Shared services created lazily by the policies that need them (one per process).
         self.services: dict[str, Any] = {}
+        # /readyz checks beyond the store: name -> why the process is not ready, or None.
+        self.readiness: dict[str, Callable[[], str | None]] = {}
 
     def degraded(self) -> bool:
         return any(check() for check in self.degraded_checks)

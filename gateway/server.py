@@ -20,15 +20,18 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from gateway.config import GatewayConfig, load_config
 from gateway.observability.logging import setup_logging
 from gateway.protocol import SWEEP_TICKS, EdgeConfig, HeadLimits, sweep_heads
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
 
@@ -188,15 +191,9 @@ async def _serve_single(
     admin_server: _Server | None = None
     if admin_sock is not None:
         public.on_started = lambda: log_startup(cfg, config_path)
-        ahost, aport = cfg.server.admin_addr
+        admin_app = create_admin_app(lambda: app.rt, listening=lambda: public.started)
         admin_server = _Server(
-            _uvicorn_config(
-                create_admin_app(lambda: app.rt, listening=lambda: public.started),
-                ahost,
-                aport,
-                cfg,
-                lifespan="off",
-            )
+            _uvicorn_config(admin_app, *cfg.server.admin_addr, cfg, lifespan="off")
         )
     loop = asyncio.get_running_loop()
 
@@ -222,10 +219,8 @@ async def _serve_single(
             if admin_server is not None:
                 admin_server.should_exit = True
 
-    if admin_server is not None:
-        await asyncio.gather(
-            run_public(), admin_server.serve(sockets=[admin_sock] if admin_sock else None)
-        )
+    if admin_server is not None and admin_sock is not None:
+        await asyncio.gather(run_public(), admin_server.serve(sockets=[admin_sock]))
     else:
         await run_public()
     log.info("stopped")
@@ -284,66 +279,92 @@ def _supervise(
         p.start()
     log.debug("workers started", extra={"pids": [p.pid for p in procs]})
 
-    async def admin_main() -> None:
-        from prometheus_client import multiprocess
-
-        from gateway.admin import create_admin_app
-        from gateway.runtime import Runtime
-
-        rt = Runtime(cfg)
-        await rt.store.start()
-        # The supervisor proxies nothing itself: it is "started" once its store is up, and
-        # "listening" while every worker is alive.
-        rt.started = True
-        ahost, aport = cfg.server.admin_addr
-        admin = _Server(
-            _uvicorn_config(
-                create_admin_app(rt, listening=lambda: all(p.is_alive() for p in procs)),
-                ahost,
-                aport,
-                cfg,
-                lifespan="off",
-            )
-        )
-        admin.on_started = lambda: log_startup(cfg, config_path)
-        loop = asyncio.get_running_loop()
-
-        def stop(sig: signal.Signals) -> None:
-            rt.draining = True
-            for p in procs:
-                if p.pid and p.is_alive():
-                    os.kill(p.pid, sig)
-
-        def reload_all() -> None:
-            for p in procs:
-                if p.pid and p.is_alive():
-                    os.kill(p.pid, signal.SIGHUP)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, reload_all)
-
-        async def watch_workers() -> None:
-            # Process sentinels are plain fds: wait on them in a thread, not a poll loop.
-            await asyncio.to_thread(multiprocessing.connection.wait, [p.sentinel for p in procs])
-            while any(p.is_alive() for p in procs):
-                await asyncio.to_thread(
-                    multiprocessing.connection.wait, [p.sentinel for p in procs if p.is_alive()]
-                )
-            admin.should_exit = True
-
-        await asyncio.gather(admin.serve(sockets=[admin_sock]), watch_workers())
-        for p in procs:
-            if p.pid is not None:
-                multiprocess.mark_process_dead(p.pid)
-        rt.started = False
-        await rt.store.close()
-
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(admin_main())
+        runner.run(_supervisor_admin(cfg, config_path, procs, admin_sock))
     for p in procs:
         p.join(timeout=1)
     sock.close()
     admin_sock.close()
     codes = [p.exitcode for p in procs]
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _forward_signals(rt: Runtime, procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM/SIGINT drain every worker (and mark the supervisor draining); SIGHUP makes
+    every worker reload its config."""
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        rt.draining = True
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, sig)
+
+    def reload_all() -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGHUP)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
+
+
+async def _watch_workers(
+    procs: Sequence[multiprocessing.process.BaseProcess], admin: _Server
+) -> None:
+    """Stop the admin listener once every worker has exited."""
+    # Process sentinels are plain fds: wait on them in a thread, not a poll loop.
+    await asyncio.to_thread(multiprocessing.connection.wait, [p.sentinel for p in procs])
+    while any(p.is_alive() for p in procs):
+        await asyncio.to_thread(
+            multiprocessing.connection.wait, [p.sentinel for p in procs if p.is_alive()]
+        )
+    admin.should_exit = True
+
+
+async def _supervisor_admin(
+    cfg: GatewayConfig,
+    config_path: str,
+    procs: Sequence[multiprocessing.process.BaseProcess],
+    admin_sock: socket.socket,
+) -> None:
+    """The supervisor's admin listener, until every worker has exited."""
+    from prometheus_client import multiprocess
+
+    from gateway.admin import create_admin_app
+    from gateway.runtime import Runtime
+
+    rt = Runtime(cfg)
+    await rt.store.start()
+    verifier = None
+    if any(r.auth.mode != "off" for r in cfg.routes):
+        # The workers' key sets are not visible from here: the supervisor loads the same
+        # JWKS, so its /readyz says not ready while no key can be loaded.
+        from gateway.policies.auth import get_verifier
+
+        verifier = get_verifier(rt)
+        await verifier.start()
+    # The supervisor proxies nothing itself: it is "started" once its store is up, and
+    # "listening" while every worker is alive.
+    rt.started = True
+    ahost, aport = cfg.server.admin_addr
+    admin = _Server(
+        _uvicorn_config(
+            create_admin_app(rt, listening=lambda: all(p.is_alive() for p in procs)),
+            ahost,
+            aport,
+            cfg,
+            lifespan="off",
+        )
+    )
+    admin.on_started = lambda: log_startup(cfg, config_path)
+    _forward_signals(rt, procs)
+    await asyncio.gather(admin.serve(sockets=[admin_sock]), _watch_workers(procs, admin))
+    for p in procs:
+        if p.pid is not None:
+            multiprocess.mark_process_dead(p.pid)
+    rt.started = False
+    if verifier is not None:
+        await verifier.close()
+    await rt.store.close()

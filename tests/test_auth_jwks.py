@@ -5,6 +5,7 @@ Time moves on an injected clock; no test waits for a TTL."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -240,3 +241,80 @@ async def test_flood_of_unknown_kids_refetches_at_most_once_per_interval(
         assert issuer.jwks_fetches == 3
         # Real users keep working throughout.
         assert (await call.get(call.token())).status_code == 200
+
+
+async def readyz(gw: Any, c: httpx.AsyncClient) -> httpx.Response:
+    return await c.get(f"{gw.admin_url}/readyz")
+
+
+async def test_not_ready_while_the_jwks_is_the_only_key_source_and_none_is_loaded(
+    issuer: FakeIssuer, fake_app: FakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer.fail_status = 503
+    clock = FakeClock()
+    cfg = make_config(
+        fake_app.url, auth=auth_settings(issuer, hs256_secret=None), routes=auth_routes()
+    )
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
+            r = await readyz(gw, c)
+            assert r.status_code == 503
+            assert r.json()["checks"]["auth_keys"] == {
+                "ok": False,
+                "reason": f"no verification key loaded: the JWKS fetch from {issuer.jwks_url} "
+                "failed (HTTP 503), and auth.hs256_secret is empty",
+            }
+            # The issuer recovers: the probe itself retries, once per jwks_min_refetch, so
+            # the pod becomes ready without taking traffic first.
+            issuer.fail_status = None
+            assert (await readyz(gw, c)).status_code == 503
+            assert issuer.jwks_fetches == 1
+            clock.advance(31)
+            await readyz(gw, c)
+            await settle(gw)
+            assert issuer.jwks_fetches == 2
+            r = await readyz(gw, c)
+            assert r.status_code == 200
+            assert r.json()["checks"]["auth_keys"] == {"ok": True}
+            # Later failures keep the loaded keys, and the process stays ready.
+            issuer.fail_status = 500
+            await gw.app.rt.services["verifier"].jwks.refresh()
+            assert (await readyz(gw, c)).status_code == 200
+    # The log says which key set is in force.
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.auth"]
+    assert messages == [
+        "JWKS fetch failed; no key set loaded yet",
+        "JWKS fetch failed; keeping the last good key set",
+    ]
+
+
+async def test_an_empty_key_set_is_not_ready(issuer: FakeIssuer, fake_app: FakeApp) -> None:
+    issuer.unpublish("es-1")
+    cfg = make_config(
+        fake_app.url, auth=auth_settings(issuer, hs256_secret=None), routes=auth_routes()
+    )
+    async with run_gateway(cfg, clock=FakeClock()) as gw, httpx.AsyncClient() as c:
+        r = await readyz(gw, c)
+    assert r.status_code == 503
+    assert r.json()["checks"]["auth_keys"]["reason"] == (
+        f"no verification key loaded: the JWKS at {issuer.jwks_url} lists no usable key, "
+        "and auth.hs256_secret is empty"
+    )
+
+
+async def test_a_shared_secret_keeps_the_process_ready_while_the_jwks_is_down(
+    issuer: FakeIssuer, fake_app: FakeApp
+) -> None:
+    issuer.fail_status = 500
+    cfg = make_config(fake_app.url, auth=auth_settings(issuer), routes=auth_routes())
+    async with run_gateway(cfg, clock=FakeClock()) as gw, httpx.AsyncClient() as c:
+        r = await readyz(gw, c)
+    assert r.status_code == 200
+    assert r.json()["checks"]["auth_keys"] == {"ok": True}
+
+
+async def test_no_key_check_without_a_route_that_verifies_tokens(fake_app: FakeApp) -> None:
+    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+        r = await readyz(gw, c)
+    assert r.status_code == 200
+    assert "auth_keys" not in r.json()["checks"]

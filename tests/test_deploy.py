@@ -819,7 +819,11 @@ async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
     path, public, admin = served_config
     env = {
         **os.environ,
-        **pod_env(base, {"REDIS_URL": redis_url}),
+        # No issuer answers at SUPABASE_URL: the shared secret is the pod's verification
+        # key (without any key /readyz stays 503).
+        **pod_env(
+            base, {"REDIS_URL": redis_url, "SUPABASE_JWT_SECRET": "k8s-test-secret-32-bytes-long!!"}
+        ),
         "APP_URL": fake_app.url,
         "SUPABASE_URL": "http://127.0.0.1:9",
     }
@@ -839,9 +843,8 @@ async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
             while True:
                 try:
                     r = await client.get(f"http://127.0.0.1:{admin}/readyz")
-                    # Ready, and the public listener accepting. (Today /readyz can
-                    # answer 200 a moment before the public port is bound: the admin
-                    # listener starts alongside the public one's lifespan startup.)
+                    # Ready, and the public listener accepting (both are bound before
+                    # either server starts).
                     if r.status_code == 200:
                         page = await client.get(f"http://127.0.0.1:{public}/webinars/42")
                         break

@@ -274,6 +274,9 @@ class JwksCache:
     def get(self, kid: str) -> _Key | None:
         return self.keys.get(kid)
 
+    def has_keys(self) -> bool:
+        return bool(self.keys or self.unnamed)
+
     def candidates(self, alg: str) -> list[_Key]:
         return [k for k in (*self.keys.values(), *self.unnamed) if k.accepts(alg)]
 
@@ -363,8 +366,15 @@ class JwksCache:
         self.fetches += 1
         self.rt.metrics.jwks_fetches.labels(outcome).inc()
         if outcome != "ok":
+            # Say what is in force: an earlier key set, or none (then only HS256 tokens,
+            # if a secret is set, can verify until a fetch succeeds).
+            msg = (
+                "JWKS fetch failed; keeping the last good key set"
+                if self.has_keys()
+                else "JWKS fetch failed; no key set loaded yet"
+            )
             log.warning(
-                "JWKS fetch failed; keeping the last good key set",
+                msg,
                 extra={"outcome": outcome, "detail": self.last_error, "keys": len(self.keys)},
             )
 
@@ -443,6 +453,23 @@ class Verifier:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    def readiness(self) -> str | None:
+        """Why no token can be verified now, or None. With the JWKS the only key source
+        and no key loaded, every token is refused, so the process is not ready. Each
+        probe also retries the fetch (at most once per jwks_min_refetch): a pod that
+        started while the issuer was down becomes ready without taking traffic first."""
+        jwks = self.jwks
+        if self.hs_key is not None or (jwks is not None and jwks.has_keys()):
+            return None
+        if jwks is None:
+            return "no verification key: auth.hs256_secret and auth.jwks_url are empty"
+        jwks.maybe_refresh(self.rt.clock())
+        if jwks.loaded:
+            why = f"the JWKS at {jwks.url} lists no usable key"
+        else:
+            why = f"the JWKS fetch from {jwks.url} failed ({jwks.last_error or 'not yet run'})"
+        return f"no verification key loaded: {why}, and auth.hs256_secret is empty"
 
     def status(self) -> dict[str, Any]:
         return {
@@ -675,6 +702,7 @@ def get_verifier(rt: Runtime) -> Verifier:
         rt.on_start(v.start)
         rt.on_stop(v.close)
         rt.services.setdefault("status", {})["auth"] = v.status
+        rt.readiness["auth_keys"] = v.readiness
     assert isinstance(v, Verifier)
     return v
 
