@@ -1,11 +1,20 @@
 """docs/config-reference.md is generated from the config models (tools/config_reference.py):
-these tests fail when a key has no description or the committed file is stale."""
+these tests fail when a key has no description, the committed file is stale, or a value
+rule the reference states (durations, rates, URLs, environment variables) is not what
+`gateway check` does with its examples."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -43,3 +52,56 @@ def test_check_mode_exits_nonzero_only_when_stale() -> None:
         check=False,
     )
     assert ok.returncode == 0, ok.stdout
+
+
+CASES = [(rule, ex) for rule in config_reference.RULES for ex in rule.examples]
+ENV_NAMES = {name for _, ex in CASES for name in ex.env}
+
+
+def value_at(node: Any, dotted: str) -> Any:
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        if part.startswith("["):
+            node = node[int(part[1:-1])]
+        elif isinstance(node, dict):
+            node = node[part]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize(
+    ("rule", "example"),
+    CASES,
+    ids=[f"{rule.title}:{ex.yaml}:{sorted(ex.env.items())}" for rule, ex in CASES],
+)
+def test_every_value_rule_in_the_reference_is_what_check_does(
+    rule: config_reference.Rule,
+    example: config_reference.Example,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in example.env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_reference.example_config(rule, example))
+    code = main(["check", "--config", str(path)])
+    err = capsys.readouterr().err
+    if example.error:
+        assert code == 2
+        assert f"  {rule.key}: {example.error}" in err.splitlines(), err
+        return
+    assert code == 0, err
+    value = value_at(load_config(path), example.at or rule.key)
+    if isinstance(example.result, float):
+        assert value == pytest.approx(example.result)
+    else:
+        assert value == example.result
+
+
+def test_the_rules_cover_what_the_reference_promises() -> None:
+    titles = {rule.title for rule in config_reference.RULES}
+    assert titles >= {"Durations", "Rates", "Environment variables", "Store URLs"}
+    assert "## Value rules" in config_reference.OUTPUT.read_text()

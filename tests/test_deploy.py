@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from gateway.cli import _parser as cli_parser
-from gateway.config import GatewayConfig, parse_config
+from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.routing import RouteTable
 from tests.fakes.app import FakeApp
 
@@ -677,6 +677,19 @@ def test_configmap_is_the_file_the_image_ships(base: list[dict[str, Any]]) -> No
     (mount,) = [m for m in gateway_container(base)["volumeMounts"] if m["name"] == "config"]
     assert vols["config"]["configMap"]["name"] == "eventlive-edge-config"
     assert mount["mountPath"] + "/config.yaml" == "/etc/gateway/config.yaml"
+
+
+def test_an_empty_redis_url_is_refused_not_replaced(base: list[dict[str, Any]]) -> None:
+    """docs/deploy.md: a Secret with REDIS_URL set to "" must not fall back silently to an
+    in-namespace Redis that production does not run."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(configmap_config(base), env=pod_env(base, {"REDIS_URL": ""}))
+    assert [str(i) for i in exc.value.issues] == [
+        "store.url: is empty; set memory:// or a redis:// URL"
+    ]
+    url = "rediss://:pw@redis.internal:6380/0"
+    cfg = parse_config(configmap_config(base), env=pod_env(base, {"REDIS_URL": url}))
+    assert cfg.store.url == url
 
 
 def test_configmap_config_is_a_production_redis_config(prod_config: GatewayConfig) -> None:

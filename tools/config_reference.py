@@ -14,6 +14,7 @@ committed file differs from this output.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -23,6 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -110,7 +112,8 @@ EXTRA: dict[str, str] = {
     "ClientConfig.degraded": "Slower intervals served while the upstream is unhealthy.",
     "ClientConfig.cache_max_age": "Cache-Control max-age of the client config answer.",
     "Webhook.kind": "Message format.",
-    "Webhook.url": "Webhook URL (an unset ${VAR} drops the webhook).",
+    "Webhook.url": "Webhook URL; an empty value (e.g. `${SLACK_URL:-}` with SLACK_URL unset "
+    "or empty) drops the webhook.",
     "AlertRules.upstream_400_per_min": "Alert above this many upstream 400s a minute.",
     "AlertRules.upstream_409_per_min": "Alert above this many upstream 409s a minute.",
     "AlertRules.upstream_5xx_per_min": "Alert above this many upstream 5xx a minute.",
@@ -315,9 +318,11 @@ def render() -> str:
         " Run `.venv/bin/python tools/config_reference.py` after changing a model. -->",
         "",
         "Every key `config.yaml` accepts (unknown keys are errors). Types: `duration` is a"
-        " number of seconds or a string like `50ms`, `2s`, `5m`; `rate` is `N/s`, `N/m` or"
-        " `N/h`; `section` is a nested mapping whose keys follow; `[]` marks a list item and"
-        " `<name>` a key you choose. Any value may use `${VAR}` / `${VAR:-default}`.",
+        " number with a unit (`50ms`, `2s`, `5m`; a bare number other than 0 is refused);"
+        " `rate` is `N/s`, `N/min`, `N/h`; `section` is a nested mapping whose keys follow;"
+        " `[]` marks a list item and `<name>` a key you choose. Any value may use `${VAR}`,"
+        " `${VAR:-default}` or `${VAR-default}`. The exact rules, with examples, are under"
+        " [Value rules](#value-rules).",
         "",
     ]
     current = None
@@ -331,7 +336,202 @@ def render() -> str:
         typ_cell = typ.replace("|", "\\|")
         default_cell = default.replace("|", "\\|")
         lines.append(f"| `{path}` | {typ_cell} | {default_cell} | {cell} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_rules()) + "\n"
+
+
+# --------------------------------------------------------------------------- value rules
+# Each example is put at its rule's key in an otherwise valid config and run through
+# `gateway check` by tests/test_config_reference.py: the rules printed in the reference
+# are the rules the code applies.
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    yaml: str  # the value exactly as written in config.yaml
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the environment (others unset)
+    result: Any = None  # accepted: the value the gateway reads
+    error: str = ""  # refused: what `check` says after the dotted key
+    at: str = ""  # where `result` is read, when not at the rule's key
+    shown: str = ""  # how the result is shown, when not as the value itself
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    title: str
+    key: str  # where the examples go (a key of BASE_CONFIG)
+    text: str
+    examples: tuple[Example, ...]
+
+
+def _ok(yaml_text: str, result: Any, **kw: Any) -> Example:
+    return Example(yaml_text, result=result, **kw)
+
+
+def _refused(yaml_text: str, error: str, **kw: Any) -> Example:
+    return Example(yaml_text, error=error, **kw)
+
+
+BASE_CONFIG: dict[str, Any] = {
+    "store": {"url": "memory://"},
+    "upstreams": {"app": {"url": "http://127.0.0.1:3000"}},
+    "routes": [
+        {
+            "name": "chat",
+            "match": {"methods": ["GET"], "path": "/chat"},
+            "upstream": "app",
+            "auth": "off",
+            "breaker": {"group": "chat", "cooldown": "30s"},
+            "rate_limit": [{"by": "ip", "rate": "2/s"}],
+        }
+    ],
+    "alerts": {"webhooks": [{"kind": "slack", "url": "https://hooks.example/x"}]},
+}
+
+_URL_ERROR = "expected an http:// or https:// URL, got "
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "Durations",
+        "routes[0].breaker.cooldown",
+        "A number and a unit: `ms`, `s`, `m`, `h`, `d`; decimals allowed. A bare number is"
+        " refused (is `30` seconds or milliseconds?), except `0`.",
+        (
+            _ok("50ms", 0.05),
+            _ok("10s", 10.0),
+            _ok("1.5m", 90.0),
+            _ok("2h", 7200.0),
+            _ok("1d", 86400.0),
+            _ok("0", 0.0),
+            _refused("30", "duration 30 has no unit; write e.g. '30s' or '30ms'"),
+            _refused(
+                "10 sec", "invalid duration '10 sec'; use a number and a unit: ms, s, m, h, d"
+            ),
+            _refused("-1s", "invalid duration '-1s'; use a number and a unit: ms, s, m, h, d"),
+        ),
+    ),
+    Rule(
+        "Rates",
+        "routes[0].rate_limit[0].rate",
+        "`N/unit` or `N/Munit` (N events per M units), N > 0; units `ms`, `s` or `sec`, `m` or"
+        " `min`, `h` or `hour`, `d` or `day`. Shown here in events per second.",
+        (
+            _ok("5/s", 5.0),
+            _ok("100/min", 100 / 60),
+            _ok("10/5m", 10 / 300),
+            _ok("3/h", 3 / 3600),
+            _refused("5", "expected a rate like 5/s or 100/min"),
+            _refused("0/s", "rate '0/s' must be positive"),
+            _refused("fast", "invalid rate 'fast'; use N/s, N/min, N/h (e.g. 100/min)"),
+        ),
+    ),
+    Rule(
+        "Upstream URLs",
+        "upstreams.app.url",
+        "`http://` or `https://` with a host, no query or fragment; a trailing `/` is dropped.",
+        (
+            _ok("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
+            _ok("https://app.internal/", "https://app.internal"),
+            _refused("ftp://files.internal", _URL_ERROR + "'ftp://files.internal'"),
+            _refused("app.internal:3000", _URL_ERROR + "'app.internal:3000'"),
+            _refused("http://app.internal/?v=1", "an upstream URL takes no query or fragment"),
+        ),
+    ),
+    Rule(
+        "Store URLs",
+        "store.url",
+        "`memory://`, `redis://`, `rediss://`, `unix://`, `redis+cluster://h:p[,h:p]`,"
+        " `redis+sentinel://h:p[,h:p]/service[/db]` (docs/redis.md). An empty URL is refused.",
+        (
+            _ok("memory://", "memory://"),
+            _ok("rediss://:pw@redis.internal:6380/0", "rediss://:pw@redis.internal:6380/0"),
+            _ok(
+                "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+                "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+            ),
+            _refused('""', "is empty; set memory:// or a redis:// URL"),
+            _refused(
+                "mysql://db.internal",
+                "unsupported store scheme 'mysql'; use memory://, redis://, rediss://, unix://,"
+                " redis+cluster:// or redis+sentinel://",
+            ),
+        ),
+    ),
+    Rule(
+        "Webhook URLs",
+        "alerts.webhooks[0].url",
+        "`http://` or `https://` with a host. An empty URL drops that webhook (so one config"
+        " serves environments with and without it).",
+        (
+            _ok("https://hooks.example/T/B/X", "https://hooks.example/T/B/X"),
+            _ok('""', [], at="alerts.webhooks", shown="webhook dropped"),
+            _refused("hooks.example/T/B/X", "webhook url must be an http:// or https:// URL"),
+        ),
+    ),
+    Rule(
+        "Environment variables",
+        "upstreams.app.url",
+        "Substituted in string values after the YAML is parsed, so a value with `:` or `#`"
+        " cannot change the document (quote a `${...}` inside a `{...}` flow mapping)."
+        " `${VAR}` must be set (an empty value stays empty); `${VAR:-default}` takes the"
+        " default when VAR is unset or empty, `${VAR-default}` only when it is unset, as in"
+        " sh. An empty webhook URL from `${VAR:-}` drops the webhook (above).",
+        (
+            _ok('"${APP_URL}"', "http://app:3000", env={"APP_URL": "http://app:3000"}),
+            _refused('"${APP_URL}"', "environment variable APP_URL is not set (no default)"),
+            _refused('"${APP_URL}"', _URL_ERROR + "''", env={"APP_URL": ""}),
+            _ok('"${APP_URL:-http://app:3000}"', "http://app:3000"),
+            _ok('"${APP_URL:-http://app:3000}"', "http://app:3000", env={"APP_URL": ""}),
+            _ok('"${APP_URL-http://app:3000}"', "http://app:3000"),
+            _refused('"${APP_URL-http://app:3000}"', _URL_ERROR + "''", env={"APP_URL": ""}),
+            _ok('"http://${APP_HOST}:3000"', "http://app:3000", env={"APP_HOST": "app"}),
+        ),
+    ),
+)
+
+
+def example_config(rule: Rule, example: Example) -> str:
+    """BASE_CONFIG as YAML with the example's text at the rule's key."""
+    data = json.loads(json.dumps(BASE_CONFIG))
+    node: Any = data
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", rule.key)
+    for part in parts[:-1]:
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    node[parts[-1]] = "__VALUE__"
+    text = yaml.safe_dump(data, sort_keys=False)
+    assert text.count("__VALUE__") == 1
+    return text.replace("__VALUE__", example.yaml)
+
+
+def _result(rule: Rule, example: Example) -> str:
+    if example.error:
+        return f"refused: `{rule.key}: {example.error}`"
+    if example.shown:
+        return f"ok: {example.shown}"
+    if isinstance(example.result, float):
+        unit = "/s" if rule.title == "Rates" else " s"
+        return f"ok: {example.result:.6g}{unit}"
+    return f"ok: `{example.result}`"
+
+
+def render_rules() -> list[str]:
+    lines = [
+        "",
+        "## Value rules",
+        "",
+        "Each example below is checked with `gateway check` by"
+        " tests/test_config_reference.py, so these rules are the ones the code applies.",
+    ]
+    for rule in RULES:
+        lines += ["", f"### {rule.title}", "", f"{rule.text} Checked at `{rule.key}`.", ""]
+        with_env = any(ex.env for ex in rule.examples)
+        lines.append("| value | " + ("environment | " if with_env else "") + "`gateway check` |")
+        lines.append("|---|---|---|" if with_env else "|---|---|")
+        for ex in rule.examples:
+            cells = [f"`{ex.yaml}`", _result(rule, ex)]
+            if with_env:
+                env = ", ".join(f"`{k}={v}`" for k, v in ex.env.items()) or "(unset)"
+                cells.insert(1, env)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
 
 
 def main(argv: list[str]) -> int:
