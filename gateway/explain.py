@@ -316,6 +316,8 @@ def _cache(cfg: GatewayConfig, route: Route, req: _Request) -> Step | None:
             f"ttl {dur(c.ttl)}, stale_while_revalidate {dur(c.stale_while_revalidate)}, "
             f"stale_if_error {dur(c.stale_if_error)}",
             "key: " + ", ".join(parts),
+            "the answer's Vary headers add a secondary key"
+            + (f", except {', '.join(c.ignore_vary)}" if c.ignore_vary else ""),
             f"served to: {who}",
         ],
     )
@@ -352,6 +354,9 @@ def _proxy(cfg: GatewayConfig, route: Route, req: _Request) -> Step:
             url,
             f"connect timeout {dur(up.connect_timeout)}, read timeout {dur(read)}, Host: "
             + ("the client's" if up.preserve_host else urlsplit(up.url).netloc),
+            "redirects to the upstream's own origin are rewritten to the client's"
+            if up.rewrite_redirects
+            else "redirects pass unchanged",
         ],
     )
 

@@ -116,7 +116,7 @@ routes:
     upstream: app
     auth: required
     rate_limit: [{by: "header:X-Api-Key", rate: 10/min, burst: 3}, {by: webinar, rate: 5/s}]
-    cache: {ttl: 10s, vary_query: [page], vary_claims: [org]}
+    cache: {ttl: 10s, vary_query: [page], vary_claims: [org], ignore_vary: [Accept-Language]}
   - name: ping
     match: {methods: [POST], path: "/api/webinars/{webinar_id}/ping"}
     upstream: app
@@ -138,6 +138,8 @@ def test_headers_decide_the_key_parts() -> None:
     assert '"header:x-api-key";q=3;w=18: 10/min, burst 3, key h:k1' in out
     assert '"webinar";q=1;w=1: 5/s, burst 1, key w:w1' in out
     assert "key: route chat, webinar_id=w1, query page=['2'], claim org" in out
+    assert "the answer's Vary headers add a secondary key, except Accept-Language" in out
+    assert "redirects to the upstream's own origin are rewritten to the client's" in out
     assert "token: Authorization: Bearer (found; explain does not verify it)" in out
     assert "http://app.internal:3000/api/webinars/w1/chat?page=2&other=x" in out
     # Without the header the rule does not apply; an untrusted peer's XFF is ignored.
