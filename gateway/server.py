@@ -21,6 +21,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Callable, Generator, Sequence
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,9 +173,10 @@ async def _serve_single(
     config_path: str | None,
     sock: socket.socket | None = None,
     admin_sock: socket.socket | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
     """One process: the public listener on `sock`, and the admin listener on `admin_sock`
-    unless a supervisor serves it (workers)."""
+    unless a supervisor serves it (workers; `started` then tells it this worker serves)."""
     from gateway.admin import create_admin_app
     from gateway.app import create_app
 
@@ -187,6 +189,7 @@ async def _serve_single(
     gc.freeze()
     host, port = cfg.server.listen_addr
     public = _Server(_uvicorn_config(app, host, port, cfg, lifespan="on"))
+    public.on_started = started
     servers = [public.serve(sockets=[sock] if sock else None)]
     admin_server: _Server | None = None
     if admin_sock is not None:
@@ -248,12 +251,12 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
 # ------------------------------------------------------------------ multi-worker
 
 
-def _worker(config_path: str, sock: socket.socket, env: dict[str, str]) -> None:
+def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving: EventType) -> None:
     os.environ.update(env)
     cfg = load_config(config_path)
     setup_logging(cfg.server.log_level)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_single(cfg, config_path, sock=sock))
+        runner.run(_serve_single(cfg, config_path, sock=sock, started=serving.set))
 
 
 def _supervise(
@@ -271,16 +274,22 @@ def _supervise(
     admin_sock.set_inheritable(False)
     ctx = multiprocessing.get_context("spawn")
     env = {"PROMETHEUS_MULTIPROC_DIR": mp_dir}
+    # Set by each worker once its public server has started: until all are, /readyz says
+    # not ready (a worker still importing would leave its share of connections waiting).
+    serving = [ctx.Event() for _ in range(cfg.server.workers)]
     procs = [
-        ctx.Process(target=_worker, args=(config_path, sock, env), name=f"edge-worker-{i}")
-        for i in range(cfg.server.workers)
+        ctx.Process(target=_worker, args=(config_path, sock, env, ev), name=f"edge-worker-{i}")
+        for i, ev in enumerate(serving)
     ]
     for p in procs:
         p.start()
     log.debug("workers started", extra={"pids": [p.pid for p in procs]})
 
+    def listening() -> bool:
+        return all(p.is_alive() for p in procs) and all(ev.is_set() for ev in serving)
+
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_supervisor_admin(cfg, config_path, procs, admin_sock))
+        runner.run(_supervisor_admin(cfg, config_path, procs, admin_sock, listening))
     for p in procs:
         p.join(timeout=1)
     sock.close()
@@ -328,6 +337,7 @@ async def _supervisor_admin(
     config_path: str,
     procs: Sequence[multiprocessing.process.BaseProcess],
     admin_sock: socket.socket,
+    listening: Callable[[], bool],
 ) -> None:
     """The supervisor's admin listener, until every worker has exited."""
     from prometheus_client import multiprocess
@@ -346,12 +356,12 @@ async def _supervisor_admin(
         verifier = get_verifier(rt)
         await verifier.start()
     # The supervisor proxies nothing itself: it is "started" once its store is up, and
-    # "listening" while every worker is alive.
+    # "listening" while every worker is alive and serving.
     rt.started = True
     ahost, aport = cfg.server.admin_addr
     admin = _Server(
         _uvicorn_config(
-            create_admin_app(rt, listening=lambda: all(p.is_alive() for p in procs)),
+            create_admin_app(rt, listening=listening),
             ahost,
             aport,
             cfg,

@@ -183,6 +183,15 @@ async def test_two_workers_share_the_port(
     config = _simple(fake_app.url, workers=2, access_log=True)
     config["store"] = {"url": redis_url}
     async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
+        # The supervisor's /readyz waits for every worker to serve (a worker still
+        # starting on a busy machine would leave the other to accept everything).
+        for _ in range(600):
+            if (await c.get(admin + "/readyz")).status_code == 200:
+                break
+            assert proc.returncode is None
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the workers did not all start serving")
         # 40 concurrent requests, each on its own connection: both workers accept.
         async def one(path: str) -> int:
             async with httpx.AsyncClient(timeout=20) as client:
