@@ -638,7 +638,9 @@ async def test_auth_p95_over_refresh_and_proxied_auth_calls(
             assert body["rule"] == "auth_p95"
             assert body["status"] == "firing"
             assert body["threshold"] == 0.05
-            assert 0.05 < body["value"] <= 0.1  # inside the 50-100 ms bucket
+            # At least the 80 ms GoTrue took; no upper bound, since the measured time also
+            # holds whatever a busy machine adds (a loaded run saw 0.325 s).
+            assert body["value"] > 0.05
             assert body["top"] == [{"name": "token_refresh", "count": 4}]
             assert body["unit"] == "seconds"
     finally:
