@@ -2,7 +2,7 @@
 with a request, read from the config alone.
 
 Owns: matching a request line (+ headers) against the route table exactly as the public
-app does (bad paths, `/_edge/*`, first match wins), and describing the chain of the
+app does (bad Host or path, `/_edge/*`, first match wins), and describing the chain of the
 matched route in the order app.py builds it, with each policy's settings and the key
 parts this request would use. Nothing here opens a socket or touches the store: tokens
 are found, never verified, and keys are shown as the parts they are made of.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from gateway.config import GatewayConfig, Route
+from gateway.headers import host_problem
 from gateway.http import Scope
 from gateway.net import TrustedProxies
 from gateway.routing import RouteTable, unsafe_path
@@ -34,7 +35,7 @@ class Step:
 @dataclass(slots=True)
 class Explanation:
     request: str
-    outcome: str  # "route" | "edge" | "bad_path" | "no_route"
+    outcome: str  # "route" | "edge" | "bad_host" | "bad_path" | "no_route"
     summary: str
     route_index: int | None = None
     params: dict[str, str] = field(default_factory=dict)
@@ -61,9 +62,12 @@ def parse_header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def _scope(method: str, target: str, headers: list[tuple[str, str]], peer: str) -> Scope:
+def _scope(method: str, target: str, headers: list[tuple[str, str]], peer: str, host: str) -> Scope:
     path, _, query = target.partition("?")
     hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    if not any(k == b"host" for k, _ in hdrs):
+        # What a client sends by default; -H 'Host: ...' shows another.
+        hdrs.insert(0, (b"host", host.encode("latin-1")))
     upgrade = dict(hdrs).get(b"upgrade", b"").lower() == b"websocket"
     return {
         "type": "websocket" if upgrade else "http",
@@ -84,10 +88,14 @@ def explain(
     peer: str = "127.0.0.1",
 ) -> Explanation:
     """What the public port would do with `METHOD target` from `peer`."""
-    scope = _scope(method, target, headers or [], peer)
+    scope = _scope(method, target, headers or [], peer, cfg.server.listen)
     request = f"{scope['method']} {target}" + (" (WebSocket)" if scope["type"] != "http" else "")
     if not target.startswith("/"):
         return Explanation(request, "bad_path", "the path must start with '/'")
+    # The refusals app.py makes before routing, in its order (app._refusal).
+    problem = host_problem(scope)
+    if problem is not None:
+        return Explanation(request, "bad_host", f"400 bad_host: {problem}")
     if unsafe_path(scope):
         return Explanation(
             request,

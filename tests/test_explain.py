@@ -164,6 +164,7 @@ def test_heartbeat_viewer_sources_follow_the_request() -> None:
     ("method", "target", "outcome", "summary"),
     [
         ("GET", "/api/../admin", "bad_path", "400 bad_path"),
+        ("GET", "/api/webinars/w1/chat -H Host:bad host", "bad_host", "400 bad_host"),
         ("GET", "/api/webinars/w1//chat", "bad_path", "400 bad_path"),
         ("POST", "/api/webinars/w1/chat", "no_route", "404 no_route"),
         ("GET", "/_edge/client-config", "edge", "answered by the gateway: the client intervals"),
@@ -174,7 +175,8 @@ def test_heartbeat_viewer_sources_follow_the_request() -> None:
 def test_requests_the_chain_never_sees(
     method: str, target: str, outcome: str, summary: str
 ) -> None:
-    res = explain(parse_config(CONFIG, {}), method, target)
+    target, _, host = target.partition(" -H Host:")
+    res = explain(parse_config(CONFIG, {}), method, target, [("Host", host)] if host else [])
     assert res.outcome == outcome
     assert res.summary.startswith(summary)
     assert res.steps == []
