@@ -144,6 +144,9 @@ class StoreConfig(Section):
     # After this many consecutive failures, stop trying the store for `backoff`.
     failure_threshold: int = Field(3, ge=1)
     backoff: Duration = 2.0
+    # While backing off, one call per probe_interval still tries the store; the first
+    # that succeeds ends the back-off at once.
+    probe_interval: Duration = 0.25
     max_connections: int = Field(64, ge=1)
     memory_max_keys: int = Field(1_000_000, ge=1000)
 

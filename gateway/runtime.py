@@ -17,6 +17,7 @@ from gateway import __version__
 from gateway.config import GatewayConfig, config_digest
 from gateway.net import TrustedProxies
 from gateway.observability.logging import AccessLog
+from gateway.observability.looplag import LOOP_LAG
 from gateway.observability.metrics import Metrics
 from gateway.proxy import Upstream
 from gateway.store import Store, create_store
@@ -43,7 +44,11 @@ class Runtime:
         self.monotonic = monotonic
         self.metrics = metrics or Metrics()
         self.store = store or create_store(
-            config.store, clock=clock, on_error=self.metrics.on_store_error
+            config.store,
+            clock=clock,
+            on_error=self.metrics.on_store_error,
+            on_state=self.metrics.on_store_state,
+            lag=LOOP_LAG.recent,
         )
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self.upstreams = {name: Upstream(name, u) for name, u in config.upstreams.items()}
@@ -64,6 +69,9 @@ class Runtime:
         self.services: dict[str, Any] = {}
         # /readyz checks beyond the store: name -> why the process is not ready, or None.
         self.readiness: dict[str, Callable[[], str | None]] = {}
+
+    def _lag_sample(self, _lag: float) -> None:
+        self.metrics.loop_lag.set(LOOP_LAG.recent())
 
     def degraded(self) -> bool:
         return any(check() for check in self.degraded_checks)
@@ -94,6 +102,8 @@ class Runtime:
             return
         for up in self.upstreams.values():
             await up.open()
+        LOOP_LAG.ensure_running()
+        LOOP_LAG.listeners.append(self._lag_sample)
         await self.store.start()
         for fn in self._on_start:
             await fn()
@@ -117,6 +127,8 @@ class Runtime:
                 await t
         for up in self.upstreams.values():
             await up.close()
+        if self._lag_sample in LOOP_LAG.listeners:
+            LOOP_LAG.listeners.remove(self._lag_sample)
         if self.owns_store:
             await self.store.close()
         self.started = False

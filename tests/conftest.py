@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -93,6 +94,16 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: a hung server (a frozen VM): connections are accepted by the kernel
+        and never answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture

@@ -125,9 +125,30 @@ class Metrics:
         )
         self.store_up = Gauge(
             "edge_store_up",
-            "1 when the last store call succeeded.",
+            "1 while the store answers (0 from failure_threshold consecutive failures until "
+            "a call succeeds again).",
             registry=r,
             multiprocess_mode="min",
+        )
+        self.store_up.set(1)
+        self.store_transitions = Counter(
+            "edge_store_transitions_total",
+            "Store availability changes, by new state (down, up).",
+            ["to"],
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "edge_event_loop_lag_seconds",
+            "Worst event-loop lag over the last second (how late a due callback ran).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.state_entries = Gauge(
+            "edge_state_entries",
+            "Entries held in process memory, by structure (bounded by configuration).",
+            ["structure"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         # cache policy (gateway/policies/cache.py)
         self.cache_results = Counter(
@@ -278,6 +299,10 @@ class Metrics:
 
     def on_store_error(self, op: str, kind: str) -> None:
         self.store_errors.labels(op, kind).inc()
+
+    def on_store_state(self, up: bool) -> None:
+        self.store_up.set(1 if up else 0)
+        self.store_transitions.labels("up" if up else "down").inc()
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

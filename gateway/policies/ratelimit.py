@@ -37,6 +37,7 @@ from cachetools import TLRUCache
 
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
 from gateway.store import Script, Store, StoreError
+from gateway.store.base import CallBudget
 from gateway.store.memory import MemoryData
 from gateway.store.redis import RedisStore
 
@@ -118,8 +119,9 @@ class GcraBatcher:
     which is most of what a rate-limited request costs over an unlimited one. Checks
     made while `max_inflight` pipelines are already out wait for the next one, so the
     batches grow with load and nothing waits at low load. The wait of each request is
-    bounded by `store.timeout`; failures follow the store's FailureGuard (one timeout or
-    connection error per batch, then the back-off)."""
+    bounded by `store.timeout`, stretched by event-loop lag (CallBudget); failures follow
+    the store's FailureGuard (one timeout or connection error per batch, then the
+    back-off with probes)."""
 
     def __init__(self, store: RedisStore, *, max_batch: int = 128, max_inflight: int = 2) -> None:
         self.store = store
@@ -134,7 +136,12 @@ class GcraBatcher:
         self.batched = 0
 
     async def run(self, keys: list[str], args: list[ScriptArg]) -> Any:
-        self.store.guard.check(GCRA.name)  # backing off: fail at once, queue nothing
+        if self.store.guard.blocked():
+            # Backing off with no probe due: fail at once, queue nothing. (Not check():
+            # that would spend the probe here, and the batch's own call would then be
+            # refused.)
+            self.store.guard._count(GCRA.name, "backoff")
+            raise StoreError("backoff", "store unavailable (backing off after failures)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self.pending.append((keys, args, fut))
@@ -144,7 +151,9 @@ class GcraBatcher:
             # that are about to check too) have run.
             loop.call_soon(self._flush)
         try:
-            async with asyncio.timeout(self.store.timeout):
+            # Lag-aware like the batch's own call, and with room for one batch ahead of
+            # this one: a busy loop, or a batch queued behind another, is not a failure.
+            async with CallBudget(self.store.timeout, 2 * self.store.cap, self.store.lag):
                 return await fut
         except TimeoutError:
             raise StoreError("timeout", "rate-limit check exceeded store.timeout") from None

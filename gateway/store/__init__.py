@@ -18,6 +18,8 @@ def create_store(
     *,
     clock: Callable[[], float] = time.time,
     on_error: Callable[[str, str], None] | None = None,
+    on_state: Callable[[bool], None] | None = None,
+    lag: Callable[[], float] = lambda: 0.0,
 ) -> Store:
     if cfg.is_memory:
         return MemoryStore(cfg.key_prefix, max_keys=cfg.memory_max_keys, clock=clock)
@@ -30,5 +32,8 @@ def create_store(
         max_connections=cfg.max_connections,
         failure_threshold=cfg.failure_threshold,
         backoff=cfg.backoff,
+        probe_interval=cfg.probe_interval,
         on_error=on_error,
+        on_state=on_state,
+        lag=lag,
     )

@@ -1,14 +1,18 @@
 """The store interface every policy talks to, and the one error type it raises.
 
 Owns: the async operations (get/set/incr/locks and named scripts), key building with
-Redis Cluster hash tags, and the failure guard shared by networked backends (per-call
-timeout, consecutive-failure back-off, health for /readyz). A multi-step operation is a
-`Script`: one Lua source for Redis (one round trip, atomic) plus a Python twin that runs
-on the memory backend, so both backends obey one contract.
+Redis Cluster hash tags, and what networked backends share: the per-call time budget
+that a busy event loop does not break (`CallBudget`), and the failure guard
+(consecutive-failure back-off with probes, the unavailable/recovered log lines, health
+for /readyz). A multi-step operation is a `Script`: one Lua source for Redis (one round
+trip, atomic) plus a Python twin that runs on the memory backend, so both backends obey
+one contract.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -24,6 +28,8 @@ ScriptArg = str | bytes | int | float
 PyScript = Callable[["MemoryData", list[str], list[ScriptArg], int], Any]
 
 LUA_DIR = Path(__file__).parent / "lua"
+
+log = logging.getLogger("gateway.store")
 
 
 class StoreError(Exception):
@@ -116,10 +122,88 @@ class Store(ABC):
         pass
 
 
+# A deadline timer that ran at most this late found the loop idle: the store itself is slow.
+LOOP_SLACK = 0.002
+# At most one "unavailable"/"recovered" log pair per this many seconds (a flapping store
+# would otherwise write a line per flap); the transitions are all counted in metrics.
+TRANSITION_LOG_EVERY = 10.0
+
+
+class CallBudget:
+    """`async with CallBudget(...)`: a deadline for one store call that CPU pressure alone
+    does not break. When the deadline timer runs late (the loop was busy running other
+    work, or the process was not scheduled), the reply may already be sitting unread in
+    a socket buffer: the call gets as much extra time as the loop was away (and, at the
+    first check, the loop's recent lag), never more than `cap` in all. Only a timer that
+    runs on time with no reply means the store is slow; then the call is cancelled and
+    TimeoutError raised, as `asyncio.timeout` would. `extended` tells the caller that the
+    loop, not the store, took the time."""
+
+    __slots__ = (
+        "_cancelling",
+        "_handle",
+        "_lag",
+        "_loop",
+        "_start",
+        "_task",
+        "_when",
+        "budget",
+        "cap",
+        "expired",
+        "extended",
+    )
+
+    def __init__(self, budget: float, cap: float, lag: Callable[[], float]) -> None:
+        self.budget = budget
+        self.cap = max(cap, budget)
+        self._lag = lag
+        self.expired = False
+        self.extended = False
+
+    async def __aenter__(self) -> CallBudget:
+        loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._start = loop.time()
+        self._when = self._start + self.budget
+        self._handle = loop.call_at(self._when, self._check)
+        return self
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        late = now - self._when
+        if not self.extended:
+            late = max(late, self._lag())
+        end = self._start + self.cap
+        if late > LOOP_SLACK and now < end:
+            self.extended = True
+            self._when = min(now + late, end)
+            self._handle = self._loop.call_at(self._when, self._check)
+            return
+        self.expired = True
+        self._task.cancel()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> None:
+        self._handle.cancel()
+        cancelled = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        ours = self.expired and cancelled
+        # Ours unless someone else cancelled the task too (then let theirs through).
+        if ours and self._task.uncancel() <= self._cancelling:
+            raise TimeoutError from exc
+
+
 class FailureGuard:
-    """Shared by networked backends: bounds each call by `timeout`, and after `threshold`
-    consecutive failures answers StoreError('backoff') at once for `backoff` seconds, so a
-    dead Redis costs one timeout per back-off period instead of one per request."""
+    """Shared by networked backends: counts consecutive failures, and after `threshold`
+    of them answers StoreError('backoff') at once for `backoff` seconds, so a dead Redis
+    costs one timeout per probe instead of one per request. While backing off, one call
+    per `probe_interval` is still let through: its success ends the back-off at once, so
+    a store that only looked down (a burst of slow calls) is not skipped by everyone
+    for the whole back-off. Logs one line when the store becomes unavailable and one
+    when it recovers (rate-limited), and reports each transition to `on_state`."""
 
     def __init__(
         self,
@@ -127,20 +211,44 @@ class FailureGuard:
         *,
         threshold: int,
         backoff: float,
+        probe_interval: float = 0.25,
         clock: Clock = time.monotonic,
         on_error: Callable[[str, str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
     ) -> None:
         self.health = health
         self.threshold = threshold
         self.backoff = backoff
+        self.probe_interval = probe_interval
         self.clock = clock
         self.on_error = on_error
+        self.on_state = on_state
+        self.down_since: float | None = None
+        self._next_probe = 0.0
+        self._logged_at = float("-inf")
+        self._quiet = False  # the last "unavailable" was not logged: neither is its end
+        self._suppressed = 0
+
+    def blocked(self) -> bool:
+        """Backing off and no probe due: a call now would fail fast (no side effect)."""
+        h = self.health
+        if not h.backoff_until:
+            return False
+        now = self.clock()
+        return now < h.backoff_until and now < self._next_probe
 
     def check(self, op: str) -> None:
         h = self.health
-        if h.backoff_until and self.clock() < h.backoff_until:
-            self._count(op, "backoff")
-            raise StoreError("backoff", "store unavailable (backing off after failures)")
+        if not h.backoff_until:
+            return
+        now = self.clock()
+        if now >= h.backoff_until:
+            return
+        if now >= self._next_probe:
+            self._next_probe = now + self.probe_interval
+            return  # this call is the probe
+        self._count(op, "backoff")
+        raise StoreError("backoff", "store unavailable (backing off after failures)")
 
     def success(self) -> None:
         h = self.health
@@ -148,6 +256,8 @@ class FailureGuard:
             h.consecutive_failures = 0
             h.backoff_until = 0.0
             h.ok = True
+        if self.down_since is not None:
+            self._transition(False, "")
 
     def failure(self, op: str, kind: str, message: str) -> StoreError:
         h = self.health
@@ -155,9 +265,45 @@ class FailureGuard:
         h.last_error = f"{kind}: {message}"
         h.ok = False
         if h.consecutive_failures >= self.threshold:
-            h.backoff_until = self.clock() + self.backoff
+            now = self.clock()
+            h.backoff_until = now + self.backoff
+            self._next_probe = now + self.probe_interval
+            if self.down_since is None:
+                self._transition(True, f"{op} {h.last_error}")
         self._count(op, kind)
         return StoreError(kind, message)
+
+    def _transition(self, down: bool, reason: str) -> None:
+        now = self.clock()
+        if down:
+            self.down_since = now
+            self._quiet = now - self._logged_at < TRANSITION_LOG_EVERY
+            if self._quiet:
+                self._suppressed += 1
+            else:
+                self._logged_at = now
+                log.warning(
+                    "store unavailable",
+                    extra={
+                        "backend": self.health.backend,
+                        "reason": reason,
+                        "failures": self.health.consecutive_failures,
+                        "suppressed_since_last": self._suppressed,
+                    },
+                )
+                self._suppressed = 0
+        else:
+            since, self.down_since = self.down_since, None
+            if not self._quiet:
+                log.warning(
+                    "store recovered",
+                    extra={
+                        "backend": self.health.backend,
+                        "duration_s": round(now - (since or now), 3),
+                    },
+                )
+        if self.on_state is not None:
+            self.on_state(not down)
 
     def _count(self, op: str, kind: str) -> None:
         key = f"{op}:{kind}"

@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.base import (
+    CallBudget,
     Clock,
     FailureGuard,
     Script,
@@ -184,16 +185,23 @@ class RedisStore(Store):
         max_connections: int = 64,
         failure_threshold: int = 3,
         backoff: float = 2.0,
+        probe_interval: float = 0.25,
         clock: Clock = time.monotonic,
         on_error: Callable[[str, str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         super().__init__(key_prefix)
         self.url = url
         self.timeout = timeout
+        # A call delayed by a busy loop may run past `timeout` up to this (the socket
+        # timeout below, so a dead connection is still found by redis-py too).
+        self.cap = max(timeout * 4, 0.2)
+        self.lag = lag
         parsed = parse_store_url(url)
         common: dict[str, Any] = {
-            "socket_timeout": max(timeout * 4, 0.2),
-            "socket_connect_timeout": max(timeout * 4, 0.2),
+            "socket_timeout": self.cap,
+            "socket_connect_timeout": self.cap,
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": False,
         }
@@ -242,8 +250,10 @@ class RedisStore(Store):
             self._health,
             threshold=failure_threshold,
             backoff=backoff,
+            probe_interval=probe_interval,
             clock=clock,
             on_error=on_error,
+            on_state=on_state,
         )
         # Script name -> SHA1 (loaded on one server; computed locally on a cluster).
         self._shas: dict[str, str] = {}
@@ -256,10 +266,14 @@ class RedisStore(Store):
     def health(self) -> StoreHealth:
         return self._health
 
+    def budget(self) -> CallBudget:
+        """The time budget of one call: `store.timeout`, stretched by event-loop lag."""
+        return CallBudget(self.timeout, self.cap, self.lag)
+
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         self.guard.check(op)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self.budget():
                 if self._gate is None:
                     result = await fn()
                 else:
@@ -493,7 +507,7 @@ class RedisStore(Store):
             groups.setdefault(name, []).append(i)
 
         async def one(indexes: list[int]) -> list[Any]:
-            async with asyncio.timeout(self.timeout):
+            async with self.budget():
                 batch = [calls[i] for i in indexes]
                 if self._gate is None:
                     return await self._pipeline(script, batch)
