@@ -1,9 +1,10 @@
 """The admin listener (its own port, never the public one): `/healthz`, `/readyz`,
 `/metrics` and `/_edge/status`.
 
-Owns: liveness (the process answers), readiness (not draining, store reachable, the
-runtime's readiness checks such as a loaded token verification key, and the detail of
-each dependency), Prometheus exposition, and the status document.
+Owns: liveness (the process answers), readiness (not draining, started, the runtime's
+readiness checks such as a loaded token verification key; the store only with
+`store.readiness_check`; the detail of each dependency), Prometheus exposition, and
+the status document.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def create_admin_app(
             store_ok = False
         rt.metrics.store_up.set(1 if store_ok else 0)
         checks["store"] = {**_store_state(rt), "ok": store_ok}
-        # With on_failure: open the gateway keeps serving without the store, so a Redis
-        # outage must not mark every replica unready (that would turn it into a full
-        # outage at the ingress); it shows in the detail and in edge_store_up instead.
-        if not store_ok and rt.config.store.on_failure == "closed":
+        # The store is shared: an outage would mark every replica unready at once and
+        # turn it into a full outage at the ingress, whatever on_failure says. It shows
+        # in the detail and in edge_store_up; store.readiness_check opts in to 503.
+        if not store_ok and rt.config.store.readiness_check:
             ready = False
         for name, fn in rt.services.get("status", {}).items():
             checks[name] = fn()

@@ -139,7 +139,7 @@ class ServerConfig(Section):
 class StoreConfig(Section):
     url: str = "memory://"
     key_prefix: str = "edge:"
-    on_failure: FailureMode = "open"
+    on_failure: FailureMode = "local"
     timeout: Duration = 0.05
     # After this many consecutive failures, stop trying the store for `backoff`.
     failure_threshold: int = Field(3, ge=1)
@@ -149,6 +149,14 @@ class StoreConfig(Section):
     probe_interval: Duration = 0.25
     max_connections: int = Field(64, ge=1)
     memory_max_keys: int = Field(1_000_000, ge=1000)
+    # on_failure: local — how many gateway processes share the store (replicas x
+    # server.workers; default server.workers): each admits 1/N of every rate limit
+    # while the store is down, so the fleet still admits about the configured rate.
+    local_processes: int | None = Field(None, ge=1)
+    # true: /readyz answers 503 while the store is unreachable (takes this pod out of
+    # rotation). Off by default: the store is shared, so an outage would take every
+    # replica out at once.
+    readiness_check: bool = False
 
     @field_validator("url")
     @classmethod

@@ -40,20 +40,24 @@ async def test_admin_paths_are_not_served_on_public_port(fake_app: FakeApp) -> N
 
 async def test_not_ready_while_store_down_or_draining(fake_app: FakeApp) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    # on_failure: closed — the gateway cannot serve without its store: not ready.
-    cfg = make_config(fake_app.url, store={"url": dead, "timeout": "100ms", "on_failure": "closed"})
+    # store.readiness_check: true — the operator opted in: not ready without the store.
+    store = {"url": dead, "timeout": "100ms", "on_failure": "closed", "readiness_check": True}
+    cfg = make_config(fake_app.url, store=store)
     async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
         r = await c.get(gw.admin_url + "/readyz")
         assert r.status_code == 503
         assert r.json()["checks"]["store"]["ok"] is False
         assert "edge_store_up 0.0" in (await c.get(gw.admin_url + "/metrics")).text
-    # on_failure: open — it serves without the store, so it stays ready and says why.
-    cfg = make_config(fake_app.url, store={"url": dead, "timeout": "100ms"})
-    async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
-        r = await c.get(gw.admin_url + "/readyz")
-        assert r.status_code == 200
-        assert r.json()["checks"]["store"]["ok"] is False
-        assert (await c.get(gw.url + "/x")).status_code == 200
+    # Every mode without the opt-in, closed included: the store is shared, so its outage
+    # must not take every replica out of rotation at once; the detail says why.
+    for mode in ("closed", "open", "local"):
+        store = {"url": dead, "timeout": "100ms", "on_failure": mode}
+        cfg = make_config(fake_app.url, store=store)
+        async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
+            r = await c.get(gw.admin_url + "/readyz")
+            assert r.status_code == 200
+            assert r.json()["checks"]["store"]["ok"] is False
+            assert (await c.get(gw.url + "/x")).status_code == 200
 
     async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
         gw.app.rt.draining = True

@@ -177,7 +177,7 @@ def test_cli_check_reports_every_error_without_traceback(tmp_path: Path) -> None
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "store.url: unsupported store scheme 'ftp'" in r.stderr
-    assert "store.on_failure: Input should be 'open' or 'closed'" in r.stderr
+    assert "store.on_failure: Input should be 'local', 'open' or 'closed'" in r.stderr
     missing = run_cli("check", "--config", str(tmp_path / "missing.yaml"))
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr

@@ -697,7 +697,7 @@ def test_configmap_config_is_a_production_redis_config(prod_config: GatewayConfi
     assert s.listen == "0.0.0.0:8080" and s.admin_listen == "0.0.0.0:9091"
     assert s.trusted_proxies == ["10.0.0.0/8"]
     assert prod_config.store.url == "redis://redis:6379/0"
-    assert prod_config.store.on_failure == "open"
+    assert prod_config.store.on_failure == "local"
     assert prod_config.upstreams["app"].url == "http://eventlive-app:3000"
     assert prod_config.upstreams["supabase"].url == "https://your-project-ref.supabase.co"
     assert prod_config.auth.hs256_secret == "", "no secret without the Secret"

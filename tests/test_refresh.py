@@ -427,14 +427,26 @@ async def test_store_down_follows_on_failure(gotrue: FakeGoTrue) -> None:
     rt0 = gotrue.sign_in()["refresh_token"]
     dead = "redis://127.0.0.1:1/0"
     async with run_gateway(refresh_config(gotrue.url, dead)) as gw, client() as c:
-        # open (default): served, still coalesced in this process.
+        # local (default): served, still coalesced in this process.
         resps = await asyncio.gather(*(refresh(c, gw, rt0) for _ in range(5)))
         assert {r.status_code for r in resps} == {200}
         assert gotrue.calls == 1
+        assert sample(gw, "edge_store_fallbacks_total", policy="refresh", mode="local") >= 1
+        # ...and replayed by this process afterwards (the parent token's answer is
+        # kept here, sealed), instead of a second use GoTrue would refuse.
+        again = await refresh(c, gw, rt0)
+        assert again.status_code == 200
+        assert again.headers["x-edge-refresh"] == "replay"
+        assert again.json() == resps[0].json()
+        assert gotrue.calls == 1
+    cfg = refresh_config(gotrue.url, dead, on_failure="open")
+    async with run_gateway(cfg) as gw, client() as c:
+        resps = await asyncio.gather(*(refresh(c, gw, rt0) for _ in range(5)))
+        assert gotrue.calls == 2  # open: coalesced too, but no replay (GoTrue decides)
         assert sample(gw, "edge_store_fallbacks_total", policy="refresh", mode="open") >= 1
     cfg = refresh_config(gotrue.url, dead, on_failure="closed")
     async with run_gateway(cfg) as gw, client() as c:
         resp = await refresh(c, gw, rt0)
         assert resp.status_code == 503
         assert resp.json()["error"] == "store_unavailable"
-        assert gotrue.calls == 1
+        assert gotrue.calls == 2

@@ -14,15 +14,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.store import StoreError
 from gateway.store.base import CallBudget
 from gateway.store.redis import RedisStore
 from tests.conftest import PrivateRedis
-from tests.fakes.stats_app import FakeClock
-from tests.helpers import Running
-from tests.test_heartbeat import config
+from tests.fakes.app import FakeApp
+from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
+from tests.helpers import Running, make_config, run_gateway
+from tests.test_heartbeat import W1, W2, Clock, config, ping, user
 
 PING = "/api/webinars/{w}/presence/ping"
 
@@ -58,6 +60,104 @@ def hb_config(app_url: str, redis: str, **store: Any) -> Any:
             **store,
         },
     )
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+async def test_frozen_then_restarted_redis_costs_the_app_nothing_more(
+    fake_app: FakeApp, private_redis_server: PrivateRedis
+) -> None:
+    """The issue's fault run, small: viewers ping through a Redis that is frozen, then
+    killed and restarted empty. Every answer is 2xx; each viewer reaches the app once,
+    plus once for a viewer that first shows up during the outage; the restarted
+    (empty) store does not send everyone to the app again."""
+    clock = Clock()
+    viewers = [user(i) for i in range(6)]
+    path = PING.format(w=W1)
+    cfg = hb_config(fake_app.url, private_redis_server.url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        statuses = [(await ping(c, gw, W1, v, clock)).status_code for v in viewers[:5]]
+        assert fake_app.hits[path] == 5
+
+        private_redis_server.freeze()
+        for _ in range(3):
+            clock.advance(1)
+            for v in viewers:  # viewers[5] is new: forwarded once, by this process
+                statuses.append((await ping(c, gw, W1, v, clock)).status_code)
+        assert fake_app.hits[path] == 6
+        assert not gw.app.rt.store.health.ok
+
+        private_redis_server.stop()  # SIGKILL of the frozen server: its data is gone
+        private_redis_server.start()
+
+        async def recovered() -> bool:
+            clock.advance(1)
+            statuses.append((await ping(c, gw, W1, viewers[0], clock)).status_code)
+            return gw.app.rt.store.health.ok
+
+        await until(recovered)
+        clock.advance(1)
+        for v in viewers:
+            statuses.append((await ping(c, gw, W1, v, clock)).status_code)
+
+    assert set(statuses) == {200}
+    assert fake_app.hits[path] == 6
+    outcome = "local_forwarded"
+    assert sample(gw, "edge_heartbeats_total", route="presence_ping", outcome=outcome) == 1
+    assert sample(gw, "edge_store_fallbacks_total", policy="heartbeat", mode="local") >= 18
+    assert sample(gw, "edge_store_transitions_total", to="down") == 1
+    assert sample(gw, "edge_store_transitions_total", to="up") == 1
+
+
+async def test_local_mode_replays_negative_answers_and_retries_failures(
+    fake_app: FakeApp, private_redis_server: PrivateRedis
+) -> None:
+    """While the store is down, a viewer the app refused (404) keeps getting the refusal
+    from this process, and a viewer whose forward failed (5xx) is forwarded again."""
+    clock = Clock()
+    cfg = hb_config(fake_app.url, private_redis_server.url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        private_redis_server.stop()
+        fake_app.status_override[PING.format(w=W2)] = (404, {"error": "not_registered"})
+        first = await ping(c, gw, W2, user(1), clock)
+        again = await ping(c, gw, W2, user(1), clock)
+        assert (first.status_code, again.status_code) == (404, 404)
+        assert again.content == first.content
+        assert fake_app.hits[PING.format(w=W2)] == 1
+
+        fake_app.status_override[PING.format(w=W1)] = (502, {"error": "down"})
+        assert (await ping(c, gw, W1, user(2), clock)).status_code == 502
+        del fake_app.status_override[PING.format(w=W1)]
+        assert (await ping(c, gw, W1, user(2), clock)).status_code == 200
+        assert (await ping(c, gw, W1, user(2), clock)).status_code == 200
+        assert fake_app.hits[PING.format(w=W1)] == 2
+    assert sample(gw, "edge_heartbeats_total", route="presence_ping", outcome="local_negative") == 1
+
+
+@pytest.mark.parametrize("mode", ["closed", "local"])
+async def test_busy_loop_with_healthy_redis_is_not_a_store_failure(
+    fake_app: FakeApp, redis_url: str, mode: str
+) -> None:
+    """Heartbeats in flight while the loop is kept busy far past store.timeout: the
+    store answered, only late to be read. No 503 in closed mode, no extra forward."""
+    clock = Clock()
+    cfg = config(fake_app.url, redis_url, store_extra={"timeout": "20ms", "on_failure": mode})
+    n = 40
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        await asyncio.gather(*(ping(c, gw, W1, user(i), clock) for i in range(n)))
+        loop = asyncio.get_running_loop()
+        for delay in (0.0, 0.002, 0.005, 0.01):
+            clock.advance(1)
+            # Busy somewhere in the middle of the requests' store calls.
+            handle = loop.call_later(delay, spin, 0.15)
+            resps = await asyncio.gather(*(ping(c, gw, W1, user(i), clock) for i in range(n)))
+            handle.cancel()
+            assert {r.status_code for r in resps} == {200}
+        health = gw.app.rt.store.health
+    assert fake_app.hits[PING.format(w=W1)] == n
+    assert health.ok
+    assert sum(v for k, v in health.counters.items() if ":timeout" in k) == 0
 
 
 # --------------------------------------------------------------------------- store level
@@ -155,3 +255,79 @@ async def test_backoff_probe_ends_the_outage_and_each_transition_logs_once(
     assert lines[1].__dict__["duration_s"] == 1.0
 
 
+# --------------------------------------------------------------------------- other policies
+
+
+async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
+    stats: StatsApp, private_redis_server: PrivateRedis
+) -> None:
+    cfg = make_config(
+        stats.url,
+        store={"url": private_redis_server.url, "timeout": "200ms", "failure_threshold": 1},
+        routes=[
+            {
+                "name": "admin_stats",
+                "match": {"methods": ["GET"], "path": "/api/webinars/{webinar_id}/stats/access"},
+                "upstream": "app",
+                "auth": "off",
+                "cache": {"ttl": "10s"},
+            }
+        ],
+    )
+    url = "/api/webinars/w1/stats/access"
+    async with run_gateway(cfg, clock=FakeClock()) as gw:
+        install_test_identity(gw.app)
+        async with httpx.AsyncClient(timeout=10) as c:
+            alice = {"X-Test-User": "alice"}
+            assert (await c.get(gw.url + url, headers=alice)).status_code == 200
+            assert stats.calls == 1
+            private_redis_server.stop()
+            # alice is known to this process as allowed, the entry is fresh: served here.
+            for _ in range(3):
+                r = await c.get(gw.url + url, headers=alice)
+                assert r.status_code == 200
+                assert r.headers["cache-status"].startswith("edge; hit")
+            # mallory is not: her own request goes to the app, which refuses her.
+            r = await c.get(gw.url + url, headers={"X-Test-User": "mallory"})
+            assert r.status_code == 403
+            r = await c.get(gw.url + url, headers={"X-Test-User": "mallory"})
+            assert r.status_code == 403
+            assert stats.calls == 2
+    assert sample(gw, "edge_store_fallbacks_total", policy="cache", mode="local") >= 4
+
+
+async def test_rate_limit_local_applies_this_processes_share(
+    fake_app: FakeApp, private_redis_server: PrivateRedis
+) -> None:
+    cfg = make_config(
+        fake_app.url,
+        store={"url": private_redis_server.url, "timeout": "200ms", "local_processes": 2},
+        routes=[
+            {
+                "name": "rl",
+                "match": {"path": "/rl"},
+                "upstream": "app",
+                "auth": "off",
+                "rate_limit": [{"by": "ip", "rate": "1/h", "burst": 6}],
+            }
+        ],
+    )
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(timeout=10) as c:
+        private_redis_server.stop()
+        codes = [(await c.get(gw.url + "/rl")).status_code for _ in range(5)]
+    # Two processes share the store: this one admits half the burst while it is down
+    # (the last refusal comes from the per-process "blocked until" memory, no store call).
+    assert codes == [200, 200, 200, 429, 429]
+    assert sample(gw, "edge_store_fallbacks_total", policy="rate_limit", mode="local") == 4
+    assert sample(gw, "edge_ratelimit_decisions_total", route="rl", result="limited_cached") == 1
+
+
+@pytest.fixture
+async def stats() -> Any:
+    app = StatsApp()
+    await app.start()
+    app.admins = {"alice"}
+    yield app
+    if app.gate is not None:
+        app.gate.set()
+    await app.stop()

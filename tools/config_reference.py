@@ -66,7 +66,9 @@ EXTRA: dict[str, str] = {
     "StoreConfig.url": "memory://, redis://, rediss://, unix://, redis+cluster://h:p[,h:p], "
     "redis+sentinel://h:p[,h:p]/service[/db].",
     "StoreConfig.key_prefix": "Prepended to every key (no braces on Redis Cluster).",
-    "StoreConfig.on_failure": "When the store fails: open = serve without it, closed = 503.",
+    "StoreConfig.on_failure": "When the store fails: local = decide with this process's own "
+    "bounded state (docs/redis.md#when-the-store-fails), open = as if there were no edge, "
+    "closed = 503. Each policy may override it.",
     "StoreConfig.timeout": "Bound on every store call (no retries).",
     "StoreConfig.max_connections": "Connections per process (per master on a cluster).",
     "StoreConfig.memory_max_keys": "Key bound of the memory:// store (LRU beyond it).",
@@ -145,7 +147,8 @@ EXTRA: dict[str, str] = {
     "HeartbeatConfig.flush_url": "Batch mode: path on flush_upstream (or absolute URL).",
     "HeartbeatConfig.flush_upstream": "Batch mode: the upstream the flush goes to.",
     "HeartbeatConfig.flush_headers": "Headers of the flush request (use ${ENV} for keys).",
-    "HeartbeatConfig.on_failure": "Store failure: open = forward, closed = 503 (default "
+    "HeartbeatConfig.on_failure": "Store failure: local = forward a viewer's first heartbeat "
+    "in this process, absorb the rest; open = forward; closed = 503 (default "
     "store.on_failure).",
     "CacheAuthorize.claim": "Verified claim (dotted path) that decides access.",
     "CacheAuthorize.in_": "Values of `claim` that may read the cached answer.",
@@ -160,9 +163,11 @@ EXTRA: dict[str, str] = {
     "CacheConfig.authorize": "Decide access from a verified claim instead of asking the app.",
     "CacheConfig.lock_timeout": "Refresh lock lifetime and longest wait for another's refresh.",
     "CacheConfig.max_body_bytes": "Larger answers stream through and are not stored.",
-    "CacheConfig.on_failure": "Store failure: open = the app answers, closed = 503.",
+    "CacheConfig.on_failure": "Store failure: local = serve and single-flight from this "
+    "process's copy; open = the app answers; closed = 503.",
     "RefreshConfig.poll_interval": "How often a follower looks for the leader's answer.",
-    "RefreshConfig.on_failure": "Store failure: open = call GoTrue anyway, closed = 503.",
+    "RefreshConfig.on_failure": "Store failure: local = single flight and replay in this "
+    "process; open = call GoTrue anyway; closed = 503.",
     "BreakerConfig.group": "Breaker name; routes naming one group share one breaker.",
     "BreakerConfig.failure_threshold": "Open after this many consecutive failures.",
     "BreakerConfig.failure_ratio": "...or when failures/requests over window reach this.",
@@ -177,7 +182,8 @@ EXTRA: dict[str, str] = {
     "RateLimitRule.by": "user, ip, webinar, route or header:NAME.",
     "RateLimitRule.rate": "Sustained rate.",
     "RateLimitRule.burst": "Requests that may arrive at once (bucket size).",
-    "RateLimitRule.on_failure": "Store failure: open (skip), closed (503), local (in process).",
+    "RateLimitRule.on_failure": "Store failure: open (skip), closed (503), local (this "
+    "process's share, see store.local_processes).",
     "ConcurrencyConfig.by": "Key of the cap (anonymous user -> IP).",
     "ConcurrencyConfig.max": "In-flight requests per key, per process.",
     "ConcurrencyConfig.retry_after": "Retry-After on the 503.",

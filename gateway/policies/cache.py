@@ -5,7 +5,9 @@ never the raw URL), the stored entry format, freshness (ttl, stale_while_revalid
 stale_if_error), single flight (one in-process future per key plus a store lock across
 replicas), the per-caller authorization memory (allowed / denied per (user hash, key)),
 `Cache-Status` (RFC 9211) and `Age` on every response of a cached route, and the
-`edge_cache_*` metrics.
+`edge_cache_*` metrics. While the store is down, `on_failure: local` (the default)
+serves and single-flights from this process's byte-bounded copies of the entries and
+of the callers' records; a caller this process knows nothing of is forwarded.
 
 Placement: auth → ... → cache → breaker → proxy. Upstream answers are obtained by calling
 the next handler with a capturing `send`, so a breaker's fast 503 and the proxy's 502/504
@@ -121,6 +123,8 @@ _FILL_DROP = frozenset(
 _FILL_DROP_PUBLIC = _FILL_DROP | {b"authorization", b"cookie", b"apikey"}
 # Per route: bytes of entries kept in process memory.
 _LOCAL_MAX_BYTES = 32 * 1024 * 1024
+# Per route: bytes of caller records kept in process memory (about 60k allowed callers).
+_LOCAL_USERS_MAX_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -420,6 +424,11 @@ class CachePolicy:
         self._local: LRUCache[str, Entry] = LRUCache(
             maxsize=_LOCAL_MAX_BYTES, getsizeof=_entry_size
         )
+        # The callers' allow/deny records seen or written here (byte-bounded), so that
+        # `on_failure: local` still serves a known caller, and never an unknown one.
+        self._users: LRUCache[str, bytes] = LRUCache(
+            maxsize=_LOCAL_USERS_MAX_BYTES, getsizeof=lambda raw: len(raw) + 120
+        )
 
     # ------------------------------------------------------------------ keys and rules
 
@@ -552,19 +561,27 @@ class CachePolicy:
         """Callers who must be known to the store: the entry and the caller's record are
         read in one round trip. `again`: this caller's check just settled elsewhere, so
         an unknown caller now asks the app directly instead of waiting once more."""
+        store_ok = True
         try:
             keys, raw_entry, raw_user = await self._lookup(ctx, keys, user=True)
         except StoreError:
-            await self._store_failed(ctx, receive, send)
-            return
+            if self.on_failure != "local":
+                await self._store_failed(ctx, receive, send)
+                return
+            # local: this process's copies of the entry and of the caller's record.
+            self._fallback.inc()
+            store_ok = False
+            raw_entry, raw_user = self._local_raw(keys.entry), self._users.get(keys.user)
         now = self.rt.clock()
         entry = self._usable(keys.entry, raw_entry, now)
+        if store_ok and raw_user:
+            self._users[keys.user] = raw_user
         record = _read_record(raw_user, now) if raw_user else None
         if record is not None and record[0] == "deny":
             await self._replay_denial(ctx, send, record[1], head)
             return
         if rule != _RECORD or record is None:
-            if rule == _RECORD and not again:
+            if rule == _RECORD and not again and store_ok:
                 await self._first_check(ctx, receive, send, keys, entry, head)
                 return
             # Not known to be allowed: this caller's own request must reach the app.
@@ -578,6 +595,7 @@ class CachePolicy:
                 token=b"",
                 rule=rule,
                 head=head,
+                store_ok=store_ok,
             )
             return
         if entry is not None and now - entry.stored_at < self.ttl:
@@ -590,9 +608,13 @@ class CachePolicy:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[keys.entry] = fut
         try:
-            await self._lead(ctx, receive, send, keys, entry, rule, head, fut, store_ok=True)
+            await self._lead(ctx, receive, send, keys, entry, rule, head, fut, store_ok=store_ok)
         finally:
             _done(self._inflight, keys.entry, fut)
+
+    def _local_raw(self, key: str) -> bytes | None:
+        entry = self._local.get(key)
+        return None if entry is None else entry.encode()
 
     async def _lookup(
         self, ctx: RequestContext, keys: Keys, *, user: bool
@@ -878,6 +900,9 @@ class CachePolicy:
             s = _Settled("miss")
         else:
             s = self._settle(ctx, keys, tee.resp, fwd_b, old, rule, store_ok)
+        if s.user_value:
+            # This process's copy, for `on_failure: local` while the store is down.
+            self._users[keys.user] = s.user_value
         result = "error" if not store_ok else s.result
         self._results[result].inc()
         ctx.notes.append("cache=" + result)
@@ -1003,12 +1028,14 @@ class CachePolicy:
         outcome = Outcome(entry=entry, fwd_status=200, key=keys.entry, names=names)
         if not store_ok:
             cs = b"edge; fwd=%b; fwd-status=200; detail=store-unavailable" % fwd_b
-            return _Settled("miss", cs, outcome, age=0)
-        s = _Settled("miss", b"edge; fwd=%b; fwd-status=200; stored" % fwd_b, outcome, age=0)
-        s.entry_value = entry.encode()
-        s.entry_key = keys.entry
-        s.marker = encode_marker(names) if names else b""
+            s = _Settled("miss", cs, outcome, age=0)
+        else:
+            s = _Settled("miss", b"edge; fwd=%b; fwd-status=200; stored" % fwd_b, outcome, age=0)
+            s.entry_value = entry.encode()
+            s.entry_key = keys.entry
+            s.marker = encode_marker(names) if names else b""
         if remember and rule == _RECORD:
+            # Written to the store only when it answers (_forward); kept here either way.
             s.user_value = _allow_record(now + self.cfg.authz_ttl)
         return s
 
@@ -1150,7 +1177,8 @@ class CachePolicy:
                 ],
             )
             return
-        # open: the app answers every request itself, so authorization still holds.
+        # open (and local for a caller this process knows nothing of): the app answers
+        # every request itself, so authorization still holds.
         ctx.response_headers.append(
             (b"cache-status", b"edge; fwd=bypass; detail=store-unavailable")
         )

@@ -11,7 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from gateway.model import Section
 from gateway.units import Duration, Rate
 
-FailureMode = Literal["open", "closed"]
+# local: decide with this process's own bounded state (the default; docs/redis.md),
+# open: act as if there were no edge, closed: answer 503.
+FailureMode = Literal["local", "open", "closed"]
 
 
 class RouteAuth(Section):
@@ -158,7 +160,7 @@ class RateLimitRule(Section):
     by: str
     rate: Rate
     burst: int = Field(1, ge=1)
-    on_failure: Literal["open", "closed", "local"] | None = None
+    on_failure: FailureMode | None = None
 
     @field_validator("by")
     @classmethod

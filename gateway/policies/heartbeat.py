@@ -12,6 +12,9 @@ this viewer within `negative_ttl`). Times come from the gateway clock and go to 
 as arguments, so replicas, the memory twin and tests with an injected clock all agree.
 On a networked store the heartbeats of one webinar that arrive in the same event-loop
 turn share that one call (`Recorder`), which is what keeps the shed path fast on Redis.
+When the store fails, `on_failure: local` (the default) decides from this process's own
+bounded copy (`LocalMemory`): a viewer's first heartbeat here is forwarded, the rest
+absorbed, so a store outage costs the app at most one heartbeat per viewer per process.
 
 Store layout (every key of one webinar shares its hash tag `{<webinar_id>}`):
   hb:{w}:seen               zset viewer -> last seen ms (all heartbeat routes; presence)
@@ -40,6 +43,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from cachetools import LRUCache
 
 from gateway.http import (
     Handler,
@@ -79,7 +83,20 @@ MAX_COALESCE = 128
 # The memory twin prunes old entries from a set at most this often (Redis prunes each time).
 _PRUNE_EVERY_MS = 1000
 
-OUTCOMES = ("forwarded", "absorbed", "negative", "unkeyed", "failed_open", "failed_closed")
+# Bytes of the app's negative answers kept per process for `on_failure: local`.
+LOCAL_NEGATIVE_BYTES = 4 * 1024 * 1024
+
+OUTCOMES = (
+    "forwarded",
+    "absorbed",
+    "negative",
+    "unkeyed",
+    "failed_open",
+    "failed_closed",
+    "local_forwarded",
+    "local_absorbed",
+    "local_negative",
+)
 
 
 # --------------------------------------------------------------------------- scripts
@@ -316,6 +333,51 @@ async def presence_endpoint(
     await send_json(send, 200, body, [(b"cache-control", b"no-store")])
 
 
+# --------------------------------------------------------------------------- local state
+
+
+class LocalMemory:
+    """This process's own copy of the heartbeat decisions, for `on_failure: local`;
+    shared by every heartbeat route (rt.services["heartbeat.local"]). Per viewer of a
+    webinar and route: when this process last forwarded its heartbeat (sample mode) or
+    last saw it (batch mode), and the app's negative answers. Keys are 64-bit BLAKE2b
+    digests and values plain ints (about 100 bytes an entry); beyond `max_keys`
+    (store.memory_max_keys) the oldest entry goes, beyond LOCAL_NEGATIVE_BYTES the least
+    recently used negative answer."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.times: dict[int, int] = {}
+        self.negatives: LRUCache[int, bytes] = LRUCache(
+            maxsize=LOCAL_NEGATIVE_BYTES, getsizeof=lambda blob: len(blob) + 100
+        )
+
+    @staticmethod
+    def key(route: str, webinar: str, viewer: str) -> int:
+        raw = f"{route}\0{webinar}\0{viewer}".encode("utf-8", "surrogateescape")
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+
+    def put(self, key: int, ms: int) -> None:
+        times = self.times
+        # Re-inserted at the end, so the dict's order is the eviction order.
+        times.pop(key, None)
+        times[key] = ms
+        if len(times) > self.max_keys:
+            del times[next(iter(times))]
+
+    def forget(self, key: int) -> None:
+        self.times.pop(key, None)
+
+    def negative(self, key: int, now_ms: int) -> bytes | None:
+        blob = self.negatives.get(key)
+        if blob is None:
+            return None
+        if int(blob.split(b"|", 1)[0]) > now_ms:
+            return blob
+        del self.negatives[key]
+        return None
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -361,6 +423,16 @@ class HeartbeatPolicy:
         self.negative_statuses = frozenset(hb.negative_statuses)
         self.negative_ttl_ms = int(hb.negative_ttl * 1000)
         self.failure_mode = hb.on_failure or rt.config.store.on_failure
+        self.local: LocalMemory | None = None
+        if self.failure_mode == "local":
+            local = rt.services.get("heartbeat.local")
+            if local is None:
+                local = rt.services["heartbeat.local"] = LocalMemory(
+                    rt.config.store.memory_max_keys
+                )
+            self.local = local
+        # When a store call of this route last failed (seconds, runtime clock).
+        self.failed_at = float("-inf")
         self.fallbacks = rt.metrics.store_fallbacks
         counter = rt.metrics.heartbeats
         self.count = {o: counter.labels(self.route, o) for o in OUTCOMES}
@@ -425,26 +497,71 @@ class HeartbeatPolicy:
         webinar = ctx.params.get("webinar_id", "_")
         keys = _webinar_keys(webinar, self.route)
         track = 1 if self.batch and viewer.startswith("u:") else 0
+        lk = -1 if self.local is None else self.local.key(self.route, webinar, viewer)
+        prefix = ""
         try:
             if self.recorder is not None:
                 decision, blob = await self.recorder.submit(webinar, keys, viewer, track)
             else:
                 [(decision, blob)] = await self.record(webinar, keys, [viewer, track])
         except StoreError:
-            await self._store_failed(ctx, receive, send)
-            return
+            if self.local is None:
+                await self._store_failed(ctx, receive, send)
+                return
+            self.failed_at = self.clock()
+            self.fallbacks.labels("heartbeat", "local").inc()
+            decision, blob = self._decide_local(lk)
+            prefix = "local_"
+        else:
+            if self.local is not None:
+                decision = self._remember(lk, decision)
         if decision == 0:
-            self.count["absorbed"].inc()
-            ctx.notes.append("hb=absorbed")
+            self.count[prefix + "absorbed"].inc()
+            ctx.notes.append(f"hb={prefix}absorbed")
             await self._answer(ctx, send, self.local_status, self.local_headers, self.local_body)
         elif decision == 2:
-            self.count["negative"].inc()
-            ctx.notes.append("hb=negative")
+            self.count[prefix + "negative"].inc()
+            ctx.notes.append(f"hb={prefix}negative")
             await self._negative(ctx, send, blob)
         else:
-            self.count["forwarded"].inc()
-            ctx.notes.append("hb=forwarded")
-            await self._forward(ctx, receive, send, keys, viewer)
+            self.count[prefix + "forwarded"].inc()
+            ctx.notes.append(f"hb={prefix}forwarded")
+            await self._forward(ctx, receive, send, keys, viewer, lk)
+
+    def _decide_local(self, lk: int) -> tuple[int, bytes]:
+        """The store failed: decide from this process's memory. A viewer this process
+        has not forwarded within forward_interval (batch: not seen within it) goes to the
+        app, once; the rest are absorbed, or get their cached negative answer."""
+        assert self.local is not None
+        now = int(self.clock() * 1000)
+        blob = self.local.negative(lk, now)
+        if blob is not None:
+            return 2, blob
+        last = self.local.times.get(lk)
+        if last is not None and now - last < self.interval_ms:
+            if self.batch:
+                self.local.put(lk, now)
+            return 0, b""
+        self.local.put(lk, now)
+        return 1, b""
+
+    def _remember(self, lk: int, decision: int) -> int:
+        """The store decided: keep this process's copy current. A forward the store asks
+        for shortly after it failed, for a viewer this process forwarded within the
+        interval, means the store lost its state (a restarted Redis): absorbing it
+        avoids sending every viewer to the app again at once when the store returns."""
+        assert self.local is not None
+        now_s = self.clock()
+        now = int(now_s * 1000)
+        if decision == 1:
+            last = self.local.times.get(lk)
+            recent_failure = (now_s - self.failed_at) * 1000 < self.interval_ms
+            if recent_failure and last is not None and now - last < self.interval_ms:
+                return 0
+            self.local.put(lk, now)
+        elif decision == 0 and self.batch:
+            self.local.put(lk, now)
+        return decision
 
     async def record(
         self, webinar: str, keys: list[str], viewers: list[ScriptArg]
@@ -489,7 +606,13 @@ class HeartbeatPolicy:
         await self._answer(ctx, send, int(status), headers, body)
 
     async def _forward(
-        self, ctx: RequestContext, receive: Receive, send: Send, keys: list[str], viewer: str
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        keys: list[str],
+        viewer: str,
+        lk: int,
     ) -> None:
         status = 0
         ctype = b""
@@ -517,6 +640,9 @@ class HeartbeatPolicy:
                         # next heartbeat already meets the negative answer.
                         expires = int(self.clock() * 1000) + self.negative_ttl_ms
                         blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
+                        if self.local is not None:
+                            self.local.negatives[lk] = blob
+                            self.local.forget(lk)
                         await self._outcome(keys, "neg", viewer, blob)
                         written = True
             await send(msg)
@@ -527,6 +653,8 @@ class HeartbeatPolicy:
             if not written and not 200 <= status < 400:
                 # The app did not take it (5xx, timeout, client gone, or a negative too
                 # big to keep): the viewer's next heartbeat goes through, not absorbed.
+                if self.local is not None:
+                    self.local.forget(lk)
                 await self._outcome(keys, "fail", viewer, b"")
 
     async def _outcome(self, keys: list[str], op: str, viewer: str, blob: bytes) -> None:

@@ -9,7 +9,8 @@ Owns:
   too (via `ctx.response_headers`). A per-process "blocked until T" cache lets a client
   that keeps hammering past its limit cost no store round trip until T. When the store
   fails, each rule's `on_failure` decides: open (skip the rule), closed (503), or local
-  (the same GCRA on an in-process keyspace).
+  (the default: the same GCRA on an in-process keyspace, with this process's share of
+  the rate, 1/`store.local_processes`).
 - `GcraBatcher`: on Redis, the checks of concurrent requests travel in one pipelined
   write (still one EVALSHA per request), which saves most of redis-py's per-command CPU.
 - `ConcurrencyPolicy`: the route's `concurrency: {by, max, retry_after}`, a cap on
@@ -327,13 +328,15 @@ class RateLimitPolicy:
         decisions = rt.metrics.ratelimit_decisions
         self.count = {res: decisions.labels(self.route, res) for res in RESULTS}
         self.closed_retry = str(max(1, math.ceil(rt.config.store.backoff))).encode()
+        store_cfg = rt.config.store
+        self.share = store_cfg.local_processes or rt.config.server.workers
         # Per-process structures shared by every route: one bound for the whole process.
         services = rt.services
         if "ratelimit.blocked" not in services:
             blocked: TLRUCache[str, float] = TLRUCache(
                 maxsize=BLOCKED_MAX_KEYS, ttu=_blocked_ttu, timer=rt.clock
             )
-            local = MemoryData(LOCAL_MAX_KEYS, rt.clock)
+            local = MemoryData(min(LOCAL_MAX_KEYS, store_cfg.memory_max_keys), rt.clock)
             batcher = GcraBatcher(rt.store) if isinstance(rt.store, RedisStore) else None
             services["ratelimit.blocked"] = blocked
             services["ratelimit.local"] = local
@@ -427,9 +430,12 @@ class RateLimitPolicy:
         kept = [(r, k) for r, k in zip(rules, keys, strict=True) if r.on_failure == "local"]
         if not kept:
             self.count["store_open"].inc()
+        # This process's share of each rule: the N processes that share the store each
+        # admit 1/N, so the fleet as a whole stays near the configured rate.
+        n = self.share
         args: list[ScriptArg] = []
         for r, _ in kept:
-            args += [r.interval_us, r.burst]
+            args += [r.interval_us * n, max(1, math.ceil(r.burst / n))]
         return [r for r, _ in kept], [k for _, k in kept], args
 
     def _policy(self, rules: list[CompiledRule]) -> bytes:

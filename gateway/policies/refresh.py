@@ -21,7 +21,9 @@ and server components log viewers out. This policy:
 - an answer goes only to requests with the producer's `apikey` (digest sealed with the
   answer, compared in constant time); others are sent upstream on their own;
 - the upstream body is re-encoded from what was parsed (`{"refresh_token": ...}` only),
-  and bodies Go's case-insensitive JSON decoder could read differently are refused.
+  and bodies Go's case-insensitive JSON decoder could read differently are refused;
+- store down: `on_failure: local` (the default) keeps single flight and the replay
+  cache within the process (a byte-bounded copy of the sealed answers).
 
 The upstream call goes through the next handler (the proxy), so header rewriting,
 identity stripping and X-Forwarded-* stay the proxy's. `X-Edge-Refresh: leader |
@@ -44,6 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import LRUCache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -78,6 +81,8 @@ _MAX_TOKEN = 4096
 # Answers larger than this are passed through but not kept (a token answer is a few KiB).
 _MAX_CACHED = 256 * 1024
 _CAPTURE_LIMIT = 10 * 1024 * 1024
+# Bytes of sealed replay answers kept in process memory (a token answer is ~2-4 KiB).
+_LOCAL_MAX_BYTES = 8 * 1024 * 1024
 # How long a finished flight's answer stays readable for followers already polling.
 _DONE_TTL = 5.0
 _BLOB_VERSION = b"r1"
@@ -338,6 +343,15 @@ class RefreshPolicy:
         self.flights: dict[str, asyncio.Task[tuple[Answer, str]]] = rt.services.setdefault(
             "refresh_flights", {}
         )
+        # on_failure: local — this process's copy of the sealed replay answers (only a
+        # holder of the token can open one), so a repeated refresh is replayed here
+        # while the store is down. Byte-bounded, shared by every refresh route.
+        self.local: LRUCache[str, bytes] | None = None
+        if self.on_failure == "local":
+            self.local = rt.services.setdefault(
+                "refresh.local",
+                LRUCache(maxsize=_LOCAL_MAX_BYTES, getsizeof=lambda blob: len(blob) + 150),
+            )
         flights = self.flights
         rt.services.setdefault("status", {}).setdefault(
             "refresh", lambda: {"ok": True, "in_flight": len(flights)}
@@ -463,7 +477,11 @@ class RefreshPolicy:
             log.warning("refresh refused: store unavailable", extra={"kind": exc.kind})
             answer = _error_answer(503, "store_unavailable", "token refresh is unavailable")
             return answer, "store_closed"
-        # open: still coalesced within this process, just not across replicas. The answer
+        if self.local is not None:
+            cached = self._local_replay(keys, aes)
+            if cached is not None:
+                return cached, "replay"
+        # open/local: still coalesced within this process, not across replicas. The answer
         # is still offered to the store afterwards: a timed-out call may have taken the
         # lock after all, and publishing releases it instead of making other replicas
         # wait out lock_ttl.
@@ -548,11 +566,17 @@ class RefreshPolicy:
         try:
             blob = await self.store.get(keys.res)
         except StoreError:
-            return None
+            return self._local_replay(keys, aes)
+        return None if blob is None else self._fresh(aes, keys, blob)
+
+    def _local_replay(self, keys: _Keys, aes: AESGCM) -> Answer | None:
+        blob = None if self.local is None else self.local.get(keys.digest)
         return None if blob is None else self._fresh(aes, keys, blob)
 
     async def _commit(self, keys: _Keys, me: str, blob: bytes, res_ms: int) -> None:
         done_ms = int(min(_DONE_TTL, self.wait_timeout) * 1000) + 1000
+        if self.local is not None and res_ms > 0:
+            self.local[keys.digest] = blob
         try:
             await self.store.run(
                 COMMIT, [keys.res, keys.lock, keys.done(me)], [me, blob, res_ms, done_ms]
