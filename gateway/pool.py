@@ -2,9 +2,9 @@
 request that failed on one may be sent again.
 
 Owns: the `Keep-Alive: timeout=N` rule (a pooled connection is retired before the
-upstream's advertised idle timeout), and the per-request record of whether the
-connection was reused, which decides the one retry of a request that failed before any
-response arrived.
+upstream's advertised idle timeout), the bound of the wait for a pooled connection
+(`pool_timeout`), and the per-request record of whether the connection was reused,
+which decides the one retry of a request that failed before any response arrived.
 
 Why: Node closes an idle keep-alive socket about a second after its advertised
 `Keep-Alive: timeout=5`. A request written into a pooled socket the upstream is closing
@@ -15,6 +15,7 @@ as "upstream prematurely closed connection").
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import math
 import time
@@ -65,10 +66,15 @@ def idle_budget(keep_alive: bytes | str | None) -> float | None:
 
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that knows which connections it handed out before, retires them
-    by the upstream's Keep-Alive timeout, and opens a fresh one for a retry."""
+    by the upstream's Keep-Alive timeout, and opens a fresh one for a retry. Its wait
+    for a free connection (all `max_connections` busy) is bounded by `pool_timeout` on
+    its own: aiohttp has one `connect` budget for that wait and the TCP connect
+    together, so a full pool used to answer 504 only after pool_timeout +
+    connect_timeout."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, pool_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.pool_timeout = pool_timeout
         # Protocols handed out at least once → monotonic time after which they must not
         # carry another request (inf: no Keep-Alive timeout advertised).
         self._retire: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -97,6 +103,18 @@ class PoolConnector(aiohttp.TCPConnector):
                 attempt.reused = retire_at is not None
                 attempt.protocol = proto
             return conn
+
+    async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:
+        # aiohttp's private hook, where the pool wait happens (pinned by
+        # tests/test_proxy.py::test_waiting_for_a_pooled_connection_is_bounded).
+        if self.pool_timeout is None:
+            await super()._wait_for_available_connection(key, traces)
+            return
+        try:
+            async with asyncio.timeout(self.pool_timeout):
+                await super()._wait_for_available_connection(key, traces)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError("no free upstream connection") from None
 
     def note_keep_alive(self, protocol: Any, keep_alive: bytes | str | None) -> None:
         """An answer on `protocol` advertised `Keep-Alive` (timeout=N): retire the

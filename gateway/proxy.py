@@ -110,6 +110,7 @@ class Upstream:
         if self.session is not None:
             return
         connector = PoolConnector(
+            pool_timeout=self.config.pool_timeout,
             limit=self.config.max_connections,
             limit_per_host=self.config.max_connections,
             keepalive_timeout=self.config.keepalive_timeout,
@@ -158,8 +159,9 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
 
 
 def _timeout(cfg: UpstreamConfig, read_timeout: float) -> aiohttp.ClientTimeout:
-    """`connect` bounds the wait for a pooled connection plus the TCP connect, so a
-    saturated pool cannot queue requests inside the gateway without limit."""
+    """`connect` is the outer bound of the pool wait (`pool_timeout`, PoolConnector)
+    plus the TCP connect (`connect_timeout`, sock_connect), so a saturated pool cannot
+    queue requests inside the gateway without limit."""
     return aiohttp.ClientTimeout(
         total=None,
         connect=cfg.pool_timeout + cfg.connect_timeout,
