@@ -5,7 +5,9 @@ log, no proxy-header rewriting: the gateway decides who the client is itself), t
 drain sequence (readiness 503 → stop accepting → in-flight requests finish within
 `server.drain_timeout` → shutdown hooks → pools close → exit 0), and `server.workers`
 (a supervisor that binds the public socket once, forks N workers, serves the admin port
-itself with Prometheus multiprocess metrics, and forwards SIGTERM).
+itself with Prometheus multiprocess metrics, and forwards SIGTERM). A drain is the same
+whichever processes a signal reaches: a repeated SIGTERM never cuts it short, only a
+second SIGINT (Ctrl-C twice) does.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ async def _serve_single(
     sock: socket.socket | None = None,
     admin_sock: socket.socket | None = None,
     started: Callable[[], None] | None = None,
+    early: list[signal.Signals] | None = None,
 ) -> None:
     """One process: the public listener on `sock`, and the admin listener on `admin_sock`
     unless a supervisor serves it (workers; `started` then tells it this worker serves)."""
@@ -199,17 +202,7 @@ async def _serve_single(
             _uvicorn_config(admin_app, *cfg.server.admin_addr, cfg, lifespan="off")
         )
     loop = asyncio.get_running_loop()
-
-    def drain(sig: signal.Signals) -> None:
-        if app.rt.draining:
-            public.force_exit = True
-            return
-        log.info("draining", extra={"signal": sig.name})
-        app.rt.draining = True
-        public.should_exit = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, drain, sig)
+    _install_drain(app, public, loop, early or [])
     if config_path is not None:
         from gateway.reload import install_reload
 
@@ -227,6 +220,31 @@ async def _serve_single(
     else:
         await run_public()
     log.info("stopped")
+
+
+def _install_drain(
+    app: Any, public: _Server, loop: asyncio.AbstractEventLoop, early: list[signal.Signals]
+) -> None:
+    """SIGTERM/SIGINT start the drain (readiness 503, stop accepting, finish in-flight
+    requests); `early` are signals that arrived before the loop ran."""
+
+    def drain(sig: signal.Signals) -> None:
+        if app.rt.draining:
+            # Only a second Ctrl-C stops at once. A repeated SIGTERM is the same request
+            # again: sent to a whole process group (a shell wrapper, `tini -g`, `kill
+            # -TERM -PGID`) a worker gets it once directly and once from its supervisor,
+            # and must not drop its in-flight requests for that.
+            if sig == signal.SIGINT:
+                public.force_exit = True
+            return
+        log.info("draining", extra={"signal": sig.name})
+        app.rt.draining = True
+        public.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, drain, sig)
+    for sig in early:
+        drain(sig)
 
 
 def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
@@ -252,11 +270,17 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
 
 
 def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving: EventType) -> None:
+    # A signal that arrives while the worker is still starting (a group-wide SIGTERM
+    # right after a restart) is kept and drained on as soon as the loop runs, instead
+    # of killing the process by the default action.
+    early: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signal.Signals(signum)))
     os.environ.update(env)
     cfg = load_config(config_path)
     setup_logging(cfg.server.log_level)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_single(cfg, config_path, sock=sock, started=serving.set))
+        runner.run(_serve_single(cfg, config_path, sock=sock, started=serving.set, early=early))
 
 
 def _supervise(
@@ -294,8 +318,10 @@ def _supervise(
         p.join(timeout=1)
     sock.close()
     admin_sock.close()
-    codes = [p.exitcode for p in procs]
-    return 0 if all(c == 0 for c in codes) else 1
+    # A worker the drain signal reached before Python could install a handler (during
+    # interpreter start) ended by SIGTERM with nothing in flight: a clean stop too.
+    ok = {0, -signal.SIGTERM}
+    return 0 if all(p.exitcode in ok for p in procs) else 1
 
 
 def _forward_signals(rt: Runtime, procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
@@ -304,10 +330,16 @@ def _forward_signals(rt: Runtime, procs: Sequence[multiprocessing.process.BasePr
     loop = asyncio.get_running_loop()
 
     def stop(sig: signal.Signals) -> None:
-        rt.draining = True
+        # The workers may have got this very signal already (sent to the group): ask
+        # each to drain once, with SIGTERM, which a draining worker ignores; only a
+        # second SIGINT here (Ctrl-C twice) is passed on to force them.
+        again, rt.draining = rt.draining, True
+        if again and sig != signal.SIGINT:
+            return
+        fwd = signal.SIGINT if again else signal.SIGTERM
         for p in procs:
             if p.pid and p.is_alive():
-                os.kill(p.pid, sig)
+                os.kill(p.pid, fwd)
 
     def reload_all() -> None:
         for p in procs:

@@ -45,6 +45,8 @@ async def gateway_process(
         stderr=asyncio.subprocess.PIPE,
         # The supervisor makes its own multiprocess dir; never inherit one.
         env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        # Its own process group, so a test can signal the group as `kill -TERM -PGID` does.
+        start_new_session=True,
     )
     base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
     async with httpx.AsyncClient() as c:
@@ -222,3 +224,35 @@ async def test_two_workers_share_the_port(
         if line.startswith("{") and '"gateway.access"' in line
     }
     assert len(pids) == 2
+
+
+async def test_sigterm_to_the_whole_group_drains_like_sigterm_to_the_supervisor(
+    fake_app: FakeApp, redis_url: str, tmp_path: Path
+) -> None:
+    """`kill -TERM -PGID` (a shell wrapper, `tini -g`): each worker gets SIGTERM twice,
+    directly and from the supervisor. No worker is forced out with requests in flight,
+    and the admin port answers 503 until the end."""
+    config = _simple(fake_app.url, workers=2)
+    config["store"] = {"url": redis_url}
+    async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
+
+        async def one(path: str) -> int:
+            async with httpx.AsyncClient(timeout=20) as client:
+                return (await client.get(base + path)).status_code
+
+        inflight = [asyncio.ensure_future(one("/slow?s=1.5")) for _ in range(10)]
+        while fake_app.hits["/slow"] < 10:
+            await asyncio.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        readiness: list[int] = []
+        while not all(t.done() for t in inflight):
+            try:
+                readiness.append((await c.get(admin + "/readyz")).status_code)
+            except httpx.TransportError:
+                readiness.append(0)  # the admin port is gone
+            await asyncio.sleep(0.05)
+        assert await asyncio.gather(*inflight) == [200] * 10
+        code = await asyncio.wait_for(proc.wait(), 30)
+        err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+        assert code == 0, err[-3000:]
+    assert readiness and set(readiness) == {503}
