@@ -26,6 +26,9 @@ log = logging.getLogger("gateway")
 
 Clock = Callable[[], float]
 
+# Loop-lag samples (100 ms apart) between two exports of the structure sizes.
+SIZES_EVERY = 10
+
 
 class Runtime:
     def __init__(
@@ -69,9 +72,25 @@ class Runtime:
         self.services: dict[str, Any] = {}
         # /readyz checks beyond the store: name -> why the process is not ready, or None.
         self.readiness: dict[str, Callable[[], str | None]] = {}
+        # Entry counts of the bounded in-process structures (token cache, local fallback
+        # state, memory store), exported as edge_state_entries{structure} every second.
+        self.sizes: dict[str, Callable[[], int]] = {}
+        memory = getattr(self.store, "spaces", None)
+        if isinstance(memory, dict):
+            self.sizes["memory_store"] = lambda: sum(d.size for d in memory.values())
+        self._samples = 0
 
     def _lag_sample(self, _lag: float) -> None:
         self.metrics.loop_lag.set(LOOP_LAG.recent())
+        self._samples += 1
+        if self._samples % SIZES_EVERY == 0:
+            self.export_sizes()
+
+    def export_sizes(self) -> None:
+        """edge_state_entries{structure}: how full each bounded in-process structure is."""
+        gauge = self.metrics.state_entries
+        for name, size in self.sizes.items():
+            gauge.labels(name).set(size())
 
     def degraded(self) -> bool:
         return any(check() for check in self.degraded_checks)

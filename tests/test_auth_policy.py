@@ -416,7 +416,8 @@ async def test_require_identity_for_edge_endpoints(issuer: FakeIssuer, fake_app:
         assert identity is not None
         assert identity.sub == USER
         assert identity.role == "authenticated"
-        assert identity.claims["aal"] == "aal1"
+        # No policy of this config reads a claim: none is kept (memory, issue 15).
+        assert identity.claims == {}
         assert resp.status == 0  # nothing sent
         send, resp = capture_send()
         assert await require_identity(rt, {"type": "http", "headers": []}, send) is None
@@ -425,3 +426,48 @@ async def test_require_identity_for_edge_endpoints(issuer: FakeIssuer, fake_app:
         assert resp.header(b"www-authenticate") is not None
     finally:
         await verifier.close()
+
+
+async def test_cached_token_keeps_only_what_policies_read(
+    issuer: FakeIssuer, fake_app: FakeApp
+) -> None:
+    """A cache entry is one small bytes object: the identity, exp, kid, and only the
+    claims a policy reads (here cache `vary_claims: [app_metadata.provider]` and
+    `authorize.claim: aal`); a hit gives the same identity as the verification did."""
+    clock = FakeClock()
+    routes = [
+        {
+            "name": "stats",
+            "match": {"path": "/stats"},
+            "upstream": "app",
+            "auth": "required",
+            "cache": {
+                "ttl": "10s",
+                "vary_claims": ["app_metadata.provider"],
+                "authorize": {"claim": "aal", "in": ["aal1"]},
+            },
+        },
+        *auth_routes(),
+    ]
+    cfg = make_config(fake_app.url, auth=auth_settings(issuer), routes=routes)
+    rt = Runtime(cfg, clock=clock)
+    verifier = get_verifier(rt)
+    await verifier.start()
+    try:
+        token = issuer.sign(issuer.claims(now=clock.now, email="x" * 200), kid="es-1")
+        first = await verifier.verify(token)
+        again = await verifier.verify(token)
+        assert sample_cache(verifier) == 1
+        assert first.identity is not None and again.identity is not None
+        assert again.identity == first.identity
+        assert again.identity.claims == {"aal": "aal1", "app_metadata": {"provider": "email"}}
+        assert (again.headers, again.kid, again.exp) == (first.headers, first.kid, first.exp)
+        (raw,) = verifier.cache.data.values()
+        assert isinstance(raw, bytes)
+        assert len(raw) < 200  # the 200-character email is not in it
+    finally:
+        await verifier.close()
+
+
+def sample_cache(verifier: Any) -> int:
+    return len(verifier.cache)

@@ -331,3 +331,52 @@ async def stats() -> Any:
     if app.gate is not None:
         app.gate.set()
     await app.stop()
+
+
+# --------------------------------------------------------------------------- memory bounds
+
+
+async def test_memory_store_bounds_viewers_not_just_keys() -> None:
+    """A webinar's presence set grows with viewers inside one key: its members count
+    against store.memory_max_keys, so 5,000 viewers in a 1,000-entry store stay bounded
+    (older state is evicted; the newest webinar keeps working)."""
+    from gateway.policies.heartbeat import RECORD, _webinar_keys
+    from gateway.store.memory import MemoryStore
+
+    clock = FakeClock()
+    store = MemoryStore(max_keys=1000, clock=clock)
+    for w in range(5):
+        keys = _webinar_keys(f"w{w}", "presence_ping")
+        for start in range(0, 1000, 100):
+            viewers: list[Any] = []
+            for i in range(start, start + 100):
+                viewers += [f"u:{w}-{i}", 0]
+            now = int(clock() * 1000)
+            args = [now, 300_000, now - 300_000, now, 0, 0, 3_600_000, *viewers]
+            await store.run(RECORD, keys, args)
+    assert store.spaces["hb"].size <= 1000
+    keys = _webinar_keys("w4", "presence_ping")
+    (out,) = [await store.run(RECORD, keys, [1, 300_000, 0, 0, 0, 0, 3_600_000, "u:4-999", 0])]
+    assert out[1] in (0, 1)
+
+
+async def test_local_fallback_state_is_bounded_and_exported(
+    fake_app: FakeApp, private_redis_server: PrivateRedis
+) -> None:
+    from gateway.policies.heartbeat import LocalMemory
+
+    local = LocalMemory(max_keys=1000)
+    for i in range(5000):
+        local.put(LocalMemory.key("r", "w", f"u:{i}"), i)
+    assert len(local.times) == 1000
+    assert local.times.get(LocalMemory.key("r", "w", "u:4999")) == 4999
+    assert local.times.get(LocalMemory.key("r", "w", "u:0")) is None
+
+    clock = Clock()
+    cfg = hb_config(fake_app.url, private_redis_server.url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        for i in range(3):
+            await ping(c, gw, W1, user(i), clock)
+        gw.app.rt.export_sizes()
+    assert sample(gw, "edge_state_entries", structure="heartbeat_local") == 3
+    assert sample(gw, "edge_state_entries", structure="token_cache") == 3

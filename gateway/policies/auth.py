@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import re
-from collections import OrderedDict
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeGuard, TypeVar
 from urllib.parse import unquote
@@ -108,6 +108,93 @@ class VerifiedToken:
     session_id: str
 
 
+def _verified(
+    digest: bytes,
+    exp: float,
+    kid: str | None,
+    symmetric: bool,
+    sub: str,
+    role: str | None,
+    sid: str | None,
+    claims: dict[str, Any],
+) -> VerifiedToken:
+    headers: Headers = []
+    identity = None
+    if sub:
+        identity = Identity(
+            sub=sub, role=role or None, session_id=sid or None, claims=claims, exp=exp
+        )
+        headers.append((b"x-edge-user-id", sub.encode()))
+        if role:
+            headers.append((b"x-edge-user-role", role.encode()))
+        if sid:
+            headers.append((b"x-edge-session-id", sid.encode()))
+    return VerifiedToken(
+        digest=digest,
+        identity=identity,
+        exp=exp,
+        kid=kid,
+        symmetric=symmetric,
+        headers=headers,
+        user_id=sub,
+        role=(role or "") if sub else "",
+        session_id=(sid or "") if sub else "",
+    )
+
+
+# A cached token: exp, flags (1 symmetric, 2 has a kid), then "kid\0sub\0role\0sid\0claims"
+# as UTF-8 (claims as compact JSON, usually empty). One bytes object of ~130 bytes an
+# entry instead of ~4 KB of objects (issue 15: 100,000 cached tokens were ~200 MB).
+_PACKED = struct.Struct(">dB")
+
+
+def _pack(vt: VerifiedToken) -> bytes | None:
+    """The cache's form of a verified token; None if it cannot be packed (a kid with a
+    NUL in it is valid JSON, just not worth a format): such a token is not cached."""
+    kid = vt.kid or ""
+    if "\0" in kid:
+        return None
+    claims = vt.identity.claims if vt.identity is not None else {}
+    text = "\0".join(
+        (
+            kid,
+            vt.user_id,
+            vt.role,
+            vt.session_id,
+            json.dumps(claims, separators=(",", ":")) if claims else "",
+        )
+    )
+    flags = (1 if vt.symmetric else 0) | (2 if vt.kid is not None else 0)
+    return _PACKED.pack(vt.exp, flags) + text.encode()
+
+
+def _unpack(digest: bytes, raw: bytes) -> VerifiedToken:
+    exp, flags = _PACKED.unpack_from(raw)
+    kid, sub, role, sid, claims = raw[_PACKED.size :].decode().split("\0")
+    return _verified(
+        digest,
+        exp,
+        kid if flags & 2 else None,
+        bool(flags & 1),
+        sub,
+        role,
+        sid,
+        json.loads(claims) if claims else {},
+    )
+
+
+def claim_names(routes: list[Route]) -> frozenset[str]:
+    """Top-level claims some policy reads (cache `vary_claims`, `authorize.claim`)."""
+    names: set[str] = set()
+    for route in routes:
+        if route.cache is not None:
+            paths = list(route.cache.vary_claims)
+            if route.cache.authorize is not None:
+                paths.append(route.cache.authorize.claim)
+            names.update(p.split(".", 1)[0] for p in paths)
+    return frozenset(names)
+
+
 @dataclass(slots=True)
 class _Key:
     kid: str | None
@@ -126,25 +213,28 @@ V = TypeVar("V")
 
 
 class _LRU(Generic[K, V]):
-    """A bounded LRU dict (move-to-end on hit). No locking: used from one event loop."""
+    """A bounded LRU dict. A plain dict whose insertion order is the recency order (a hit
+    is re-inserted at the end): about 40 bytes an entry less than an OrderedDict. No
+    locking: used from one event loop."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self.data: OrderedDict[K, V] = OrderedDict()
+        self.data: dict[K, V] = {}
 
     def get(self, key: K) -> V | None:
-        v = self.data.get(key)
+        v = self.data.pop(key, None)
         if v is not None:
-            self.data.move_to_end(key)
+            self.data[key] = v
         return v
 
     def put(self, key: K, value: V) -> None:
         if self.maxsize <= 0:
             return
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.maxsize:
-            self.data.popitem(last=False)
+        data = self.data
+        data.pop(key, None)
+        data[key] = value
+        while len(data) > self.maxsize:
+            del data[next(iter(data))]
 
     def pop(self, key: K) -> None:
         self.data.pop(key, None)
@@ -415,12 +505,13 @@ class Verifier:
     rt: Runtime
     hs_key: _Key | None = None
     jwks: JwksCache | None = None
-    cache: _LRU[bytes, VerifiedToken] = field(default_factory=lambda: _LRU(0))
+    cache: _LRU[bytes, bytes] = field(default_factory=lambda: _LRU(0))
     revalidations: _LRU[bytes, _Revalidation] = field(default_factory=lambda: _LRU(0))
     _revalidating: dict[bytes, asyncio.Task[bool]] = field(default_factory=dict)
     _client: httpx.AsyncClient | None = None
     _audience: frozenset[str] = frozenset()
     _hmac_key: bytes = b""
+    _claim_names: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -434,6 +525,7 @@ class Verifier:
         aud = [s.audience] if isinstance(s.audience, str) else list(s.audience)
         self._audience = frozenset(a for a in aud if a)
         self._hmac_key = s.identity_hmac_secret.encode()
+        self._claim_names = claim_names(self.rt.config.routes)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -490,8 +582,9 @@ class Verifier:
             metrics.auth_verifications.labels("malformed").inc()
             raise VerifyError("malformed", "the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
-        hit = self.cache.get(digest)
-        if hit is not None:
+        raw = self.cache.get(digest)
+        if raw is not None:
+            hit = _unpack(digest, raw)
             if now <= hit.exp + self.settings.leeway and self._key_still_trusted(hit):
                 metrics.auth_token_cache.labels("hit").inc()
                 metrics.auth_verifications.labels(RESULT_OK).inc()
@@ -504,7 +597,9 @@ class Verifier:
             metrics.auth_verifications.labels(exc.result).inc()
             raise
         metrics.auth_verifications.labels(RESULT_OK).inc()
-        self.cache.put(digest, vt)
+        packed = _pack(vt)
+        if packed is not None:
+            self.cache.put(digest, packed)
         return vt
 
     def _key_still_trusted(self, vt: VerifiedToken) -> bool:
@@ -617,26 +712,10 @@ class Verifier:
         for value in (sub, role, sid):
             if value is not None and not (isinstance(value, str) and _SAFE_VALUE.match(value)):
                 raise VerifyError("bad_claims", "the access token has invalid identity claims")
-        headers: Headers = []
-        identity = None
-        if sub:
-            identity = Identity(sub=sub, role=role, session_id=sid, claims=claims, exp=float(exp))
-            headers.append((b"x-edge-user-id", sub.encode()))
-            if role:
-                headers.append((b"x-edge-user-role", role.encode()))
-            if sid:
-                headers.append((b"x-edge-session-id", sid.encode()))
-        return VerifiedToken(
-            digest=digest,
-            identity=identity,
-            exp=float(exp),
-            kid=kid,
-            symmetric=symmetric,
-            headers=headers,
-            user_id=sub or "",
-            role=(role or "") if sub else "",
-            session_id=(sid or "") if sub else "",
-        )
+        # Only the claims a policy reads (cache vary_claims / authorize) are kept: the
+        # rest (email, user_metadata, amr, ...) would be most of every cached entry.
+        kept = {k: claims[k] for k in self._claim_names if k in claims}
+        return _verified(digest, float(exp), kid, symmetric, sub or "", role, sid, kept)
 
     # ---------------------------------------------------------------- identity signature
 
@@ -703,6 +782,7 @@ def get_verifier(rt: Runtime) -> Verifier:
         rt.on_stop(v.close)
         rt.services.setdefault("status", {})["auth"] = v.status
         rt.readiness["auth_keys"] = v.readiness
+        rt.sizes["token_cache"] = v.cache.__len__
     assert isinstance(v, Verifier)
     return v
 

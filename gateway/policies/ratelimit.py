@@ -341,6 +341,8 @@ class RateLimitPolicy:
             services["ratelimit.blocked"] = blocked
             services["ratelimit.local"] = local
             services["ratelimit.batcher"] = batcher
+            rt.sizes["ratelimit_blocked"] = blocked.__len__
+            rt.sizes["ratelimit_local"] = lambda: local.size
 
             def status() -> dict[str, Any]:
                 out: dict[str, Any] = {"blocked_keys": len(blocked), "local_keys": len(local._data)}

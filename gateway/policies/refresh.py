@@ -352,6 +352,7 @@ class RefreshPolicy:
                 "refresh.local",
                 LRUCache(maxsize=_LOCAL_MAX_BYTES, getsizeof=lambda blob: len(blob) + 150),
             )
+            rt.sizes["refresh_local"] = self.local.__len__
         flights = self.flights
         rt.services.setdefault("status", {}).setdefault(
             "refresh", lambda: {"ok": True, "in_flight": len(flights)}

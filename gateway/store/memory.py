@@ -1,7 +1,8 @@
 """`memory://` store: the embedded default for one process.
 
 Owns: an in-process, size-bounded (cachetools TLRU) keyspace with per-key expiry and the
-few Redis data types the scripts need (strings, integers, hashes, sorted sets). Scripts
+few Redis data types the scripts need (strings, integers, hashes, sorted sets); members
+of hashes and sorted sets count against the bound, so per-viewer state is bounded too. Scripts
 run their Python twin against `MemoryData`; there is no await inside, so each one is
 atomic on the event loop exactly as a Lua script is atomic on Redis.
 """
@@ -31,12 +32,38 @@ def _ttu(_key: str, entry: _Entry, _now: float) -> float:
     return entry.expires_at
 
 
+def _size(entry: _Entry) -> int:
+    # A key counts 1, plus 1 per member of a hash or sorted set: `max_keys` bounds what
+    # grows with viewers (a webinar's presence set), not just the number of keys.
+    value = entry.value
+    return 1 + len(value) if isinstance(value, dict) else 1
+
+
 class MemoryData:
     """A tiny Redis-shaped keyspace. Times are seconds from the injected clock."""
 
     def __init__(self, max_keys: int, clock: Clock) -> None:
         self.clock = clock
-        self._data: TLRUCache[str, _Entry] = TLRUCache(maxsize=max_keys, ttu=_ttu, timer=clock)
+        self._data: TLRUCache[str, _Entry] = TLRUCache(
+            maxsize=max_keys, ttu=_ttu, timer=clock, getsizeof=_size
+        )
+
+    @property
+    def size(self) -> int:
+        """Keys plus hash/sorted-set members, as counted against `max_keys`."""
+        return int(self._data.currsize)
+
+    def grew(self, key: str) -> None:
+        """A script added members to the container at `key`: count them against the
+        bound now (the cache sizes an entry when it is set). A container bigger than the
+        whole bound is dropped, as an evicted key would be."""
+        e = self._entry(key)
+        if e is None:
+            return
+        try:
+            self._data[key] = e
+        except ValueError:
+            self._data.pop(key, None)
 
     def _entry(self, key: str) -> _Entry | None:
         return self._data.get(key)
@@ -116,7 +143,8 @@ def _b(v: ScriptArg) -> bytes:
 
 class MemoryStore(Store):
     """Each key namespace (`rl:`, `refresh:`, `hb:`, `cache:`, ... — the part before the
-    first `:`) has its own size-bounded keyspace. Some namespaces grow with what clients
+    first `:`) has its own keyspace, bounded by `max_keys` keys plus hash and sorted-set
+    members (store.memory_max_keys). Some namespaces grow with what clients
     send (a heartbeat per made-up webinar id); in one shared LRU a flood of those would
     evict rate-limit state and refresh locks, which is exactly what must hold under
     attack."""
