@@ -189,13 +189,21 @@ async def test_budget_extends_only_for_lateness_and_never_past_its_cap() -> None
     async def hang() -> None:
         await loop.create_future()
 
-    budget = CallBudget(0.01, 0.05, lambda: 0.0)
+    budget = CallBudget(0.01, 0.05)
     with pytest.raises(TimeoutError):
         async with budget:
             await hang()
     assert budget.expired
     # A loop whose recent lag is huge still ends at the cap.
     budget = CallBudget(0.01, 0.05, lambda: 10.0)
+    with pytest.raises(TimeoutError):
+        async with budget:
+            await hang()
+    assert budget.expired
+    # A loop kept busy far past the cap still ends at the cap.
+    budget = CallBudget(0.01, 0.05)
+    loop.call_later(0.001, spin, 0.03)
+    loop.call_later(0.04, spin, 0.03)
     with pytest.raises(TimeoutError):
         async with budget:
             await hang()
@@ -209,7 +217,7 @@ async def test_budget_extends_only_for_lateness_and_never_past_its_cap() -> None
 
 
 async def _under_budget(aw: Awaitable[None]) -> None:
-    async with CallBudget(5.0, 5.0, lambda: 0.0):
+    async with CallBudget(5.0, 5.0):
         await aw
 
 

@@ -122,25 +122,31 @@ class Store(ABC):
         pass
 
 
-# A deadline timer that ran at most this late found the loop idle: the store itself is slow.
+# A deadline timer that ran at most this late found the loop idle: the store itself is
+# slow. It then waits GRACE once more, for a reply that came in the same loop turn.
 LOOP_SLACK = 0.002
+GRACE = 0.002
 # At most one "unavailable"/"recovered" log pair per this many seconds (a flapping store
 # would otherwise write a line per flap); the transitions are all counted in metrics.
 TRANSITION_LOG_EVERY = 10.0
 
 
 class CallBudget:
-    """`async with CallBudget(...)`: a deadline for one store call that CPU pressure alone
-    does not break. When the deadline timer runs late (the loop was busy running other
-    work, or the process was not scheduled), the reply may already be sitting unread in
-    a socket buffer: the call gets as much extra time as the loop was away (and, at the
-    first check, the loop's recent lag), never more than `cap` in all. Only a timer that
-    runs on time with no reply means the store is slow; then the call is cancelled and
-    TimeoutError raised, as `asyncio.timeout` would. `extended` tells the caller that the
-    loop, not the store, took the time."""
+    """`async with CallBudget(budget, cap, lag)`: a deadline for one store call that CPU
+    pressure alone does not break. The deadline timer measures how late it runs itself
+    (the loop's lag at that moment): when it runs late (the loop was busy running other
+    work, or the process was not scheduled) the reply may already be sitting unread in a
+    socket buffer, so the call gets as much extra time as the loop was away, never more
+    than `cap` in all. A timer that runs on time gives the call once more the loop's
+    recent lag (`lag()`, measured by a probe: a machine that starves this process starves
+    the store's process too), or GRACE when the loop has been idle (a reply that arrived
+    in the same loop turn is read by then); only then it cancels the call and raises
+    TimeoutError, as `asyncio.timeout` would. So an idle machine adds at most GRACE to
+    `budget` against a hung store, and a busy one is not taken for the store failing."""
 
     __slots__ = (
         "_cancelling",
+        "_graced",
         "_handle",
         "_lag",
         "_loop",
@@ -153,12 +159,13 @@ class CallBudget:
         "extended",
     )
 
-    def __init__(self, budget: float, cap: float, lag: Callable[[], float]) -> None:
+    def __init__(self, budget: float, cap: float, lag: Callable[[], float] = lambda: 0.0) -> None:
         self.budget = budget
         self.cap = max(cap, budget)
         self._lag = lag
         self.expired = False
         self.extended = False
+        self._graced = False
 
     async def __aenter__(self) -> CallBudget:
         loop = self._loop = asyncio.get_running_loop()
@@ -174,11 +181,13 @@ class CallBudget:
     def _check(self) -> None:
         now = self._loop.time()
         late = now - self._when
-        if not self.extended:
-            late = max(late, self._lag())
         end = self._start + self.cap
-        if late > LOOP_SLACK and now < end:
-            self.extended = True
+        if now < end and (late > LOOP_SLACK or not self._graced):
+            if late > LOOP_SLACK:
+                self.extended = True
+            else:
+                self._graced = True
+                late = max(GRACE, self._lag())
             self._when = min(now + late, end)
             self._handle = self._loop.call_at(self._when, self._check)
             return

@@ -197,6 +197,7 @@ class RedisStore(Store):
         # A call delayed by a busy loop may run past `timeout` up to this (the socket
         # timeout below, so a dead connection is still found by redis-py too).
         self.cap = max(timeout * 4, 0.2)
+        # The event loop's recent lag (observability/looplag.py), for CallBudget.
         self.lag = lag
         parsed = parse_store_url(url)
         common: dict[str, Any] = {
