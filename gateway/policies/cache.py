@@ -561,21 +561,16 @@ class CachePolicy:
         """Callers who must be known to the store: the entry and the caller's record are
         read in one round trip. `again`: this caller's check just settled elsewhere, so
         an unknown caller now asks the app directly instead of waiting once more."""
-        store_ok = True
         try:
             keys, raw_entry, raw_user = await self._lookup(ctx, keys, user=True)
+            store_ok = True
         except StoreError:
             if self.on_failure != "local":
                 await self._store_failed(ctx, receive, send)
                 return
-            # local: this process's copies of the entry and of the caller's record.
-            self._fallback.inc()
-            store_ok = False
-            raw_entry, raw_user = self._local_raw(keys.entry), self._users.get(keys.user)
+            store_ok, (raw_entry, raw_user) = False, self._local_lookup(keys)
         now = self.rt.clock()
         entry = self._usable(keys.entry, raw_entry, now)
-        if store_ok and raw_user:
-            self._users[keys.user] = raw_user
         record = _read_record(raw_user, now) if raw_user else None
         if record is not None and record[0] == "deny":
             await self._replay_denial(ctx, send, record[1], head)
@@ -612,9 +607,12 @@ class CachePolicy:
         finally:
             _done(self._inflight, keys.entry, fut)
 
-    def _local_raw(self, key: str) -> bytes | None:
-        entry = self._local.get(key)
-        return None if entry is None else entry.encode()
+    def _local_lookup(self, keys: Keys) -> tuple[bytes | None, bytes | None]:
+        """`on_failure: local`: this process's copies of the entry and of the caller's
+        record (kept by `_lookup` and `_forward`), in the store's form."""
+        self._fallback.inc()
+        entry = self._local.get(keys.entry)
+        return (None if entry is None else entry.encode()), self._users.get(keys.user)
 
     async def _lookup(
         self, ctx: RequestContext, keys: Keys, *, user: bool
@@ -629,6 +627,8 @@ class CachePolicy:
             self._vary_names = names
             keys = self.variant(keys, ctx, names)
             (raw[0],) = await self.store.run(MGET, [keys.entry], [])
+        if user and raw[1]:
+            self._users[keys.user] = raw[1]  # for `on_failure: local` while the store is down
         return keys, raw[0], (raw[1] if user else None)
 
     # ------------------------------------------------------------------ first checks

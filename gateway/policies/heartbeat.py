@@ -392,6 +392,16 @@ class LocalMemory:
         return None
 
 
+def _local_memory(rt: Runtime) -> LocalMemory:
+    """The process's LocalMemory, shared by every heartbeat route."""
+    local: LocalMemory | None = rt.services.get("heartbeat.local")
+    if local is None:
+        local = rt.services["heartbeat.local"] = LocalMemory(rt.config.store.memory_max_keys)
+        rt.sizes["heartbeat_local"] = local.times.__len__
+        rt.sizes["heartbeat_local_negatives"] = local.negatives.__len__
+    return local
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -437,17 +447,9 @@ class HeartbeatPolicy:
         self.negative_statuses = frozenset(hb.negative_statuses)
         self.negative_ttl_ms = int(hb.negative_ttl * 1000)
         self.failure_mode = hb.on_failure or rt.config.store.on_failure
-        self.local: LocalMemory | None = None
         # memory:// never fails: it needs no second copy.
-        if self.failure_mode == "local" and self.store.backend != "memory":
-            local = rt.services.get("heartbeat.local")
-            if local is None:
-                local = rt.services["heartbeat.local"] = LocalMemory(
-                    rt.config.store.memory_max_keys
-                )
-                rt.sizes["heartbeat_local"] = local.times.__len__
-                rt.sizes["heartbeat_local_negatives"] = local.negatives.__len__
-            self.local = local
+        keep_copy = self.failure_mode == "local" and self.store.backend != "memory"
+        self.local = _local_memory(rt) if keep_copy else None
         # When a store call of this route last failed (seconds, runtime clock).
         self.failed_at = float("-inf")
         self.fallbacks = rt.metrics.store_fallbacks
