@@ -258,7 +258,8 @@ class Metrics:
         self.heartbeats = Counter(
             "edge_heartbeats_total",
             "Heartbeats by route and outcome (forwarded, absorbed, negative, unkeyed, "
-            "failed_open, failed_closed; flushed counts viewer entries written by a flush).",
+            "failed_open, failed_closed, local_forwarded, local_absorbed, local_negative; "
+            "flushed counts viewer entries written by a flush).",
             ["route", "outcome"],
             registry=r,
         )
