@@ -148,6 +148,8 @@ class Runtime:
             await up.close()
         if self._lag_sample in LOOP_LAG.listeners:
             LOOP_LAG.listeners.remove(self._lag_sample)
+        if not LOOP_LAG.listeners:  # the last runtime of the process (a reload keeps it)
+            await LOOP_LAG.stop()
         if self.owns_store:
             await self.store.close()
         self.started = False
