@@ -304,6 +304,46 @@ async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
     assert sample(gw, "edge_store_fallbacks_total", policy="cache", mode="local") >= 4
 
 
+async def test_cache_local_single_flights_an_unknown_callers_first_check(
+    stats: StatsApp, private_redis_server: PrivateRedis
+) -> None:
+    """Store down: an admin's concurrent first polls still cost one app call (the check
+    flight holds in the process), and its answer is served to the others."""
+    cfg = make_config(
+        stats.url,
+        store={"url": private_redis_server.url, "timeout": "200ms", "failure_threshold": 1},
+        routes=[
+            {
+                "name": "admin_stats",
+                "match": {"methods": ["GET"], "path": "/api/webinars/{webinar_id}/stats/access"},
+                "upstream": "app",
+                "auth": "off",
+                "cache": {"ttl": "10s"},
+            }
+        ],
+    )
+    url = "/api/webinars/w1/stats/access"
+    async with run_gateway(cfg, clock=FakeClock()) as gw:
+        install_test_identity(gw.app)
+        private_redis_server.stop()
+        stats.gate = asyncio.Event()
+        async with httpx.AsyncClient(timeout=30) as c:
+            tasks = [
+                asyncio.ensure_future(c.get(gw.url + url, headers={"X-Test-User": "alice"}))
+                for _ in range(10)
+            ]
+            await asyncio.wait_for(stats.entered.wait(), 10)
+            registry = gw.app.rt.metrics.registry
+            for _ in range(1000):
+                if (registry.get_sample_value("edge_requests_in_flight") or 0) >= 10:
+                    break
+                await asyncio.sleep(0.01)
+            stats.gate.set()
+            rs = await asyncio.gather(*tasks)
+    assert [r.status_code for r in rs] == [200] * 10
+    assert stats.calls == 1
+
+
 async def test_rate_limit_local_applies_this_processes_share(
     fake_app: FakeApp, private_redis_server: PrivateRedis
 ) -> None:

@@ -576,8 +576,8 @@ class CachePolicy:
             await self._replay_denial(ctx, send, record[1], head)
             return
         if rule != _RECORD or record is None:
-            if rule == _RECORD and not again and store_ok:
-                await self._first_check(ctx, receive, send, keys, entry, head)
+            if rule == _RECORD and not again:
+                await self._first_check(ctx, receive, send, keys, entry, head, store_ok)
                 return
             # Not known to be allowed: this caller's own request must reach the app.
             await self._forward(
@@ -641,11 +641,13 @@ class CachePolicy:
         keys: Keys,
         entry: Entry | None,
         head: bool,
+        store_ok: bool,
     ) -> None:
         """This caller is not yet known to be allowed for this key, so its own request
         must reach the app. Its concurrent requests for the same key (several widgets,
         several tabs) wait for that one check, in this process and, through a lock in
-        the store, across replicas, instead of each asking the app."""
+        the store, across replicas, instead of each asking the app. With the store down
+        (`on_failure: local`) the flight holds in this process."""
         fut = self._checks.get(keys.check)
         if fut is not None:
             await self._after_check(ctx, receive, send, keys, fut, head)
@@ -653,7 +655,7 @@ class CachePolicy:
         fut = asyncio.get_running_loop().create_future()
         self._checks[keys.check] = fut
         try:
-            token, settled = await self._check_lock(keys)
+            token, settled = await self._check_lock(keys) if store_ok else (b"", False)
             if settled:
                 # Another replica's check of this caller landed: read its record.
                 await self._checked(ctx, receive, send, keys, _RECORD, head, again=True)
@@ -669,6 +671,7 @@ class CachePolicy:
                 token=token,
                 rule=_RECORD,
                 head=head,
+                store_ok=store_ok,
                 lock_key=keys.check,
             )
             fut.set_result(outcome)
