@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"direct": "#c0392b", "gateway": "#2471a3"}
+COLORS = {"direct": "#c0392b", "gateway": "#2471a3", "gateway_join_forward": "#7d3c98"}
+LABELS = {"gateway_join_forward": "gateway, joins forwarded"}
 PHASE_COLORS = {
     "realtime_down": "#fdebd0",
     "app_slow": "#fad7a0",
@@ -38,12 +39,12 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         ("db_queries_per_min", "DB queries / min"),
     ]
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for side in ("direct", "gateway"):
+        for side in [s for s in COLORS if s in rep]:
             tl = rep[side]["timeline"]
             ax.plot(
                 [p["t_min"] for p in tl],
                 [p[key] for p in tl],
-                label=f"{side} (mean {rep[side][key]:,.0f}/min)",
+                label=f"{LABELS.get(side, side)} (mean {rep[side][key]:,.0f}/min)",
                 color=COLORS[side],
                 linewidth=1.6,
             )
@@ -92,8 +93,8 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         + (" (quick)" if rep["quick"] else "")
         + " — direct vs through EventLive Edge"
     )
-    track = rep.get("gateway_access_track_forward_s", 300.0)
-    if track != 300.0:
+    track = rep.get("gateway_access_track_forward_s", 900.0)
+    if track != 900.0:
         title += f" (access_track window {track:g} s)"
     fig.suptitle(title, fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
