@@ -66,9 +66,11 @@ class Admin:
 class Clock:
     """Scenario time: wall time since start multiplied by `scale`."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, t0: float | None = None) -> None:
         self.scale = scale
-        self.t0 = time.monotonic()
+        # time.monotonic() is one clock for every process of the machine: client
+        # processes given the same t0 share the scenario time.
+        self.t0 = time.monotonic() if t0 is None else t0
 
     def now(self) -> float:
         return (time.monotonic() - self.t0) * self.scale

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import secrets
@@ -589,10 +591,47 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return data
 
 
-async def drive(
+def drive_all(
     spec: Spec, pop: Population, base_url: str, sim_url: str
 ) -> tuple[Recorder, list[dict[str, Any]], float]:
-    """Run every client of the scenario against base_url; sample the sim's counters."""
+    """Run the scenario's clients. With a surge (S3), the surging webinar's browsers run
+    in a second process: in one event loop the surge's client work would delay the
+    other webinar's requests and show up in its measured p95 (real browsers do not
+    share a CPU). Both processes start at the same monotonic instant."""
+    if not spec.surge:
+        return asyncio.run(drive(spec, pop, base_url, sim_url))
+    surging = spec.webinars[-1]
+    rest = Population(pop.secret, [v for v in pop.viewers if v.webinar != surging], pop.admins)
+    surge = Population(pop.secret, [v for v in pop.viewers if v.webinar == surging], [])
+    # fork: nothing is running in this process yet, and the child needs no re-import.
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        t0 = time.monotonic() + 2.0
+        other = pool.submit(_drive_process, spec, surge, base_url, sim_url, t0)
+        rec, timeline, wall = asyncio.run(drive(spec, rest, base_url, sim_url, t0=t0))
+        part = other.result()
+    rec.samples += part.samples
+    rec.hb_first.update(part.hb_first)
+    rec.hb_last.update(part.hb_last)
+    return rec, timeline, wall
+
+
+def _drive_process(spec: Spec, pop: Population, base_url: str, sim_url: str, t0: float) -> Any:
+    rec, _, _ = asyncio.run(drive(spec, pop, base_url, sim_url, t0=t0, sample=False))
+    return rec
+
+
+async def drive(
+    spec: Spec,
+    pop: Population,
+    base_url: str,
+    sim_url: str,
+    *,
+    t0: float | None = None,
+    sample: bool = True,
+) -> tuple[Recorder, list[dict[str, Any]], float]:
+    """Run the given clients against base_url from monotonic time t0 (default: now);
+    with `sample`, also sample the sim's counters and run the fault phases."""
     rec = Recorder()
     timeout = aiohttp.ClientTimeout(total=15)
     connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, force_close=False)
@@ -601,35 +640,18 @@ async def drive(
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as control,
         aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
     ):
-        clock = Clock(spec.time_scale)
+        if t0 is not None:
+            await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        clock = Clock(spec.time_scale, t0)
         env = Env(base_url, http, clock, spec.duration_s, rec)
-        # ~60 points per run, at most 4 a second.
-        bucket_wall = max(0.25, spec.wall_s / 60)
-
-        async def sampler() -> None:
-            while True:
-                t = clock.now()
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    timeline.append(
-                        {"t": t, "stats": await _get_json(control, sim_url + "/_sim/stats")}
-                    )
-                await asyncio.sleep(bucket_wall)
-
-        async def controller() -> None:
-            for ph in spec.phases:
-                await clock.sleep_until(ph.start * 60)
-                if ph.realtime_down:
-                    env.realtime_down.set()
-                async with control.post(
-                    sim_url + "/_sim/control",
-                    json={"db_latency_ms": ph.db_latency_ms, "db_down": ph.db_down},
-                ) as resp:
-                    await resp.read()
-
-        sampler_task = asyncio.create_task(sampler())
+        tasks = []
+        if sample:
+            tasks = [
+                asyncio.create_task(_sampler(spec, clock, control, sim_url, timeline)),
+                asyncio.create_task(_controller(spec, env, control, sim_url)),
+            ]
         start = time.monotonic()
         await asyncio.gather(
-            controller(),
             *(viewer(env, v) for v in pop.viewers),
             *(
                 admin(env, a, start=(i / max(1, len(pop.admins))) * 5)
@@ -637,17 +659,50 @@ async def drive(
             ),
         )
         wall = time.monotonic() - start
-        sampler_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler_task
-        timeline.append(
-            {"t": clock.now(), "stats": await _get_json(control, sim_url + "/_sim/stats")}
-        )
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if sample:
+            timeline.append(
+                {"t": clock.now(), "stats": await _get_json(control, sim_url + "/_sim/stats")}
+            )
+            async with control.post(
+                sim_url + "/_sim/control", json={"db_latency_ms": 0, "db_down": False}
+            ) as resp:
+                await resp.read()
+    return rec, timeline, wall
+
+
+async def _sampler(
+    spec: Spec,
+    clock: Clock,
+    control: aiohttp.ClientSession,
+    sim_url: str,
+    timeline: list[dict[str, Any]],
+) -> None:
+    """The sim app's counters, ~60 points per run, at most 4 a second."""
+    bucket_wall = max(0.25, spec.wall_s / 60)
+    while True:
+        t = clock.now()
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            timeline.append({"t": t, "stats": await _get_json(control, sim_url + "/_sim/stats")})
+        await asyncio.sleep(bucket_wall)
+
+
+async def _controller(spec: Spec, env: Env, control: aiohttp.ClientSession, sim_url: str) -> None:
+    """S2's phases: Realtime down for the clients, DB latency / outage in the sim app."""
+    for ph in spec.phases:
+        await env.clock.sleep_until(ph.start * 60)
+        if ph.realtime_down:
+            env.realtime_down.set()
         async with control.post(
-            sim_url + "/_sim/control", json={"db_latency_ms": 0, "db_down": False}
+            sim_url + "/_sim/control",
+            json={"db_latency_ms": ph.db_latency_ms, "db_down": ph.db_down},
         ) as resp:
             await resp.read()
-    return rec, timeline, wall
+    # Stays until cancelled at the end of the run, like the sampler.
+    await asyncio.Event().wait()
 
 
 def _gateway_metrics(admin_url: str) -> dict[str, float]:
@@ -692,7 +747,7 @@ def run_side(
             cpu0 = {"sim_app": common.tree_cpu_seconds(sim.proc.pid)}
             gw_metrics: dict[str, float] = {}
             if side == "direct":
-                rec, timeline, wall = asyncio.run(drive(spec, pop, sim.url, sim.url))
+                rec, timeline, wall = drive_all(spec, pop, sim.url, sim.url)
                 cpu = {"sim_app": common.tree_cpu_seconds(sim.proc.pid) - cpu0["sim_app"]}
             else:
                 prefix = f"edge-bench:{tag}:"
@@ -702,7 +757,7 @@ def run_side(
                 try:
                     with common.gateway(cfg) as gw:
                         cpu0["gateway"] = common.tree_cpu_seconds(gw.proc.pid)
-                        rec, timeline, wall = asyncio.run(drive(spec, pop, gw.url, sim.url))
+                        rec, timeline, wall = drive_all(spec, pop, gw.url, sim.url)
                         cpu = {
                             "sim_app": common.tree_cpu_seconds(sim.proc.pid) - cpu0["sim_app"],
                             "gateway": common.tree_cpu_seconds(gw.proc.pid) - cpu0["gateway"],
