@@ -133,6 +133,24 @@ def _prune(z: dict[bytes, float], cut: int) -> None:
         del z[m]
 
 
+def _mark_dirty(
+    data: MemoryData, dirty_k: str, join_k: str, v: bytes, score: float, join: bool
+) -> tuple[bool, bool]:
+    """Batch mode: the viewer's entry for the next flush, and its join if it is one.
+    Returns whether each was new (for the memory bound)."""
+    dirty = data.zset(dirty_k, create=True)
+    assert dirty is not None
+    new = v not in dirty
+    dirty[v] = score
+    if not join:
+        return new, False
+    pending = data.zset(join_k, create=True)
+    assert pending is not None
+    new_join = v not in pending
+    pending[v] = score
+    return new, new_join
+
+
 def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     seen_k, fwd_k, neg_k, dirty_k, ix_k, join_k = keys
     now = int(args[0])
@@ -165,18 +183,12 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
         if decision == 1 or batch:
             fwd[v] = score
         if int(args[i + 1]) == 1:
-            dirty = data.zset(dirty_k, create=True)
-            assert dirty is not None
-            if v not in dirty:
-                tracked_new = True
-            dirty[v] = score
             tracked = True
             if decision == 1 and joins:
                 decision = 3
-                pending = data.zset(join_k, create=True)
-                assert pending is not None
-                joined_new = joined_new or v not in pending
-                pending[v] = score
+            new, new_join = _mark_dirty(data, dirty_k, join_k, v, score, decision == 3)
+            tracked_new = tracked_new or new
+            joined_new = joined_new or new_join
         out += [decision, b""]
     # New viewers count against store.memory_max_keys (members, not just keys).
     if len(seen) > n_seen:
