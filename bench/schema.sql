@@ -5,7 +5,8 @@
 --
 -- Ids are text so one schema serves uuid-looking ids and short bench ids alike. Loaded
 -- into a throw-away database per bench run (see bench/scenarios/runner.py), together
--- with sql/edge_presence_batch.sql (the gateway's batch-mode flush target).
+-- with sql/edge_presence_batch.sql and sql/edge_access_batch.sql (the gateway's
+-- batch-mode flush targets).
 
 create table webinars (
   id          text primary key,
@@ -46,6 +47,8 @@ create table webinar_user_sessions (
   first_seen   timestamptz not null default now(),
   last_seen    timestamptz not null default now(),
   hits         integer not null default 1,
+  -- Written by edge_access_batch (which also adds it when missing): seconds watched.
+  watch_seconds double precision not null default 0,
   primary key (webinar_id, session_key)
 );
 

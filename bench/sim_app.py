@@ -15,8 +15,9 @@ Owns:
 - `GET|POST /api/webinars/{id}/chat/messages` — polling read (latest 50) and post;
 - `GET /auth/v1/user` — a fake GoTrue: added latency, HS256 check, one `auth_users`
   lookup (GoTrue reads auth.users on every call, so it is counted as a DB query);
-- `POST /rest/v1/rpc/edge_presence_batch` — PostgREST's RPC call of
-  sql/edge_presence_batch.sql, the gateway's batch-mode heartbeat flush (1 query);
+- `POST /rest/v1/rpc/edge_presence_batch` and `/rest/v1/rpc/edge_access_batch` —
+  PostgREST's RPC calls of sql/edge_presence_batch.sql and sql/edge_access_batch.sql,
+  the gateway's batch-mode heartbeat flushes (1 query each);
 - `GET /_sim/stats` (counters) and `POST /_sim/control` (inject DB latency / failure).
 
 Identity: `X-Edge-User-Id` when present (the gateway verified the token); otherwise the
@@ -91,9 +92,12 @@ class Stats:
 class Db:
     """The pool plus the counting wrapper every query goes through."""
 
-    def __init__(self, pool: asyncpg.Pool, stats: Stats) -> None:
+    def __init__(self, pool: asyncpg.Pool, stats: Stats, statement_s: float = 0.0) -> None:
         self.pool = pool
         self.stats = stats
+        # The database's cost of one statement, held on the connection (S3: a database
+        # with a CPU budget, so a small pool saturates at a join surge).
+        self.statement_s = statement_s
         self.latency_s = 0.0  # injected per-query latency (S2: the app slows down)
         self.down = False  # injected outage (S2: the app fails)
 
@@ -112,10 +116,10 @@ class Db:
         kind: fetch (rows) or execute (status string discarded)."""
         if self.down:
             raise DbDown
-        if self.latency_s:
+        if self.latency_s or self.statement_s:
             # Held while owning the connection: a slow database exhausts the pool, the
             # way it does in production.
-            await asyncio.sleep(self.latency_s)
+            await asyncio.sleep(self.latency_s + self.statement_s)
         self.stats.queries[route] += 1
         try:
             if kind == "fetch":
@@ -130,9 +134,16 @@ class Db:
 
 class SimApp:
     def __init__(
-        self, dsn: str, jwt_secret: str, auth_latency_s: float, gotrue_url: str, pool_size: int
+        self,
+        dsn: str,
+        jwt_secret: str,
+        auth_latency_s: float,
+        gotrue_url: str,
+        pool_size: int,
+        statement_s: float = 0.0,
     ) -> None:
         self.dsn = dsn
+        self.statement_s = statement_s
         self.key = OctKey.import_key(jwt_secret)
         self.auth_latency_s = auth_latency_s
         self.gotrue_url = gotrue_url.rstrip("/")
@@ -148,7 +159,7 @@ class SimApp:
         pool = await asyncpg.create_pool(
             self.dsn, min_size=min(2, self.pool_size), max_size=self.pool_size
         )
-        self.db = Db(pool, self.stats)
+        self.db = Db(pool, self.stats, self.statement_s)
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200), timeout=aiohttp.ClientTimeout(total=10)
         )
@@ -171,6 +182,11 @@ class SimApp:
             Route(
                 "/rest/v1/rpc/edge_presence_batch",
                 self.endpoint("presence_batch", self.presence_batch),
+                methods=["POST"],
+            ),
+            Route(
+                "/rest/v1/rpc/edge_access_batch",
+                self.endpoint("access_batch", self.access_batch),
                 methods=["POST"],
             ),
             Route("/_sim/stats", self.sim_stats),
@@ -514,6 +530,18 @@ class SimApp:
             )
         return JSONResponse(rows[0]["n"])
 
+    async def access_batch(self, request: Request, route: str) -> Response:
+        """PostgREST's answer for a jsonb function is the JSON value itself:
+        `{"written": n, "refused": [...]}`."""
+        payload = json.loads(await request.body()).get("payload")
+        db = self.db
+        assert db is not None
+        async with db.conn() as c:
+            rows = await db.run(
+                c, route, "fetch", "select edge_access_batch($1::jsonb) as r", json.dumps(payload)
+            )
+        return Response(rows[0]["r"], media_type="application/json")
+
     # ------------------------------------------------------------------ control
 
     async def sim_stats(self, _request: Request) -> Response:
@@ -539,6 +567,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auth-latency-ms", type=float, default=50.0)
     p.add_argument("--gotrue-url", default=None, help="default: this process (/auth/v1/user)")
     p.add_argument("--pool-size", type=int, default=10)
+    p.add_argument(
+        "--statement-ms",
+        type=float,
+        default=0.0,
+        help="database cost per statement, held on the connection (S3's constrained app)",
+    )
     a = p.parse_args(argv)
     if not a.jwt_secret:
         p.error("--jwt-secret or SIM_JWT_SECRET is required")
@@ -548,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         a.auth_latency_ms / 1000,
         a.gotrue_url or f"http://127.0.0.1:{a.port}",
         a.pool_size,
+        a.statement_ms / 1000,
     )
     uvicorn.run(
         sim.app(),

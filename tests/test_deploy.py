@@ -436,6 +436,7 @@ def test_secret_example_has_keys_but_no_values() -> None:
     }
     assert refs == {
         "SUPABASE_JWT_SECRET",
+        "SUPABASE_SERVICE_ROLE_KEY",
         "REDIS_URL",
         "ALERT_SLACK_WEBHOOK_URL",
         "ALERT_DISCORD_WEBHOOK_URL",

@@ -15,6 +15,7 @@ from gateway.policies.heartbeat import (
     PRESENCE,
     RECORD,
     _index_keys,
+    _outcome_keys,
     _webinar_keys,
     seen_key,
 )
@@ -60,10 +61,11 @@ def b(x: Any) -> Any:
 
 
 async def record(
-    store: Store, now: int, viewers: list[ScriptArg], *, batch: bool = False
+    store: Store, now: int, viewers: list[ScriptArg], *, batch: bool = False, joins: bool = False
 ) -> list[Any]:
     keys = _webinar_keys("w1", "r")
-    args: list[ScriptArg] = [now, INTERVAL, now - INTERVAL, now - WINDOW, int(batch), REINDEX, GC]
+    mode = 2 if joins else int(batch)
+    args: list[ScriptArg] = [now, INTERVAL, now - INTERVAL, now - WINDOW, mode, REINDEX, GC]
     out: list[Any] = b(await store.run(RECORD, keys, [*args, *viewers]))
     return out
 
@@ -94,7 +96,7 @@ async def test_negative_then_expiry(store: Store) -> None:
     keys = _webinar_keys("w1", "r")
     await record(store, T0, ["u:a", 1, "u:b", 1], batch=True)
     blob = b"%d|404|application/json|{}" % (T0 + 60_000)
-    await store.run(OUTCOME, keys[:4], ["neg", "u:a", blob, GC])
+    await store.run(OUTCOME, _outcome_keys(keys), ["neg", "u:a", blob, GC])
     assert await record(store, T0 + 1, ["u:a", 1, "u:b", 1], batch=True) == [
         0,
         2,
@@ -104,8 +106,8 @@ async def test_negative_then_expiry(store: Store) -> None:
     ]
     # Refused: out of presence and of the flush.
     assert b(await store.run(PRESENCE, [seen_key("w1")], [0])) == 1
-    taken = b(await store.run(FLUSH, [keys[3], keys[4]], ["take", 10]))
-    assert taken[0::2] == [b"u:b"]
+    taken = b(await store.run(FLUSH, keys[3:6], ["take", 10]))
+    assert taken[0::3] == [b"u:b"]
     # After the negative expires the viewer is forwarded again.
     assert (await record(store, T0 + 60_000, ["u:a", 0]))[1:] == [1, b""]
 
@@ -113,24 +115,24 @@ async def test_negative_then_expiry(store: Store) -> None:
 async def test_fail_outcome_unstamps_the_forward(store: Store) -> None:
     keys = _webinar_keys("w1", "r")
     assert (await record(store, T0, ["u:a", 0]))[1] == 1
-    await store.run(OUTCOME, keys[:4], ["fail", "u:a", b"", GC])
+    await store.run(OUTCOME, _outcome_keys(keys), ["fail", "u:a", b"", GC])
     assert (await record(store, T0 + 1, ["u:a", 0]))[1] == 1
     assert (await record(store, T0 + 2, ["u:a", 0]))[1] == 0
 
 
 async def test_flush_acks_only_what_was_sent(store: Store) -> None:
     keys = _webinar_keys("w1", "r")
-    fkeys = [keys[3], keys[4]]
+    fkeys = keys[3:6]
     first = await record(store, T0, ["u:a", 1, "u:b", 1], batch=True)
     assert first[0] == 1  # announce the webinar to the index
     assert (await record(store, T0 + 1, ["u:c", 1], batch=True))[0] == 0
     taken = b(await store.run(FLUSH, fkeys, ["take", 2]))
-    assert taken == [b"u:a", str(T0).encode(), b"u:b", str(T0).encode()]
+    assert taken == [b"u:a", str(T0).encode(), b"", b"u:b", str(T0).encode(), b""]
     # u:a pings again while the flush is in flight: its newer entry must survive the ack.
     await record(store, T0 + 5, ["u:a", 1], batch=True)
     assert b(await store.run(FLUSH, fkeys, ["ack", *taken])) == 2
     left = b(await store.run(FLUSH, fkeys, ["take", 10]))
-    assert left == [b"u:c", str(T0 + 1).encode(), b"u:a", str(T0 + 5).encode()]
+    assert left == [b"u:c", str(T0 + 1).encode(), b"", b"u:a", str(T0 + 5).encode(), b""]
     assert b(await store.run(FLUSH, fkeys, ["ack", *left])) == 0
     # Drained: the next heartbeat announces the webinar again.
     assert (await record(store, T0 + 6, ["u:a", 1], batch=True))[0] == 1
@@ -147,3 +149,47 @@ async def test_index_ack_keeps_a_webinar_announced_again(store: Store) -> None:
     assert b(await store.run(INDEX, ik, ["ack", "w1", s1])) == 0
     assert b(await store.run(INDEX, ik, ["ack", "w2", listing[3]])) == 1
     assert b(await store.run(INDEX, ik, ["list"]))[0::2] == [b"w1"]
+
+
+async def test_bulk_joins_are_answered_at_the_edge_and_flushed_as_joins(store: Store) -> None:
+    keys = _webinar_keys("w1", "r")
+    fkeys = keys[3:6]
+    # A signed-in viewer's first heartbeat is a join (3); a guest (not flushable) is
+    # still forwarded (1); the viewer's next heartbeat is absorbed (0).
+    assert await record(store, T0, ["u:a", 1, "ip:1.2.3.4", 0], joins=True) == [
+        1,
+        3,
+        b"",
+        1,
+        b"",
+    ]
+    assert (await record(store, T0 + 10, ["u:a", 1], joins=True))[1:] == [0, b""]
+    taken = b(await store.run(FLUSH, fkeys, ["take", 10]))
+    assert taken == [b"u:a", str(T0 + 10).encode(), str(T0).encode()]
+    # A heartbeat in flight keeps the entry, but the join went out: it is acked.
+    await record(store, T0 + 20, ["u:a", 1], joins=True)
+    assert b(await store.run(FLUSH, fkeys, ["ack", *taken])) == 1
+    taken = b(await store.run(FLUSH, fkeys, ["take", 10]))
+    assert taken == [b"u:a", str(T0 + 20).encode(), b""]
+
+
+async def test_failed_flush_keeps_the_join_and_a_refusal_clears_it(store: Store) -> None:
+    keys = _webinar_keys("w1", "r")
+    fkeys = keys[3:6]
+    await record(store, T0, ["u:a", 1, "u:b", 1], joins=True)
+    first = b(await store.run(FLUSH, fkeys, ["take", 10]))
+    # Not acked (the POST failed): the same joins are taken again.
+    assert b(await store.run(FLUSH, fkeys, ["take", 10])) == first
+    assert first[2::3] == [str(T0).encode(), str(T0).encode()]
+    # The flush refused u:b: negative, out of presence, dirty and joins.
+    assert b(await store.run(FLUSH, fkeys, ["ack", *first])) == 0
+    blob = b"%d|403|application/json|{}" % (T0 + 60_000)
+    await store.run(OUTCOME, _outcome_keys(keys), ["neg", "u:b", blob, GC])
+    res = await record(store, T0 + 1, ["u:a", 1, "u:b", 1], joins=True)
+    assert res[1:] == [0, b"", 2, blob]
+    assert b(await store.run(PRESENCE, [seen_key("w1")], [0])) == 1
+    # After the negative expires, u:b joins again (and is flushed as a join).
+    assert (await record(store, T0 + 60_000, ["u:b", 1], joins=True))[1:] == [3, b""]
+    taken = b(await store.run(FLUSH, fkeys, ["take", 10]))
+    assert taken[0::3] == [b"u:a", b"u:b"]
+    assert taken[2::3] == [b"", str(T0 + 60_000).encode()]

@@ -8,13 +8,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"direct": "#c0392b", "gateway": "#2471a3"}
+COLORS = {"direct": "#c0392b", "gateway": "#2471a3", "gateway_join_forward": "#7d3c98"}
+LABELS = {"gateway_join_forward": "gateway, joins forwarded"}
 PHASE_COLORS = {
     "realtime_down": "#fdebd0",
     "app_slow": "#fad7a0",
     "app_failing": "#f5b7b1",
     "recovered": "#d5f5e3",
 }
+
+
+def _neighbour_panel(ax: Any, rep: dict[str, Any]) -> None:
+    """S3: the other webinar's viewer p95 over time (log scale), errors marked."""
+    other = rep["webinars"][0]
+    for side in [s for s in COLORS if s in rep and "neighbour_timeline" in rep[s]]:
+        tl = rep[side]["neighbour_timeline"]
+        ax.plot(
+            [p["t_min"] for p in tl],
+            [p["p95_ms"] for p in tl],
+            label=f"{LABELS.get(side, side)}: {other} viewer p95",
+            color=COLORS[side],
+            linewidth=1.6,
+        )
+        bad = [p for p in tl if p["error_rate"]]
+        if bad:
+            ax.scatter(
+                [p["t_min"] for p in bad],
+                [p["p95_ms"] for p in bad],
+                color=COLORS[side],
+                marker="x",
+                label=f"{LABELS.get(side, side)}: errors in the bucket",
+            )
+    a, b = rep["surge_window_min"]
+    ax.axvspan(a, b, color="#f9e79f", alpha=0.7, lw=0)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"{other} p95 ms (log)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
 
 
 def render(rep: dict[str, Any], path: Path) -> bool:
@@ -32,18 +62,24 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         )
         return False
 
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True, constrained_layout=True)
+    neighbour = "neighbour_timeline" in rep["direct"]
+    rows = 3 if neighbour else 2
+    fig, axes = plt.subplots(
+        rows, 1, figsize=(10, 3.2 * rows), sharex=True, constrained_layout=True
+    )
     panels = [
         ("upstream_requests_per_min", "upstream requests / min"),
         ("db_queries_per_min", "DB queries / min"),
     ]
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        for side in ("direct", "gateway"):
+    if neighbour:
+        _neighbour_panel(axes[2], rep)
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        for side in [s for s in COLORS if s in rep]:
             tl = rep[side]["timeline"]
             ax.plot(
                 [p["t_min"] for p in tl],
                 [p[key] for p in tl],
-                label=f"{side} (mean {rep[side][key]:,.0f}/min)",
+                label=f"{LABELS.get(side, side)} (mean {rep[side][key]:,.0f}/min)",
                 color=COLORS[side],
                 linewidth=1.6,
             )
@@ -92,8 +128,8 @@ def render(rep: dict[str, Any], path: Path) -> bool:
         + (" (quick)" if rep["quick"] else "")
         + " — direct vs through EventLive Edge"
     )
-    track = rep.get("gateway_access_track_forward_s", 300.0)
-    if track != 300.0:
+    track = rep.get("gateway_access_track_forward_s", 900.0)
+    if track != 900.0:
         title += f" (access_track window {track:g} s)"
     fig.suptitle(title, fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)

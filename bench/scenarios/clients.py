@@ -13,7 +13,9 @@ Owns:
     stop on 4xx, no reaction to Retry-After);
   - chatters post a message every minute;
   - admin dashboard: `stats/access` every 5 s, forever;
-- `Recorder`: one `Sample` (scenario time, route, webinar, status, latency) per request.
+- `Recorder`: one `Sample` (scenario time, route, webinar, status, latency) per request,
+  and per signed-in viewer the wall time of its first and last accepted heartbeat (the
+  runner compares the last with the database's last-seen: no heartbeat lost).
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ class Admin:
 class Clock:
     """Scenario time: wall time since start multiplied by `scale`."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, t0: float | None = None) -> None:
         self.scale = scale
-        self.t0 = time.monotonic()
+        # time.monotonic() is one clock for every process of the machine: client
+        # processes given the same t0 share the scenario time.
+        self.t0 = time.monotonic() if t0 is None else t0
 
     def now(self) -> float:
         return (time.monotonic() - self.t0) * self.scale
@@ -80,6 +84,9 @@ class Clock:
 @dataclass
 class Recorder:
     samples: list[Sample] = field(default_factory=list)
+    # user id -> epoch seconds when its first / last 2xx ping or track was sent.
+    hb_first: dict[str, float] = field(default_factory=dict)
+    hb_last: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,11 +109,13 @@ class Env:
         token: str | None = None,
         guest_id: str | None = None,
         json_body: object | None = None,
+        uid: str | None = None,
     ) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if guest_id:
             headers["Cookie"] = f"el_guest={guest_id}"
         t = self.clock.now()
+        sent = time.time()
         start = time.perf_counter()
         status = FAILED
         try:
@@ -120,6 +129,9 @@ class Env:
         self.rec.samples.append(
             Sample(t, route, webinar, status, (time.perf_counter() - start) * 1000)
         )
+        if uid is not None and 200 <= status < 300:
+            self.rec.hb_first.setdefault(uid, sent)
+            self.rec.hb_last[uid] = max(sent, self.rec.hb_last.get(uid, 0.0))
         return status
 
 
@@ -148,7 +160,7 @@ async def viewer(env: Env, v: Viewer) -> None:
 
     async def ping() -> None:
         await env.call(
-            "POST", _api(v.webinar, "presence/ping"), "presence_ping", v.webinar, v.token
+            "POST", _api(v.webinar, "presence/ping"), "presence_ping", v.webinar, v.token, uid=v.uid
         )
 
     async def track() -> None:
@@ -160,6 +172,7 @@ async def viewer(env: Env, v: Viewer) -> None:
             v.token,
             v.guest_id,
             {"event": "view"},
+            uid=v.uid,
         )
 
     # The page fires both on mount; a new viewer's two auto-registrations race.

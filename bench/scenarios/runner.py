@@ -3,13 +3,16 @@
 
 Owns the scenario definitions (S1 normal load, S2 Realtime outage, S3 two webinars + a
 join surge, each with a full and a `--quick` size of the same shape) and one run of a
-scenario: for each side (`direct`, then `gateway`) a fresh PostgreSQL database with
-bench/schema.sql + sql/edge_presence_batch.sql and the same seeded population, the sim
-app (bench/sim_app.py) as a subprocess, on the gateway side `python -m gateway` with the
-Redis store in front of it, the same client behaviours (bench/scenarios/clients.py), a
-sampler of the sim app's counters for the time series, the S2 fault injection, and the
-`pg_stat_database` reading that cross-checks the query count. Then it writes the JSON
-report, the Markdown summary and the PNG chart (bench/scenarios/report.py, chart.py).
+scenario: for each side (`direct`, `gateway` with bulk joins, and in S1 also
+`gateway_join_forward`, where each viewer's first heartbeat reaches the app) a fresh
+PostgreSQL database with bench/schema.sql + sql/edge_{presence,access}_batch.sql and the
+same seeded population, the sim app (bench/sim_app.py) as a subprocess, on the gateway
+sides `python -m gateway` with the Redis store in front of it, the same client behaviours
+(bench/scenarios/clients.py), a sampler of the sim app's counters for the time series,
+the S2 fault injection, the `pg_stat_database` reading that cross-checks the query count,
+and the database's last-seen per viewer against the client's (no heartbeat lost). Then it
+writes the JSON report, the Markdown summary and the PNG chart (bench/scenarios/report.py,
+chart.py).
 
 All time-based things are compressed by the time scale X: the client rhythm, the
 scenario's phases, and the gateway's own intervals and TTLs (a 10 s cache TTL becomes
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import secrets
@@ -49,6 +54,7 @@ from bench.scenarios.clients import Admin, Clock, Env, Recorder, Viewer, admin, 
 ROOT = common.ROOT
 SCHEMA = ROOT / "bench" / "schema.sql"
 BATCH_SQL = ROOT / "sql" / "edge_presence_batch.sql"
+ACCESS_SQL = ROOT / "sql" / "edge_access_batch.sql"
 ISSUER = "http://127.0.0.1:9999/auth/v1"
 DEFAULT_PG = os.environ.get("BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
@@ -82,9 +88,19 @@ class Spec:
     surge_window: float = 0.5
     phases: list[Phase] = field(default_factory=list)
     chat: bool = False  # 5 % of the signed-in viewers post a chat message every minute
-    # Gateway: access/track heartbeat forward_interval in scenario seconds (shipped: 300).
-    track_forward: float = 300.0
+    # Gateway: access/track heartbeat forward_interval in scenario seconds (shipped: 900;
+    # in batch mode a viewer silent this long joins again).
+    track_forward: float = 900.0
+    # Gateway: how often each batch route flushes, scenario seconds (shipped: 30).
+    flush_interval: float = 30.0
+    # Gateway sides to run: side name -> heartbeat `join` mode.
+    gateway_sides: dict[str, str] = field(default_factory=lambda: {"gateway": "batch"})
     auth_latency_ms: float = 50.0
+    # The sim app's database budget: pool size and cost per statement (S3 constrains it).
+    pool_size: int = 10
+    statement_ms: float = 0.0
+    # Gateway: per-webinar cap on in-flight requests to the app (0: none).
+    bulkhead: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -116,8 +132,10 @@ def build_spec(
     x = time_scale or x
     spec = Spec(name, n, m, x, quick)
     if name == "s1":
-        # 1,000 viewers join within 2 minutes and watch for 60.
+        # 1,000 viewers join within 2 minutes and watch for 60; through the gateway with
+        # bulk joins and, beside it, with each viewer's first heartbeat forwarded.
         spec.join_window = min(2.0, m / 4)
+        spec.gateway_sides = {"gateway": "batch", "gateway_join_forward": "forward"}
     elif name == "s2":
         # Realtime drops: every client falls back to chat polling; the app slows (DB
         # latency), then fails, then recovers.
@@ -141,6 +159,15 @@ def build_spec(
         spec.surge = n // 2
         spec.surge_at = m * 0.4
         spec.surge_window = min(0.5, m * 0.05)
+        # A database with a budget (5 connections, 4 ms a statement at the quick size:
+        # ~1,000 statements/s) that carries the two webinars but not the surge's join
+        # burst, so the direct run shows what the surge does to the other webinar. The
+        # wall-clock load grows with viewers x time scale: the cost per statement shrinks
+        # with it, so every size saturates alike. Through the gateway a per-webinar
+        # bulkhead keeps one webinar's admin polls and chat posts to 3 in flight.
+        spec.pool_size = 5
+        spec.statement_ms = round(4.0 * (200 * 20.0) / (n * x), 3)
+        spec.bulkhead = 3
     else:
         raise ValueError(f"unknown scenario {name!r}")
     return spec
@@ -228,6 +255,7 @@ async def create_database(admin_dsn: str, name: str, spec: Spec, pop: Population
     try:
         await conn.execute(SCHEMA.read_text())
         await conn.execute(BATCH_SQL.read_text())
+        await conn.execute(ACCESS_SQL.read_text())
         await conn.executemany(
             "insert into webinars (id, title) values ($1, $2)",
             [(w, f"Bench {w}") for w in spec.webinars],
@@ -281,6 +309,27 @@ async def pg_xact(admin_dsn: str, name: str) -> dict[str, int]:
     return {"xact_commit": int(row["xact_commit"]), "xact_rollback": int(row["xact_rollback"])}
 
 
+async def db_last_seen(dsn: str) -> dict[str, dict[str, float]]:
+    """Per signed-in viewer: presence last_seen_at, session last_seen and watch time."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        pres = await conn.fetch(
+            "select user_id, extract(epoch from max(last_seen_at))::float8 as t"
+            " from webinar_live_presence group by user_id"
+        )
+        sess = await conn.fetch(
+            "select user_id, extract(epoch from max(last_seen))::float8 as t,"
+            " sum(watch_seconds)::float8 as w from webinar_user_sessions"
+            " where user_id is not null group by user_id"
+        )
+    finally:
+        await conn.close()
+    out: dict[str, dict[str, float]] = {r["user_id"]: {"presence": r["t"]} for r in pres}
+    for r in sess:
+        out.setdefault(r["user_id"], {}).update({"session": r["t"], "watch_s": r["w"]})
+    return out
+
+
 # ------------------------------------------------------------------ processes
 
 
@@ -296,7 +345,7 @@ class SimProcess:
 
 
 @contextlib.contextmanager
-def sim_app(dsn: str, secret: str, auth_latency_ms: float) -> Iterator[SimProcess]:
+def sim_app(dsn: str, secret: str, spec: Spec) -> Iterator[SimProcess]:
     port = common.free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     log_path = workdir / "sim.log"
@@ -311,7 +360,11 @@ def sim_app(dsn: str, secret: str, auth_latency_ms: float) -> Iterator[SimProces
             "--dsn",
             dsn,
             "--auth-latency-ms",
-            str(auth_latency_ms),
+            str(spec.auth_latency_ms),
+            "--pool-size",
+            str(spec.pool_size),
+            "--statement-ms",
+            str(spec.statement_ms),
         ],
         cwd=ROOT,
         env={**os.environ, "SIM_JWT_SECRET": secret},
@@ -356,19 +409,34 @@ def gateway_config(
     redis_url: str,
     prefix: str,
     secret: str,
-    scale: float,
-    track_forward: float = 300.0,
+    spec: Spec,
+    join: str = "batch",
 ) -> dict[str, Any]:
     """The shipped config.yaml's routes, intervals divided by the time scale, the Redis
-    store, presence pings in batch mode (their flush goes to the sim app's RPC endpoint,
-    i.e. edge_presence_batch on PostgreSQL), and the chat poll micro-cache of
-    docs/breaker.md."""
+    store, presence pings and access tracks in batch mode with `join` (their flushes go
+    to the sim app's RPC endpoint, i.e. edge_access_batch on PostgreSQL), the chat poll
+    micro-cache of docs/breaker.md, and (`spec.bulkhead`) a per-webinar concurrency cap
+    on the routes whose requests reach the app."""
     port, admin_port = common.free_port(), common.free_port()
 
     def d(seconds: float) -> str:
-        return _d(seconds, scale)
+        return _d(seconds, spec.time_scale)
 
-    api = "/api/webinars/{webinar_id}"
+    routes = _heartbeat_routes(spec, join) + _app_routes(spec)
+    if spec.bulkhead:
+        # Only where requests reach the app: the concurrency policy runs before heartbeat
+        # and cache, so on those routes it would also count what the edge answers.
+        for r in routes:
+            if r["name"] in ("admin_stats", "chat_post"):
+                r["concurrency"] = {"by": "webinar", "max": spec.bulkhead, "retry_after": "1s"}
+    routes.append(
+        {
+            "name": "default",
+            "match": {"path": "/{path:path}"},
+            "upstream": "app",
+            "auth": "optional",
+        }
+    )
     return {
         "server": {
             "listen": f"127.0.0.1:{port}",
@@ -390,77 +458,95 @@ def gateway_config(
             "chat_fallback_interval": d(2),
             "admin_polling_interval": d(10),
         },
-        "routes": [
-            {
-                "name": "presence_ping",
-                "match": {"methods": ["POST"], "path": f"{api}/presence/ping"},
-                "upstream": "app",
-                "auth": "required",
-                "heartbeat": {
-                    "mode": "batch",
-                    "forward_interval": d(300),
-                    "flush_interval": d(10),
-                    "flush_upstream": "supabase",
-                    "flush_url": "/rest/v1/rpc/edge_presence_batch",
-                },
-            },
-            {
-                "name": "access_track",
-                "match": {"methods": ["POST"], "path": f"{api}/access/track"},
-                "upstream": "app",
-                "auth": "optional",
-                "heartbeat": {
-                    "forward_interval": d(track_forward),
-                    "key": ["user", "cookie:el_guest", "ip"],
-                },
-            },
-            {
-                "name": "admin_stats",
-                "match": {"methods": ["GET"], "path": f"{api}/stats/access"},
-                "upstream": "app",
-                "auth": "required",
-                "cache": {
-                    "ttl": d(10),
-                    "stale_while_revalidate": d(20),
-                    "stale_if_error": d(300),
-                    "authz_ttl": d(300),
-                    "deny_ttl": d(30),
-                },
-            },
-            {
-                "name": "chat_poll",
-                "match": {"methods": ["GET"], "path": f"{api}/chat/messages"},
-                "upstream": "app",
-                "auth": "required",
-                "cache": {
-                    "ttl": d(1),
-                    "stale_if_error": d(300),
-                    "authz_ttl": d(300),
-                    "authorize": {"claim": "role", "in": ["authenticated"]},
-                },
-                "breaker": {
-                    "group": "chat",
-                    "failure_threshold": 5,
-                    "window": d(10),
-                    "cooldown": d(30),
-                    "max_cooldown": d(300),
-                },
-                "rate_limit": [{"by": "user", "rate": f"{2 * scale:g}/s", "burst": 5}],
-            },
-            {
-                "name": "chat_post",
-                "match": {"methods": ["POST"], "path": f"{api}/chat/messages"},
-                "upstream": "app",
-                "auth": "required",
-            },
-            {
-                "name": "default",
-                "match": {"path": "/{path:path}"},
-                "upstream": "app",
-                "auth": "optional",
-            },
-        ],
+        "routes": routes,
     }
+
+
+API = "/api/webinars/{webinar_id}"
+
+
+def _heartbeat_routes(spec: Spec, join: str) -> list[dict[str, Any]]:
+    """presence_ping and access_track as shipped: batch mode, flushed to edge_access_batch."""
+
+    def d(seconds: float) -> str:
+        return _d(seconds, spec.time_scale)
+
+    batch = {
+        "mode": "batch",
+        "join": join,
+        "flush_interval": d(spec.flush_interval),
+        "flush_upstream": "supabase",
+        "flush_url": "/rest/v1/rpc/edge_access_batch",
+    }
+    return [
+        {
+            "name": "presence_ping",
+            "match": {"methods": ["POST"], "path": f"{API}/presence/ping"},
+            "upstream": "app",
+            "auth": "required",
+            "heartbeat": {**batch, "forward_interval": d(300)},
+        },
+        {
+            "name": "access_track",
+            "match": {"methods": ["POST"], "path": f"{API}/access/track"},
+            "upstream": "app",
+            "auth": "optional",
+            "heartbeat": {
+                **batch,
+                "forward_interval": d(spec.track_forward),
+                "key": ["user", "cookie:el_guest", "ip"],
+            },
+        },
+    ]
+
+
+def _app_routes(spec: Spec) -> list[dict[str, Any]]:
+    """admin_stats (cached), chat_poll (micro-cache + breaker + rate limit), chat_post."""
+
+    def d(seconds: float) -> str:
+        return _d(seconds, spec.time_scale)
+
+    return [
+        {
+            "name": "admin_stats",
+            "match": {"methods": ["GET"], "path": f"{API}/stats/access"},
+            "upstream": "app",
+            "auth": "required",
+            "cache": {
+                "ttl": d(10),
+                "stale_while_revalidate": d(20),
+                "stale_if_error": d(300),
+                "authz_ttl": d(300),
+                "deny_ttl": d(30),
+            },
+        },
+        {
+            "name": "chat_poll",
+            "match": {"methods": ["GET"], "path": f"{API}/chat/messages"},
+            "upstream": "app",
+            "auth": "required",
+            "cache": {
+                "ttl": d(1),
+                "stale_if_error": d(300),
+                "authz_ttl": d(300),
+                "authorize": {"claim": "role", "in": ["authenticated"]},
+            },
+            "breaker": {
+                "group": "chat",
+                "failure_threshold": 5,
+                "window": d(10),
+                "cooldown": d(30),
+                "max_cooldown": d(300),
+            },
+            "rate_limit": [{"by": "user", "rate": f"{2 * spec.time_scale:g}/s", "burst": 5}],
+        },
+        {
+            "name": "chat_post",
+            "match": {"methods": ["POST"], "path": f"{API}/chat/messages"},
+            "upstream": "app",
+            "auth": "required",
+        },
+    ]
 
 
 async def _delete_prefix(redis_url: str, prefix: str) -> None:
@@ -493,6 +579,10 @@ class SideRaw:
     wall_s: float
     cpu_s: dict[str, float]
     gateway_metrics: dict[str, float] = field(default_factory=dict)
+    # Signed-in viewers: user id -> what the database holds (epoch seconds) ...
+    db_viewers: dict[str, dict[str, float]] = field(default_factory=dict)
+    # ... and the wall time of their first and last heartbeat the app or edge accepted.
+    client_viewers: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -501,10 +591,47 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return data
 
 
-async def drive(
+def drive_all(
     spec: Spec, pop: Population, base_url: str, sim_url: str
 ) -> tuple[Recorder, list[dict[str, Any]], float]:
-    """Run every client of the scenario against base_url; sample the sim's counters."""
+    """Run the scenario's clients. With a surge (S3), the surging webinar's browsers run
+    in a second process: in one event loop the surge's client work would delay the
+    other webinar's requests and show up in its measured p95 (real browsers do not
+    share a CPU). Both processes start at the same monotonic instant."""
+    if not spec.surge:
+        return asyncio.run(drive(spec, pop, base_url, sim_url))
+    surging = spec.webinars[-1]
+    rest = Population(pop.secret, [v for v in pop.viewers if v.webinar != surging], pop.admins)
+    surge = Population(pop.secret, [v for v in pop.viewers if v.webinar == surging], [])
+    # fork: nothing is running in this process yet, and the child needs no re-import.
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        t0 = time.monotonic() + 2.0
+        other = pool.submit(_drive_process, spec, surge, base_url, sim_url, t0)
+        rec, timeline, wall = asyncio.run(drive(spec, rest, base_url, sim_url, t0=t0))
+        part = other.result()
+    rec.samples += part.samples
+    rec.hb_first.update(part.hb_first)
+    rec.hb_last.update(part.hb_last)
+    return rec, timeline, wall
+
+
+def _drive_process(spec: Spec, pop: Population, base_url: str, sim_url: str, t0: float) -> Any:
+    rec, _, _ = asyncio.run(drive(spec, pop, base_url, sim_url, t0=t0, sample=False))
+    return rec
+
+
+async def drive(
+    spec: Spec,
+    pop: Population,
+    base_url: str,
+    sim_url: str,
+    *,
+    t0: float | None = None,
+    sample: bool = True,
+) -> tuple[Recorder, list[dict[str, Any]], float]:
+    """Run the given clients against base_url from monotonic time t0 (default: now);
+    with `sample`, also sample the sim's counters and run the fault phases."""
     rec = Recorder()
     timeout = aiohttp.ClientTimeout(total=15)
     connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, force_close=False)
@@ -513,35 +640,18 @@ async def drive(
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as control,
         aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
     ):
-        clock = Clock(spec.time_scale)
+        if t0 is not None:
+            await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        clock = Clock(spec.time_scale, t0)
         env = Env(base_url, http, clock, spec.duration_s, rec)
-        # ~60 points per run, at most 4 a second.
-        bucket_wall = max(0.25, spec.wall_s / 60)
-
-        async def sampler() -> None:
-            while True:
-                t = clock.now()
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    timeline.append(
-                        {"t": t, "stats": await _get_json(control, sim_url + "/_sim/stats")}
-                    )
-                await asyncio.sleep(bucket_wall)
-
-        async def controller() -> None:
-            for ph in spec.phases:
-                await clock.sleep_until(ph.start * 60)
-                if ph.realtime_down:
-                    env.realtime_down.set()
-                async with control.post(
-                    sim_url + "/_sim/control",
-                    json={"db_latency_ms": ph.db_latency_ms, "db_down": ph.db_down},
-                ) as resp:
-                    await resp.read()
-
-        sampler_task = asyncio.create_task(sampler())
+        tasks = []
+        if sample:
+            tasks = [
+                asyncio.create_task(_sampler(spec, clock, control, sim_url, timeline)),
+                asyncio.create_task(_controller(spec, env, control, sim_url)),
+            ]
         start = time.monotonic()
         await asyncio.gather(
-            controller(),
             *(viewer(env, v) for v in pop.viewers),
             *(
                 admin(env, a, start=(i / max(1, len(pop.admins))) * 5)
@@ -549,17 +659,50 @@ async def drive(
             ),
         )
         wall = time.monotonic() - start
-        sampler_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler_task
-        timeline.append(
-            {"t": clock.now(), "stats": await _get_json(control, sim_url + "/_sim/stats")}
-        )
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if sample:
+            timeline.append(
+                {"t": clock.now(), "stats": await _get_json(control, sim_url + "/_sim/stats")}
+            )
+            async with control.post(
+                sim_url + "/_sim/control", json={"db_latency_ms": 0, "db_down": False}
+            ) as resp:
+                await resp.read()
+    return rec, timeline, wall
+
+
+async def _sampler(
+    spec: Spec,
+    clock: Clock,
+    control: aiohttp.ClientSession,
+    sim_url: str,
+    timeline: list[dict[str, Any]],
+) -> None:
+    """The sim app's counters, ~60 points per run, at most 4 a second."""
+    bucket_wall = max(0.25, spec.wall_s / 60)
+    while True:
+        t = clock.now()
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            timeline.append({"t": t, "stats": await _get_json(control, sim_url + "/_sim/stats")})
+        await asyncio.sleep(bucket_wall)
+
+
+async def _controller(spec: Spec, env: Env, control: aiohttp.ClientSession, sim_url: str) -> None:
+    """S2's phases: Realtime down for the clients, DB latency / outage in the sim app."""
+    for ph in spec.phases:
+        await env.clock.sleep_until(ph.start * 60)
+        if ph.realtime_down:
+            env.realtime_down.set()
         async with control.post(
-            sim_url + "/_sim/control", json={"db_latency_ms": 0, "db_down": False}
+            sim_url + "/_sim/control",
+            json={"db_latency_ms": ph.db_latency_ms, "db_down": ph.db_down},
         ) as resp:
             await resp.read()
-    return rec, timeline, wall
+    # Stays until cancelled at the end of the run, like the sampler.
+    await asyncio.Event().wait()
 
 
 def _gateway_metrics(admin_url: str) -> dict[str, float]:
@@ -574,6 +717,7 @@ def _gateway_metrics(admin_url: str) -> dict[str, float]:
         "edge_cache_results_total",
         "edge_breaker_transitions_total",
         "edge_ratelimit",
+        "edge_concurrency",
     )
     for line in body.decode().splitlines():
         if line.startswith("#") or not line.startswith(wanted):
@@ -598,38 +742,43 @@ def run_side(
     dbname = f"edge_bench_{tag}_{side}"
     dsn = asyncio.run(create_database(admin_dsn, dbname, spec, pop))
     try:
-        with sim_app(dsn, pop.secret, spec.auth_latency_ms) as sim:
+        with sim_app(dsn, pop.secret, spec) as sim:
             pg0 = asyncio.run(pg_xact(admin_dsn, dbname))
             cpu0 = {"sim_app": common.tree_cpu_seconds(sim.proc.pid)}
             gw_metrics: dict[str, float] = {}
             if side == "direct":
-                rec, timeline, wall = asyncio.run(drive(spec, pop, sim.url, sim.url))
+                rec, timeline, wall = drive_all(spec, pop, sim.url, sim.url)
                 cpu = {"sim_app": common.tree_cpu_seconds(sim.proc.pid) - cpu0["sim_app"]}
             else:
                 prefix = f"edge-bench:{tag}:"
                 cfg = gateway_config(
-                    sim.url, redis_url, prefix, pop.secret, spec.time_scale, spec.track_forward
+                    sim.url, redis_url, prefix, pop.secret, spec, spec.gateway_sides[side]
                 )
                 try:
                     with common.gateway(cfg) as gw:
                         cpu0["gateway"] = common.tree_cpu_seconds(gw.proc.pid)
-                        rec, timeline, wall = asyncio.run(drive(spec, pop, gw.url, sim.url))
+                        rec, timeline, wall = drive_all(spec, pop, gw.url, sim.url)
                         cpu = {
                             "sim_app": common.tree_cpu_seconds(sim.proc.pid) - cpu0["sim_app"],
                             "gateway": common.tree_cpu_seconds(gw.proc.pid) - cpu0["gateway"],
                         }
                         gw_metrics = _gateway_metrics(gw.admin_url)
-                    # The gateway flushed its last presence batch on SIGTERM.
+                    # The gateway flushed its last batches on SIGTERM.
                 finally:
                     asyncio.run(_delete_prefix(redis_url, prefix))
             final = json.loads(common.http_get(sim.url + "/_sim/stats", 5.0)[1])
         # The sim app's connections are closed: their statistics are flushed.
         time.sleep(0.6)
         pg1 = asyncio.run(pg_xact(admin_dsn, dbname))
+        # Read after pg1, so the check does not count in the cross-check.
+        seen = asyncio.run(db_last_seen(dsn))
     finally:
         asyncio.run(drop_database(admin_dsn, dbname))
     pg = {k: pg1[k] - pg0[k] for k in pg0}
-    return SideRaw(side, rec.samples, timeline, final, pg, wall, cpu, gw_metrics)
+    raw = SideRaw(side, rec.samples, timeline, final, pg, wall, cpu, gw_metrics)
+    raw.db_viewers = seen
+    raw.client_viewers = {u: (rec.hb_first[u], t) for u, t in rec.hb_last.items()}
+    return raw
 
 
 # ------------------------------------------------------------------ scenario
@@ -648,7 +797,8 @@ def run_scenario(
     pop = build_population(spec)
     tag = f"{spec.name}_{os.getpid()}_{secrets.token_hex(3)}"
     t0 = time.monotonic()
-    raws = [run_side(side, spec, pop, admin_dsn, redis_url, tag) for side in ("direct", "gateway")]
+    sides = ["direct", *spec.gateway_sides]
+    raws = [run_side(side, spec, pop, admin_dsn, redis_url, tag) for side in sides]
     rep = report.build(spec, pop, raws)
     rep["env"] = {
         "uptime": common.uptime(),
@@ -658,7 +808,7 @@ def run_scenario(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         suffix = "-quick" if spec.quick else ""
-        if spec.track_forward != 300.0:
+        if spec.track_forward != 900.0:
             suffix += f"-track{spec.track_forward:g}s"
         stem = f"{spec.name}{suffix}"
         json_path = json_path or out_dir / f"{stem}.json"
@@ -680,6 +830,17 @@ def _rel(p: Path) -> str:
     return str(p)
 
 
+def _spec_from_args(name: str, a: argparse.Namespace) -> Spec:
+    spec = build_spec(name, a.quick, a.viewers, a.minutes, a.time_scale)
+    spec.track_forward = a.track_forward
+    spec.flush_interval = a.flush_interval
+    if a.join in ("batch", "forward"):
+        spec.gateway_sides = {"gateway": a.join}
+    elif a.join == "both":
+        spec.gateway_sides = {"gateway": "batch", "gateway_join_forward": "forward"}
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description="EventLive load scenarios S1-S3"
@@ -694,8 +855,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--track-forward",
         type=float,
-        default=300.0,
-        help="gateway access_track forward_interval, scenario seconds (shipped config: 300)",
+        default=900.0,
+        help="gateway access_track forward_interval, scenario seconds (shipped config: 900)",
+    )
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=30.0,
+        help="gateway heartbeat flush_interval, scenario seconds (shipped config: 30)",
+    )
+    p.add_argument(
+        "--join",
+        choices=["batch", "forward", "both"],
+        help="gateway heartbeat join mode(s) to run (default: both in s1, batch otherwise)",
     )
     p.add_argument("--no-chart", action="store_true")
     p.add_argument(
@@ -707,8 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     names = ["s1", "s2", "s3"] if a.scenario == "all" else [a.scenario]
     for name in names:
-        spec = build_spec(name, a.quick, a.viewers, a.minutes, a.time_scale)
-        spec.track_forward = a.track_forward
+        spec = _spec_from_args(name, a)
         print(
             f"{name}: {spec.viewers} viewers, {spec.minutes:g} scenario min, time scale "
             f"{spec.time_scale:g} (~{spec.wall_s:.0f} s per side)",

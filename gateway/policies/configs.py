@@ -31,6 +31,17 @@ class LocalResponse(Section):
     content_type: str = "application/json"
 
 
+class RefusedResponse(LocalResponse):
+    # Status of the edge's answer to a viewer the flush target refused (400-599).
+    status: int = Field(403, ge=100, le=599)
+    # Body (non-strings are JSON-encoded).
+    body: Any = Field(
+        default_factory=lambda: {"error": "forbidden", "message": "not allowed to join"}
+    )
+    # Content-Type of the edge's answer.
+    content_type: str = "application/json"
+
+
 _KEY_SOURCE = re.compile(r"^(user|ip|cookie:[!#$%&'*+.^_`|~0-9A-Za-z-]+|header:[A-Za-z0-9-]+)$")
 
 
@@ -46,6 +57,12 @@ class HeartbeatConfig(Section):
     flush_url: str | None = None
     flush_upstream: str | None = None
     flush_headers: dict[str, str] = Field(default_factory=dict)
+    # Batch mode: who registers a viewer. forward: its first heartbeat reaches the app;
+    # batch: it is answered at the edge and flushed with the rest, marked as a join, and
+    # flush_url registers the viewer (or refuses it) in the same statement.
+    join: Literal["forward", "batch"] = "forward"
+    # join: batch: the answer to a viewer the flush refused, for negative_ttl.
+    refused_response: RefusedResponse = Field(default_factory=RefusedResponse)
     on_failure: FailureMode | None = None
 
     @field_validator("key")
@@ -79,6 +96,10 @@ class HeartbeatConfig(Section):
     def _batch_needs_target(self) -> HeartbeatConfig:
         if self.mode == "batch" and not (self.flush_url and self.flush_upstream):
             raise ValueError("mode: batch needs flush_upstream and flush_url")
+        if self.join == "batch" and self.mode != "batch":
+            raise ValueError("join: batch needs mode: batch (joins are flushed)")
+        if not 400 <= self.refused_response.status <= 599:
+            raise ValueError("refused_response.status must be an error status (400-599)")
         return self
 
 

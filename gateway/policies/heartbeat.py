@@ -7,8 +7,10 @@ recorded last-seen times to a Supabase RPC, and `GET /_edge/webinars/{id}/presen
 Per heartbeat, ONE store round trip (the `heartbeat_record` script) records the viewer
 as seen and decides: forward it to the app (the first one, then at most one per
 `forward_interval` in sample mode; only the first in batch mode), absorb it (answer
-`local_response` at the edge), or answer a cached negative (the app said 401/403/404 for
-this viewer within `negative_ttl`). Times come from the gateway clock and go to the store
+`local_response` at the edge), record it as a join (batch mode with `join: batch`: the
+first heartbeat too is answered at the edge, and the flush registers the viewer or
+refuses it), or answer a cached negative (the app, or a flush, refused this viewer within
+`negative_ttl`). Times come from the gateway clock and go to the store
 as arguments, so replicas, the memory twin and tests with an injected clock all agree.
 On a networked store the heartbeats of one webinar that arrive in the same event-loop
 turn share that one call (`Recorder`), which is what keeps the shed path fast on Redis.
@@ -21,6 +23,7 @@ Store layout (every key of one webinar shares its hash tag `{<webinar_id>}`):
   hb:{w}:fwd:<route>        zset viewer -> last forwarded ms
   hb:{w}:neg:<route>        hash viewer -> "expires_ms|status|content-type|body"
   hb:{w}:dirty:<route>      zset viewer -> last seen ms, not flushed yet (batch)
+  hb:{w}:join:<route>       zset viewer -> ms of a join not flushed yet (join: batch)
   hb:{w}:ix:<route>         when the webinar was last announced to the flush index
   hbix:{<route>}:webinars   zset webinar -> sequence (webinars with unflushed entries)
   hbflush:{<route>}:lock    the flush lock (one replica flushes per flush_interval)
@@ -63,7 +66,7 @@ from gateway.store.memory import MemoryData
 
 if TYPE_CHECKING:
     from gateway.config import Route
-    from gateway.policies.configs import HeartbeatConfig
+    from gateway.policies.configs import HeartbeatConfig, LocalResponse
     from gateway.proxy import Proxy
     from gateway.runtime import Runtime
 
@@ -89,6 +92,7 @@ LOCAL_NEGATIVE_BYTES = 4 * 1024 * 1024
 OUTCOMES = (
     "forwarded",
     "absorbed",
+    "joined",
     "negative",
     "unkeyed",
     "failed_open",
@@ -129,11 +133,30 @@ def _prune(z: dict[bytes, float], cut: int) -> None:
         del z[m]
 
 
+def _mark_dirty(
+    data: MemoryData, dirty_k: str, join_k: str, v: bytes, score: float, join: bool
+) -> tuple[bool, bool]:
+    """Batch mode: the viewer's entry for the next flush, and its join if it is one.
+    Returns whether each was new (for the memory bound)."""
+    dirty = data.zset(dirty_k, create=True)
+    assert dirty is not None
+    new = v not in dirty
+    dirty[v] = score
+    if not join:
+        return new, False
+    pending = data.zset(join_k, create=True)
+    assert pending is not None
+    new_join = v not in pending
+    pending[v] = score
+    return new, new_join
+
+
 def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
-    seen_k, fwd_k, neg_k, dirty_k, ix_k = keys
+    seen_k, fwd_k, neg_k, dirty_k, ix_k, join_k = keys
     now = int(args[0])
     interval = int(args[1])
-    batch = int(args[4]) == 1
+    batch = int(args[4]) != 0
+    joins = int(args[4]) == 2
     gc = int(args[6]) / 1000
     negs = data.hash(neg_k)
     seen = data.zset(seen_k, create=True)
@@ -141,7 +164,7 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
     assert seen is not None
     assert fwd is not None
     out: list[Any] = [0]
-    tracked = tracked_new = False
+    tracked = tracked_new = joined_new = False
     # One float for every score of this call (the sets share it), and the member bytes
     # are shared by seen/fwd/dirty: ~190 bytes a viewer instead of ~270.
     score = float(now)
@@ -160,12 +183,12 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
         if decision == 1 or batch:
             fwd[v] = score
         if int(args[i + 1]) == 1:
-            dirty = data.zset(dirty_k, create=True)
-            assert dirty is not None
-            if v not in dirty:
-                tracked_new = True
-            dirty[v] = score
             tracked = True
+            if decision == 1 and joins:
+                decision = 3
+            new, new_join = _mark_dirty(data, dirty_k, join_k, v, score, decision == 3)
+            tracked_new = tracked_new or new
+            joined_new = joined_new or new_join
         out += [decision, b""]
     # New viewers count against store.memory_max_keys (members, not just keys).
     if len(seen) > n_seen:
@@ -174,6 +197,8 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
         data.grew(fwd_k)
     if tracked_new:
         data.grew(dirty_k)
+    if joined_new:
+        data.grew(join_k)
     if _gc_due(data, fwd_k + "#gc", now, gc):
         _prune(seen, int(args[3]))
         _prune(fwd, int(args[2]))
@@ -188,14 +213,14 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
 
 
 def _outcome_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
-    seen_k, fwd_k, neg_k, dirty_k = keys
+    seen_k, fwd_k, neg_k, dirty_k, join_k = keys
     v = _b(args[1])
     if _b(args[0]) == b"neg":
         negs = data.hash(neg_k, create=True)
         assert negs is not None
         negs[v] = _b(args[2])
         data.expire(neg_k, int(args[3]) / 1000)
-        for k in (seen_k, dirty_k):
+        for k in (seen_k, dirty_k, join_k):
             z = data.zset(k)
             if z is not None:
                 z.pop(v, None)
@@ -206,18 +231,25 @@ def _outcome_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: 
 
 
 def _flush_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
-    dirty_k, ix_k = keys
+    dirty_k, ix_k, join_k = keys
     dirty = data.zset(dirty_k)
+    joins = data.zset(join_k)
     if _b(args[0]) == b"take":
         if not dirty:
             return []
         page = sorted(dirty.items(), key=lambda kv: (kv[1], kv[0]))[: int(args[1])]
-        return [x for m, s in page for x in (m, _score(s))]
-    if dirty is not None:
-        for i in range(1, len(args) - 1, 2):
-            m = _b(args[i])
-            if m in dirty and dirty[m] == float(args[i + 1]):
-                del dirty[m]
+        out: list[bytes] = []
+        for m, s in page:
+            j = joins.get(m) if joins else None
+            out += [m, _score(s), b"" if j is None else _score(j)]
+        return out
+    for i in range(1, len(args) - 2, 3):
+        m = _b(args[i])
+        if dirty is not None and m in dirty and dirty[m] == float(args[i + 1]):
+            del dirty[m]
+        sent = _b(args[i + 2])
+        if sent and joins is not None and joins.get(m) == float(sent):
+            del joins[m]
     left = len(dirty) if dirty else 0
     if left == 0:
         data.delete(dirty_k)
@@ -270,7 +302,7 @@ def seen_key(webinar: str) -> str:
 
 
 def _webinar_keys(webinar: str, route: str) -> list[str]:
-    """seen, fwd, neg, dirty, ix: the record script's keys (one hash tag)."""
+    """seen, fwd, neg, dirty, ix, join: the record script's keys (one hash tag)."""
     t = Store.tag(webinar)
     return [
         f"hb:{t}:seen",
@@ -278,7 +310,13 @@ def _webinar_keys(webinar: str, route: str) -> list[str]:
         f"hb:{t}:neg:{route}",
         f"hb:{t}:dirty:{route}",
         f"hb:{t}:ix:{route}",
+        f"hb:{t}:join:{route}",
     ]
+
+
+def _outcome_keys(keys: list[str]) -> list[str]:
+    """seen, fwd, neg, dirty, join: the outcome script's keys."""
+    return [*keys[:4], keys[5]]
 
 
 def _index_keys(route: str) -> list[str]:
@@ -288,6 +326,21 @@ def _index_keys(route: str) -> list[str]:
 
 def _digest(value: bytes) -> str:
     return hashlib.blake2b(value, digest_size=16).hexdigest()
+
+
+def _flush_viewers(page: list[tuple[bytes, bytes, bytes]]) -> list[dict[str, str | bool]]:
+    """The verified users of a page of (viewer, last seen ms, join ms or b"") entries."""
+    out: list[dict[str, str | bool]] = []
+    for m, score, joined in page:
+        if m.startswith(b"u:"):
+            v: dict[str, str | bool] = {
+                "user_id": m[2:].decode(),
+                "last_seen_at": _iso(int(float(score))),
+            }
+            if joined:
+                v["join"] = True
+            out.append(v)
+    return out
 
 
 def _pairs(flat: Sequence[Any]) -> list[tuple[bytes, bytes]]:
@@ -420,11 +473,11 @@ def _sources(spec: list[str]) -> list[_Source]:
     return out
 
 
-def _encode_local(hb: HeartbeatConfig) -> bytes:
-    body = hb.local_response.body
+def _encode_local(resp: LocalResponse) -> bytes:
+    body = resp.body
     if isinstance(body, bytes):
         return body
-    if isinstance(body, str) and "json" not in hb.local_response.content_type:
+    if isinstance(body, str) and "json" not in resp.content_type:
         return body.encode()
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -442,6 +495,8 @@ class HeartbeatPolicy:
         self.clock = rt.clock
         self.route = route_cfg.name
         self.batch = hb.mode == "batch"
+        # The record script's mode argument: 0 sample, 1 batch, 2 batch with bulk joins.
+        self.mode_arg = (2 if hb.join == "batch" else 1) if self.batch else 0
         self.interval_ms = int(hb.forward_interval * 1000)
         self.sources = _sources(hb.key)
         self.negative_statuses = frozenset(hb.negative_statuses)
@@ -468,7 +523,7 @@ class HeartbeatPolicy:
         svc.widen(window)
         self.presence: PresenceService = svc
         self.gc_ms = int(max(MIN_GC_SECONDS, 2 * window, 2 * hb.forward_interval) * 1000)
-        local = _encode_local(hb)
+        local = _encode_local(hb.local_response)
         self.local_status = hb.local_response.status
         self.local_body = local
         self.local_headers: Headers = [
@@ -480,7 +535,7 @@ class HeartbeatPolicy:
         self.recorder = Recorder(self) if self.store.backend != "memory" else None
         self.flusher: Flusher | None = None
         if self.batch:
-            self.flusher = Flusher(rt, self.route, hb)
+            self.flusher = Flusher(rt, self.route, hb, self.gc_ms)
             # A webinar re-announces itself to the flush index this often at most (and
             # at once after a flush drained it); a lost announcement heals within it.
             self.reindex_ms = int(max(3 * hb.flush_interval, 1.0) * 1000)
@@ -534,9 +589,11 @@ class HeartbeatPolicy:
         else:
             if self.local is not None:
                 decision = self._remember(lk, decision)
-        if decision == 0:
-            self.count[prefix + "absorbed"].inc()
-            ctx.notes.append(f"hb={prefix}absorbed")
+        if decision == 0 or decision == 3:
+            # 3: a join recorded for the next flush, answered like any absorbed heartbeat.
+            outcome = prefix + ("absorbed" if decision == 0 else "joined")
+            self.count[outcome].inc()
+            ctx.notes.append("hb=" + outcome)
             await self._answer(ctx, send, self.local_status, self.local_headers, self.local_body)
         elif decision == 2:
             self.count[prefix + "negative"].inc()
@@ -578,7 +635,7 @@ class HeartbeatPolicy:
             if recent_failure and last is not None and now - last < self.interval_ms:
                 return 0
             self.local.put(lk, now)
-        elif decision == 0 and self.batch:
+        elif decision in (0, 3) and self.batch:
             self.local.put(lk, now)
         return decision
 
@@ -596,7 +653,7 @@ class HeartbeatPolicy:
                 self.interval_ms,
                 now - self.interval_ms,
                 now - int(self.presence.window * 1000),
-                1 if self.batch else 0,
+                self.mode_arg,
                 self.reindex_ms,
                 self.gc_ms,
                 *viewers,
@@ -678,7 +735,7 @@ class HeartbeatPolicy:
 
     async def _outcome(self, keys: list[str], op: str, viewer: str, blob: bytes) -> None:
         with contextlib.suppress(StoreError):
-            await self.store.run(OUTCOME, keys[:4], [op, viewer, blob, self.gc_ms])
+            await self.store.run(OUTCOME, _outcome_keys(keys), [op, viewer, blob, self.gc_ms])
 
     async def _store_failed(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         mode = self.failure_mode
@@ -781,15 +838,29 @@ class FlushReport:
     entries: int = 0
     failed: int = 0
     store_errors: int = 0
+    joins: int = 0
+    refused: int = 0
+
+
+def refused_ids(answer: bytes) -> list[str]:
+    """The ids a flush answer refused: edge_access_batch returns `{"written": n,
+    "refused": [...]}`; any other 2xx answer (edge_presence_batch's count) refuses none."""
+    try:
+        doc = json.loads(answer)
+    except ValueError:
+        return []
+    refused = doc.get("refused") if isinstance(doc, dict) else None
+    return [str(x) for x in refused] if isinstance(refused, list) else []
 
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
-def flush_body(webinar: str, viewers: list[dict[str, str]]) -> bytes:
+def flush_body(webinar: str, viewers: list[dict[str, str | bool]]) -> bytes:
     """The RPC request body: PostgREST passes `payload` to edge_presence_batch(payload)
-    (sql/edge_presence_batch.sql)."""
+    or edge_access_batch(payload) (sql/). A viewer's first heartbeat under `join: batch`
+    carries `"join": true`."""
     doc = {"payload": {"webinar_id": webinar, "viewers": viewers}}
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -801,10 +872,18 @@ class Flusher:
     leave the store only once a POST carrying them succeeded; failures are retried on the
     next flush. At shutdown a final flush runs (with a few retries) before pools close."""
 
-    def __init__(self, rt: Runtime, route: str, hb: HeartbeatConfig) -> None:
+    def __init__(self, rt: Runtime, route: str, hb: HeartbeatConfig, gc_ms: int) -> None:
         assert hb.flush_upstream
         assert hb.flush_url
         self.rt = rt
+        self.gc_ms = gc_ms
+        self.negative_ttl_ms = int(hb.negative_ttl * 1000)
+        refused = hb.refused_response
+        # The cached answer's fields, as heartbeat_outcome.lua stores them (after expiry).
+        self.refused_blob = b"%d|%s|" % (
+            refused.status,
+            refused.content_type.replace("|", "").encode("latin-1"),
+        ) + _encode_local(refused)
         self.store = rt.store
         self.route = route
         self.interval = float(hb.flush_interval)
@@ -820,6 +899,7 @@ class Flusher:
         self.lock_key = f"hbflush:{Store.tag(route)}:lock"
         m = rt.metrics
         self.flushed = m.heartbeats.labels(route, "flushed")
+        self.refused = m.heartbeats.labels(route, "refused")
         self.results = {r: m.heartbeat_flushes.labels(r) for r in ("ok", "failed", "store_error")}
         self.batch_size = m.heartbeat_flush_batch
         self.latency = m.heartbeat_flush_latency
@@ -920,24 +1000,23 @@ class Flusher:
             "failed": report.failed,
             "store_errors": report.store_errors,
             "skipped": report.skipped,
+            "joins": report.joins,
+            "refused": report.refused,
         }
 
     async def _flush_webinar(self, webinar: str, report: FlushReport) -> bool:
         """Send the webinar's entries page by page. True once nothing is left."""
         keys = _webinar_keys(webinar, self.route)
-        fkeys = [keys[3], keys[4]]
+        fkeys = [keys[3], keys[4], keys[5]]
         while True:
-            page = _pairs(await self.store.run(FLUSH, fkeys, ["take", FLUSH_PAGE]))
+            flat = [_b(x) for x in await self.store.run(FLUSH, fkeys, ["take", FLUSH_PAGE])]
+            page = list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
             if not page:
                 return True
-            viewers = [
-                {"user_id": m[2:].decode(), "last_seen_at": _iso(int(float(s)))}
-                for m, s in page
-                if m.startswith(b"u:")
-            ]
-            ok = await self._post(webinar, viewers)
+            viewers = _flush_viewers(page)
+            answer = await self._post(webinar, viewers)
             report.requests += 1
-            if not ok:
+            if answer is None:
                 report.failed += 1
                 self.results["failed"].inc()
                 return False
@@ -945,29 +1024,56 @@ class Flusher:
             self.batch_size.observe(len(viewers))
             self.flushed.inc(len(viewers))
             report.entries += len(viewers)
+            report.joins += sum(1 for v in viewers if v.get("join"))
             ack: list[ScriptArg] = ["ack"]
-            for m, s in page:
-                ack += [m, s]
+            for m, score, joined in page:
+                ack += [m, score, joined]
             left = int(await self.store.run(FLUSH, fkeys, ack))
+            await self._refuse(keys, page, refused_ids(answer), report)
             if left == 0:
                 return True
             if len(page) < FLUSH_PAGE:
                 # What is left arrived during this flush: it goes next time.
                 return False
 
-    async def _post(self, webinar: str, viewers: list[dict[str, str]]) -> bool:
+    async def _refuse(
+        self,
+        keys: list[str],
+        page: list[tuple[bytes, bytes, bytes]],
+        ids: list[str],
+        report: FlushReport,
+    ) -> None:
+        """Viewers the flush target refused (join: batch): the edge answers them with
+        `refused_response` for negative_ttl, as it does a negative answer of the app, and
+        takes them out of presence and of the next flush. Only viewers of this page can be
+        refused (PostgreSQL may print a uuid in another case than the token had it)."""
+        if not ids:
+            return
+        sent = {m[2:].decode().lower(): m for m, _s, _j in page if m.startswith(b"u:")}
+        members = [sent[i.lower()] for i in ids if i.lower() in sent]
+        expires = int(self.rt.clock() * 1000) + self.negative_ttl_ms
+        blob = b"%d|" % expires + self.refused_blob
+        for m in members:
+            await self.store.run(OUTCOME, _outcome_keys(keys), ["neg", m, blob, self.gc_ms])
+        report.refused += len(members)
+        self.refused.inc(len(members))
+
+    async def _post(self, webinar: str, viewers: list[dict[str, str | bool]]) -> bytes | None:
+        """POST one page; the answer's body if it is a 2xx, else None."""
         session = self.upstream.session
         if session is None:
-            return False
+            return None
         body = flush_body(webinar, viewers)
         t0 = time.perf_counter()
+        answer: bytes | None = None
         try:
             async with session.post(
                 self.url, data=body, headers=self.headers, timeout=self.timeout
             ) as resp:
-                await resp.read()
-                ok = 200 <= resp.status < 300
-                if not ok:
+                data = await resp.read()
+                if 200 <= resp.status < 300:
+                    answer = data
+                else:
                     log.warning(
                         "heartbeat flush rejected",
                         extra={"route": self.route, "status": resp.status},
@@ -977,6 +1083,5 @@ class Flusher:
                 "heartbeat flush failed",
                 extra={"route": self.route, "error": type(exc).__name__},
             )
-            ok = False
         self.latency.observe(time.perf_counter() - t0)
-        return ok
+        return answer

@@ -6,17 +6,21 @@
 --   KEYS[3] neg   hash  viewer -> "expires_ms|status|content-type|body" (per route)
 --   KEYS[4] dirty zset  viewer -> last seen ms not flushed yet (batch mode, per route)
 --   KEYS[5] ix    str   ms when this webinar was last announced to the flush index
+--   KEYS[6] join  zset  viewer -> ms of a join not flushed yet (batch with join: batch)
 --   ARGV[1] now_ms   ARGV[2] forward_interval_ms   ARGV[3] now_ms - forward_interval_ms
---   ARGV[4] seen_cut_ms (older entries leave the presence set)   ARGV[5] batch 0|1
+--   ARGV[4] seen_cut_ms (older entries leave the presence set)
+--   ARGV[5] 0 sample, 1 batch, 2 batch with bulk joins (join: batch)
 --   ARGV[6] reindex_every_ms   ARGV[7] gc_ms (idle expiry of the per-webinar keys)
 --   ARGV[8], ARGV[9], ...: viewer, track-dirty 0|1, viewer, track-dirty 0|1, ...
 -- Returns {reindex, decision, negative_blob, decision, negative_blob, ...} with decision
--- 0 absorb, 1 forward, 2 negative (then the blob is the cached answer), per viewer.
+-- 0 absorb, 1 forward, 2 negative (then the blob is the cached answer), 3 joined (answered
+-- at the edge like 0; the next flush registers the viewer), per viewer.
 -- Times come from the gateway's clock (ARGV), so every replica and the memory twin agree
 -- and tests can inject it; TTLs are only garbage collection.
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
-local batch = ARGV[5] == '1'
+local batch = ARGV[5] ~= '0'
+local joins = ARGV[5] == '2'
 local gc = ARGV[7]
 local out = {0}
 local tracked = false
@@ -51,6 +55,11 @@ for i = 8, #ARGV, 2 do
       -- Never expires: only a successful flush removes what it sent.
       redis.call('ZADD', KEYS[4], now, v)
       tracked = true
+      if decision == 1 and joins then
+        -- The heartbeat the app would have registered the viewer with: the flush does.
+        decision = 3
+        redis.call('ZADD', KEYS[6], now, v)
+      end
     end
     out[#out + 1] = decision
     out[#out + 1] = ''
