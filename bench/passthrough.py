@@ -75,6 +75,19 @@ def _measure(
     return out
 
 
+def _config(upstream: str, access_log: bool, auth: str) -> dict[str, Any]:
+    cfg = gateway_config(upstream, free_port(), free_port(), access_log=access_log)
+    if auth != "off":
+        # No token is sent: every request takes the anonymous path of `optional`.
+        cfg["auth"] = {
+            "issuer": "http://bench.invalid/auth/v1",
+            "audience": "authenticated",
+            "hs256_secret": "bench-passthrough-secret-with-at-least-32-characters",
+        }
+        cfg["routes"][0]["auth"] = auth
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=10, help="seconds at 50 connections")
@@ -83,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 s / 3 s / 1 s runs")
     p.add_argument(
         "--no-access-log-run", action="store_true", help="skip the gateway run with access_log on"
+    )
+    p.add_argument(
+        "--auth",
+        choices=("off", "optional"),
+        default="off",
+        help="auth mode of the catch-all route (optional: no token sent, anonymous)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run the gateway package found in this directory (e.g. an older checkout)",
     )
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
     p.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
@@ -101,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             results["upstream_direct"] = _measure("upstream (direct)", up.url, up.proc.pid, args)
             with nginx_proxy(up.url) as px:
                 results["nginx_proxy"] = _measure("nginx proxy_pass", px.url, px.proc.pid, args)
-            runs = [("gateway", False)]
+            runs: list[tuple[str, bool, Path | None]] = [("gateway", False, None)]
             if not args.no_access_log_run:
-                runs.append(("gateway_access_log", True))
-            for key, access_log in runs:
-                cfg = gateway_config(up.url, free_port(), free_port(), access_log=access_log)
-                with gateway(cfg, python=args.python) as gw:
-                    label = "gateway" + (" +access_log" if access_log else "")
+                runs.append(("gateway_access_log", True, None))
+            if args.baseline is not None:
+                runs.append(("baseline_access_log", True, args.baseline.resolve()))
+            for key, access_log, cwd in runs:
+                cfg = _config(up.url, access_log, args.auth)
+                with gateway(cfg, python=args.python, cwd=cwd) as gw:
+                    label = ("baseline" if cwd else "gateway") + (
+                        " +access_log" if access_log else ""
+                    )
                     results[key] = _measure(label, gw.url, gw.proc.pid, args)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
@@ -165,11 +194,25 @@ def main(argv: list[str] | None = None) -> int:
         f"(target < {TARGET_ADDED_P50_MS} ms: {ok(summary['added_p50_ok'])}), "
         f"{added_direct:+.3f} ms vs direct upstream (nginx proxy itself adds {ng_added:+.3f} ms)"
     )
+    if "baseline_access_log" in results:
+        bl = results["baseline_access_log"]
+        summary["ratio_rps_c50_baseline_access_log_over_nginx"] = round(
+            bl["c50"].rps / ng["c50"].rps, 4
+        )
+        summary["added_p50_ms_c1_baseline_access_log_vs_nginx_proxy"] = round(
+            bl["c1"].latency_ms["p50"] - ng["c1"].latency_ms["p50"], 3
+        )
     if "ratio_rps_c50_gateway_access_log_over_nginx" in summary:
         print(
             "with access_log on: ratio "
             f"{summary['ratio_rps_c50_gateway_access_log_over_nginx']:.3f}, added p50 "
             f"{summary['added_p50_ms_c1_access_log_vs_nginx_proxy']:+.3f} ms"
+        )
+    if "ratio_rps_c50_baseline_access_log_over_nginx" in summary:
+        print(
+            "baseline with access_log on: ratio "
+            f"{summary['ratio_rps_c50_baseline_access_log_over_nginx']:.3f}, added p50 "
+            f"{summary['added_p50_ms_c1_baseline_access_log_vs_nginx_proxy']:+.3f} ms"
         )
     if errors:
         print(f"WARNING: {errors} wrk errors (non-2xx or socket errors); see the JSON")
@@ -178,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         **run_header("passthrough", argv, started, load_before, load_after, args.python),
         "settings": {
+            "auth": args.auth,
+            "baseline": str(args.baseline) if args.baseline else None,
             "duration_c50_s": args.duration,
             "duration_c1_s": args.duration_c1,
             "warmup_s": args.warmup,
