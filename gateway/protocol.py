@@ -16,6 +16,14 @@ calls from its tick to expire slow heads. It adds:
   floats checked by `sweep_heads` twice a second, so the hot path arms no timer.
 - `server.limit_concurrency` answered as JSON (uvicorn's own 503 is plain text), and
   uvicorn's plain-text 400 for unparsable requests as JSON too.
+- One `write()` for a response whose head and (first) body are sent in the same
+  event-loop turn (`_Cork`): uvicorn writes the head and the body separately, and on
+  loopback each `write()` syscall costs as much as a third of the request's Python work
+  (docs/performance.md). A head whose body is not sent in the same turn (SSE, a slow
+  upstream) is written at the start of the next turn, so streaming is not delayed.
+- `scope["extensions"]["edge.client_lost"]` (`ClientLost`): the app can ask to be called
+  back when the connection closes before its response is complete, instead of keeping a
+  task blocked on `receive()` for that (gateway/proxy.py's `DisconnectWatch`).
 
 A head that starts inside a read that also carried the end of the previous request
 (pipelining) is counted from the next read: such a head may exceed the limit by at most
@@ -44,6 +52,77 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 # How often (in uvicorn ticks of 0.1 s) the server checks head deadlines.
 SWEEP_TICKS = 5
+# The scope extension that carries a request's `ClientLost`.
+CLIENT_LOST = "edge.client_lost"
+# Above this size the held head and the body go out with writelines (no copy).
+_JOIN_LIMIT = 16 * 1024
+
+
+class ClientLost:
+    """One request's hook for the loss of its client connection. `callback` (set by the
+    app, cleared when it no longer cares) runs from `connection_lost` when the response
+    was not complete; `lost` tells a late registrant that it already happened. This is
+    what uvicorn reports as `http.disconnect` to a pending `receive()`, without a task."""
+
+    __slots__ = ("callback", "lost")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+        self.lost = False
+
+    def fire(self) -> None:
+        self.lost = True
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            callback()
+
+
+class _Cork:
+    """The transport as a request cycle sees it. Once armed (when a cycle starts), the
+    next write (the response head) is held; the write after it (the body) goes out
+    joined with it in one syscall. Whatever is held is written at the start of the next
+    event-loop turn at the latest, or before a close."""
+
+    __slots__ = ("armed", "held", "loop", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+        self.armed = False
+
+    def write(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            if len(data) <= _JOIN_LIMIT:
+                self.transport.write(held + data)
+            else:
+                self.transport.writelines((held, data))
+        elif self.armed:
+            self.armed = False
+            self.held = data
+            self.loop.call_soon(self.flush)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +201,31 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._limit = self.limit_concurrency
         self.limit_concurrency = None
         self._app = self.app
+        self._cork: _Cork | None = None
+        self._lost: ClientLost | None = None
 
     # ------------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._cork = _Cork(transport, self.loop)
         # A connection's first request is timed from accept: an idle new connection is
         # exactly what slowloris and connection floods hold open.
         self._deadline = self._clock() + self._head_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = self._lost
+        cycle = self.cycle
+        super().connection_lost(exc)
+        # As uvicorn marks the current cycle disconnected: only an incomplete response.
+        if lost is not None and cycle is not None and not cycle.response_complete:
+            self._lost = None
+            lost.fire()
+
+    def _flush(self) -> None:
+        """Write a held response head before writing on the transport directly."""
+        if self._cork is not None:
+            self._cork.flush()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -160,6 +256,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.data_received(data[room:])
 
     def _refuse_head(self) -> None:
+        self._flush()
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined head behind a response still being written: a 431 now would
             # land inside that response.
@@ -187,6 +284,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def expire(self, now: float) -> None:
         """Close the connection if its head (or its lingering close) is overdue."""
         if self._deadline and now >= self._deadline and not self.transport.is_closing():
+            self._flush()
             self.transport.close()
 
     def handle_websocket_upgrade(self) -> None:
@@ -196,6 +294,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # `msg` is uvicorn's fixed text; the parser's detail is not echoed to the client.
+        self._flush()
         self.transport.write(_error_response(400, "bad_request", "invalid HTTP request"))
         self.transport.close()
 
@@ -210,6 +309,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._deadline = 0.0
         self._heads += 1
+        lost = self._lost = ClientLost()
+        # uvicorn's scope is typed with the ASGI spec's extensions; this one is the edge's.
+        self.scope["extensions"] = {CLIENT_LOST: lost}  # type: ignore[dict-item]
+        prev = self.cycle
+        # uvicorn starts the cycle now unless it has to queue it behind a response still
+        # being written (pipelining); only a cycle started now is corked.
+        start_now = prev is None or prev.response_complete
         limit = self._limit
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             self.app = _busy
@@ -217,8 +323,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
             finally:
                 self.app = self._app
-            return
-        super().on_headers_complete()
+        else:
+            super().on_headers_complete()
+        cycle = self.cycle
+        if start_now and cycle is not prev and cycle is not None and self._cork is not None:
+            cycle.transport = self._cork  # type: ignore[assignment]
+            self._cork.armed = True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -11,7 +11,14 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from gateway.http import Receive, Scope, Send, send_json
-from gateway.protocol import LINGER_BYTES, EdgeConfig, EdgeHttpProtocol, HeadLimits, sweep_heads
+from gateway.protocol import (
+    CLIENT_LOST,
+    LINGER_BYTES,
+    EdgeConfig,
+    EdgeHttpProtocol,
+    HeadLimits,
+    sweep_heads,
+)
 from tests.fakes.jwks import FakeClock
 from tests.fakes.transport import FakeTransport
 
@@ -240,3 +247,101 @@ def test_the_uvicorn_config_runs_this_protocol() -> None:
     cfg.load()
     assert cfg.http_protocol_class is EdgeHttpProtocol
     assert isinstance(cfg, uvicorn.Config)
+
+
+# ---------------------------------------------------------------- one write per response
+
+
+class Streamer:
+    """An ASGI app that sends its head, then its body only when `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.release.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+        self.done.set()
+
+
+async def test_a_head_and_body_sent_in_one_turn_leave_in_one_write() -> None:
+    app = Recorder()
+    proto, transport, _, _ = connect(app)
+    proto.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.wait_for(app.done.wait(), 5)
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 ")
+    assert transport.writes[0].endswith(b"\r\n\r\n{}")
+
+
+async def test_a_head_whose_body_comes_later_is_written_on_the_next_turn() -> None:
+    app = Streamer()
+    proto, transport, _, _ = connect(app)
+    proto.data_received(b"GET /events HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(5):  # a few loop turns: the task starts, sends its head, waits
+        await asyncio.sleep(0)
+    assert transport.status() == 200
+    assert transport.written.endswith(b"\r\n\r\n")  # the head alone, not held back
+    app.release.set()
+    await asyncio.wait_for(app.done.wait(), 5)
+    assert len(transport.writes) == 2
+    assert transport.writes[1].endswith(b"data: 1\n\n\r\n0\r\n\r\n")
+
+
+async def test_every_request_on_a_connection_is_answered_in_order() -> None:
+    app = Recorder()
+    proto, transport, _, _ = connect(app)
+    for i in range(3):
+        app.done.clear()
+        proto.data_received(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+        await asyncio.wait_for(app.done.wait(), 5)
+    assert bytes(transport.written).count(b"HTTP/1.1 200 ") == 3
+    assert len(transport.writes) == 3
+    assert [s["path"] for s in app.scopes] == ["/0", "/1", "/2"]
+
+
+class Hanger:
+    """An ASGI app that registers for the loss of its client, then waits forever."""
+
+    def __init__(self) -> None:
+        self.lost = 0
+        self.registered = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hook = scope["extensions"][CLIENT_LOST]
+        hook.callback = self.on_lost
+        self.registered.set()
+        await asyncio.Event().wait()
+
+    def on_lost(self) -> None:
+        self.lost += 1
+
+
+async def test_client_lost_calls_back_an_incomplete_response() -> None:
+    app = Hanger()
+    proto, _, _, _ = connect(app)
+    proto.data_received(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.wait_for(app.registered.wait(), 5)
+    proto.connection_lost(None)
+    assert app.lost == 1
+    for task in list(proto.tasks):
+        task.cancel()
+
+
+async def test_client_lost_is_silent_after_a_complete_response() -> None:
+    calls: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["extensions"][CLIENT_LOST].callback = lambda: calls.append(1)
+        await send_json(send, 200, b"{}")
+
+    proto, transport, _, _ = connect(app)
+    proto.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert transport.status() == 200
+    proto.connection_lost(None)
+    assert calls == []

@@ -13,6 +13,8 @@ import aiohttp
 import httpx
 
 from gateway.config import GatewayConfig
+from gateway.protocol import CLIENT_LOST, ClientLost
+from gateway.proxy import DisconnectWatch
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
 
@@ -392,3 +394,53 @@ async def test_waiting_for_a_pooled_connection_is_bounded(fake_app: FakeApp) -> 
         assert second.status_code == 504
         assert second.json()["error"] == "upstream_timeout"
         assert (await first).status_code == 200
+
+
+async def test_disconnect_watch_without_the_server_hook_uses_receive() -> None:
+    """Under another ASGI server (no `edge.client_lost` extension) the watch waits on
+    receive() for http.disconnect and cancels the request task."""
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, str]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def request() -> str:
+        watch = DisconnectWatch(receive, {"type": "http"})
+        watch.start()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            assert watch.gone
+            watch.uncancel()
+            return "cancelled"
+        finally:
+            watch.stop()
+        return "finished"
+
+    task = asyncio.ensure_future(request())
+    await asyncio.sleep(0)
+    gone.set()
+    assert await asyncio.wait_for(task, 5) == "cancelled"
+
+
+async def test_disconnect_watch_registered_after_the_loss_cancels_at_once() -> None:
+    lost = ClientLost()
+    lost.fire()
+
+    async def receive() -> dict[str, str]:
+        raise AssertionError("the hook answers; receive() is not needed")
+
+    async def request() -> str:
+        watch = DisconnectWatch(receive, {"type": "http", "extensions": {CLIENT_LOST: lost}})
+        watch.start()
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            watch.uncancel()
+            return "cancelled"
+        finally:
+            watch.stop()
+        return "finished"
+
+    assert await asyncio.wait_for(request(), 5) == "cancelled"

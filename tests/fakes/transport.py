@@ -12,6 +12,8 @@ class FakeTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
+        # Each write() call's bytes (one entry per syscall a real transport would make).
+        self.writes: list[bytes] = []
         self.closed = False
         self.eof_written = False
         self.reading = True
@@ -24,6 +26,7 @@ class FakeTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
+        self.writes.append(bytes(data))
 
     def can_write_eof(self) -> bool:
         return True
