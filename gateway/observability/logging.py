@@ -14,9 +14,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 log = logging.getLogger("gateway")
+
+# A str as a JSON string literal, exactly as json.dumps writes it (ensure_ascii): the C
+# function json.dumps itself calls, without json.dumps' per-call argument handling.
+_js: Callable[[str], str] = encode_basestring_ascii
 
 # `color_message` is uvicorn's copy of the message with ANSI colour codes.
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -74,7 +79,7 @@ def setup_logging(level: str = "info") -> None:
 class AccessLog:
     """The access log: one JSON line per request, in the same shape as JsonFormatter's.
 
-    Lines are built with one json.dumps and written in batches (every `flush_interval`,
+    Lines are formatted directly as JSON and written in batches (every `flush_interval`,
     or at `max_lines`), not through `logging`: a LogRecord plus a formatter per request
     cost ~35 µs, a quarter of a proxied request's CPU (docs/bench.md). The price is that
     a hard kill can lose the last `flush_interval` of lines; a drain flushes them."""
@@ -94,6 +99,7 @@ class AccessLog:
         self.lines: list[str] = []
         # Which worker answered (server.workers > 1): cheap to log, handy to debug.
         self.pid = os.getpid()
+        self._fixed = f'"level":"info","logger":"gateway.access","msg":"access","pid":{self.pid}'
 
     def write(
         self,
@@ -108,25 +114,21 @@ class AccessLog:
         client_ip: str,
         notes: list[str],
     ) -> None:
-        line: dict[str, Any] = {
-            "ts": round(self.clock(), 3),
-            "level": "info",
-            "logger": "gateway.access",
-            "msg": "access",
-            "pid": self.pid,
-            "request_id": request_id,
-            "route": route,
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(duration * 1000, 3),
-            "client_ip": client_ip,
-        }
+        # The same text json.dumps(dict, separators=(",", ":")) gives for these fields,
+        # in the same order, formatted directly: 2-3 µs instead of ~8 (docs/performance.md).
+        line = (
+            f'{{"ts":{round(self.clock(), 3)!r},{self._fixed},"request_id":{_js(request_id)},'
+            f'"route":{_js(route)},"method":{_js(method)},"path":{_js(path)},'
+            f'"status":{int(status)},"duration_ms":{round(duration * 1000, 3)!r},'
+            f'"client_ip":{_js(client_ip)}'
+        )
         if upstream is not None:
-            line["upstream_ms"] = round(upstream * 1000, 3)
+            line += f',"upstream_ms":{round(upstream * 1000, 3)!r}'
         if notes:
-            line["notes"] = notes
-        self.lines.append(json.dumps(line, separators=(",", ":")))
+            line += ',"notes":[' + ",".join(map(_js, notes)) + "]}"
+        else:
+            line += "}"
+        self.lines.append(line)
         if len(self.lines) >= self.max_lines:
             self.flush()
 
