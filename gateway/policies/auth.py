@@ -579,24 +579,24 @@ class Verifier:
         if self.jwks is not None:
             self.jwks.maybe_refresh(now)
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
-            metrics.auth_verifications.labels("malformed").inc()
+            metrics.auth_result("malformed").inc()
             raise VerifyError("malformed", "the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
         raw = self.cache.get(digest)
         if raw is not None:
             hit = _unpack(digest, raw)
             if now <= hit.exp + self.settings.leeway and self._key_still_trusted(hit):
-                metrics.auth_token_cache.labels("hit").inc()
-                metrics.auth_verifications.labels(RESULT_OK).inc()
+                metrics.auth_cache("hit").inc()
+                metrics.auth_result(RESULT_OK).inc()
                 return hit
             self.cache.pop(digest)
-        metrics.auth_token_cache.labels("miss").inc()
+        metrics.auth_cache("miss").inc()
         try:
             vt = await self._verify(token, digest, now)
         except VerifyError as exc:
-            metrics.auth_verifications.labels(exc.result).inc()
+            metrics.auth_result(exc.result).inc()
             raise
-        metrics.auth_verifications.labels(RESULT_OK).inc()
+        metrics.auth_result(RESULT_OK).inc()
         packed = _pack(vt)
         if packed is not None:
             self.cache.put(digest, packed)
@@ -870,11 +870,11 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     metrics = verifier.rt.metrics
     count = _authorization_count(scope)
     if count > 1:
-        metrics.auth_verifications.labels("malformed").inc()
+        metrics.auth_result("malformed").inc()
         return VerifyError("malformed", "more than one Authorization header")
     bearer = bearer_token(scope) if count else None
     if count and bearer is None:
-        metrics.auth_verifications.labels("malformed").inc()
+        metrics.auth_result("malformed").inc()
         return VerifyError("malformed", "the Authorization header is not a Bearer token")
     if bearer is not None:
         try:
@@ -889,7 +889,7 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     if cookie is None or cookie == bearer:
         if bearer is not None:
             return VerifyError("bad_claims", "the access token names no user")
-        metrics.auth_verifications.labels("missing").inc()
+        metrics.auth_result("missing").inc()
         return VerifyError("missing", "an access token is required")
     try:
         vt = await verifier.verify(cookie)
@@ -944,7 +944,7 @@ class AuthPolicy:
         if not isinstance(res, VerifyError) and self.revalidate > 0:
             token, vt = res
             if not await verifier.revalidate(token, vt.digest, self.revalidate):
-                verifier.rt.metrics.auth_verifications.labels("revoked").inc()
+                verifier.rt.metrics.auth_result("revoked").inc()
                 res = VerifyError("revoked", "the session has ended")
         if isinstance(res, VerifyError):
             if self.required:
