@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
+from random import getrandbits as _randbits
 from typing import Any
 
 from gateway.config import GatewayConfig
@@ -227,7 +227,9 @@ class Gateway:
                 rid = v
             elif k == b"x-forwarded-for":
                 xff = v
-        request_id = rid.decode() if rid and _SANE_ID.match(rid) else os.urandom(16).hex()
+        # A request id needs to be unique, not secret: the Mersenne Twister's 128 bits
+        # (reseeded in every forked worker) skip the getrandom() syscall of os.urandom.
+        request_id = rid.decode() if rid and _SANE_ID.match(rid) else f"{_randbits(128):032x}"
         client = scope.get("client")
         peer = client[0] if client else "unknown"
         client_ip = state.rt.trusted.client_ip(peer, xff.decode("latin-1") if xff else None)

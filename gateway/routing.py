@@ -27,7 +27,12 @@ _UNSAFE_PATH = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|//|%2f|%5c|\\|%00|\x0
 
 def unsafe_path(scope: Scope) -> bool:
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    return _UNSAFE_PATH.search(raw.split(b"?", 1)[0]) is not None
+    path = raw.split(b"?", 1)[0]
+    # Every pattern needs one of these bytes; most paths have none, and five byte scans
+    # cost less than the regex trying each position (1.1 % of the shed path's samples).
+    if not (b"." in path or b"//" in path or b"%" in path or b"\\" in path or b"\x00" in path):
+        return False
+    return _UNSAFE_PATH.search(path) is not None
 
 
 @dataclass(eq=False)

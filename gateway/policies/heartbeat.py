@@ -772,12 +772,13 @@ class Recorder:
     def submit(
         self, webinar: str, keys: list[str], viewer: str, track: int
     ) -> asyncio.Future[tuple[int, bytes]]:
-        loop = asyncio.get_running_loop()
         pending = self.pending.get(webinar)
         if pending is None:
-            pending = self.pending[webinar] = _Pending(keys)
+            # One loop lookup per batch: get_running_loop() is a getpid() syscall on 3.11.
+            loop = asyncio.get_running_loop()
+            pending = self.pending[webinar] = _Pending(keys, loop)
             loop.call_soon(self._fire, webinar, pending)
-        fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        fut: asyncio.Future[tuple[int, bytes]] = pending.loop.create_future()
         pending.viewers += [viewer, track]
         pending.futures.append(fut)
         if len(pending.futures) >= MAX_COALESCE:
@@ -822,6 +823,7 @@ class Recorder:
 @dataclass(slots=True)
 class _Pending:
     keys: list[str]
+    loop: asyncio.AbstractEventLoop
     viewers: list[ScriptArg] = field(default_factory=list)
     futures: list[asyncio.Future[tuple[int, bytes]]] = field(default_factory=list)
 
