@@ -19,6 +19,7 @@ Setups:
     .venv/bin/pip install py-spy          # not a project dependency
     .venv/bin/python bench/profile.py passthrough
     .venv/bin/python bench/profile.py shed --redis redis://127.0.0.1:6379/12
+    .venv/bin/python bench/profile.py analyse --input raw.txt     # a saved --raw file
 
 Needs nginx, wrk and py-spy (ptrace rights on the gateway process).
 """
@@ -70,9 +71,14 @@ def _frame_file(frame: str) -> str:
     return frame[start + 2 : -1] if start >= 0 else frame
 
 
+_SYSCALLS = ("write", "writev", "read", "epoll_pwait", "epoll_wait", "getpid", "getrandom")
+
+
 def _layer(frame: str) -> str | None:
     if "gc_collect" in frame or "collect_with_callback" in frame:
         return "GC"
+    if "(libc" in frame and frame.split(" (", 1)[0] in _SYSCALLS:
+        return "syscalls"
     path = _frame_file(frame)
     for name, patterns in LAYERS:
         if any(p in path for p in patterns):
@@ -121,7 +127,8 @@ def analyse(raw: Path, top: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("setup", choices=("passthrough", "shed"))
+    p.add_argument("setup", choices=("passthrough", "shed", "analyse"))
+    p.add_argument("--input", type=Path, default=None, help="with `analyse`: a saved --raw file")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/12", help="store for `shed`")
     p.add_argument("--duration", type=float, default=10, help="seconds sampled")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw output here")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
     args = p.parse_args(argv)
+    if args.setup == "analyse":
+        analyse(args.input, args.top)
+        return 0
     require_tools()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))

@@ -269,6 +269,7 @@ class Gateway:
         route = ctx.route
         handler = route.handler
         assert handler is not None
+        ctx.receive = receive
         self._in_flight.inc()
         state.in_flight += 1
         try:

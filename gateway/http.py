@@ -53,6 +53,10 @@ class RequestContext:
     upstream_seconds: float | None = None
     # Short words for the access log (e.g. "cache=hit", "hb=absorbed").
     notes: list[str] = field(default_factory=list)
+    # The server's own receive for this request (set by app.py). A policy that hands the
+    # proxy another one (a refresh flight) decouples it from the client connection, so
+    # the proxy uses the connection's loss hook only when handed this one.
+    receive: Receive | None = None
 
     def header(self, name: bytes) -> bytes | None:
         return header_value(self.scope, name)

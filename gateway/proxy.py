@@ -325,7 +325,7 @@ class Proxy:
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         """Forward and stream the response to the client; a client that goes away cancels
         the upstream call (the upstream connection is closed, as nginx does)."""
-        watch = DisconnectWatch(receive, ctx.scope)
+        watch = DisconnectWatch(receive, ctx)
         try:
             try:
                 resp = await self.fetch(ctx, receive, watch)
@@ -478,7 +478,7 @@ class Proxy:
             headers.extend(extra_headers)
         own_watch = watch is None
         if watch is None:
-            watch = DisconnectWatch(receive, ctx.scope)
+            watch = DisconnectWatch(receive, ctx)
         # The request body is fully read once the upstream has answered, so from here
         # a receive() can only report the client going away.
         watch.start()
@@ -525,14 +525,15 @@ class DisconnectWatch:
 
     __slots__ = ("body_done", "done", "gone", "lost", "receive", "started", "task", "watcher")
 
-    def __init__(self, receive: Receive, scope: Scope | None = None) -> None:
+    def __init__(self, receive: Receive, ctx: RequestContext | None = None) -> None:
         self.receive = receive
         # False while a streamed request body is still being read by the upstream
         # writer: a second receive() then would steal body chunks.
         self.body_done = True
         self.task = asyncio.current_task()
         self.watcher: asyncio.Future[None] | None = None
-        ext = scope.get("extensions") if scope is not None else None
+        # The connection's hook only for the connection's own receive (see RequestContext).
+        ext = ctx.scope.get("extensions") if ctx is not None and receive is ctx.receive else None
         self.lost: ClientLost | None = ext.get(CLIENT_LOST) if ext else None
         self.started = False
         self.done = False

@@ -7,12 +7,13 @@ import asyncio
 import io
 import json
 import socket
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
 
 from gateway.config import GatewayConfig
+from gateway.http import RequestContext
 from gateway.protocol import CLIENT_LOST, ClientLost
 from gateway.proxy import DisconnectWatch
 from tests.fakes.app import FakeApp
@@ -396,6 +397,12 @@ async def test_waiting_for_a_pooled_connection_is_bounded(fake_app: FakeApp) -> 
         assert (await first).status_code == 200
 
 
+def _ctx(scope: dict[str, Any], receive: Any) -> RequestContext:
+    ctx = RequestContext(scope, cast(Any, None), {}, "rid", "127.0.0.1")
+    ctx.receive = receive
+    return ctx
+
+
 async def test_disconnect_watch_without_the_server_hook_uses_receive() -> None:
     """Under another ASGI server (no `edge.client_lost` extension) the watch waits on
     receive() for http.disconnect and cancels the request task."""
@@ -406,7 +413,7 @@ async def test_disconnect_watch_without_the_server_hook_uses_receive() -> None:
         return {"type": "http.disconnect"}
 
     async def request() -> str:
-        watch = DisconnectWatch(receive, {"type": "http"})
+        watch = DisconnectWatch(receive, _ctx({"type": "http"}, receive))
         watch.start()
         try:
             await asyncio.Event().wait()
@@ -432,7 +439,8 @@ async def test_disconnect_watch_registered_after_the_loss_cancels_at_once() -> N
         raise AssertionError("the hook answers; receive() is not needed")
 
     async def request() -> str:
-        watch = DisconnectWatch(receive, {"type": "http", "extensions": {CLIENT_LOST: lost}})
+        scope = {"type": "http", "extensions": {CLIENT_LOST: lost}}
+        watch = DisconnectWatch(receive, _ctx(scope, receive))
         watch.start()
         try:
             await asyncio.sleep(0)
@@ -444,3 +452,27 @@ async def test_disconnect_watch_registered_after_the_loss_cancels_at_once() -> N
         return "finished"
 
     assert await asyncio.wait_for(request(), 5) == "cancelled"
+
+
+async def test_disconnect_watch_ignores_the_hook_for_another_receive() -> None:
+    """A policy that hands the proxy its own receive (a refresh flight) is not cancelled
+    by the loss of the connection that started it."""
+    lost = ClientLost()
+    lost.fire()
+
+    async def own_receive() -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def request() -> str:
+        scope = {"type": "http", "extensions": {CLIENT_LOST: lost}}
+        watch = DisconnectWatch(own_receive, _ctx(scope, receive=None))
+        watch.start()
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+        finally:
+            watch.stop()
+        return "finished"
+
+    assert await asyncio.wait_for(request(), 5) == "finished"
