@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = results[2].rps / results[1].rps
     verdict = "ok" if ratio >= TARGET else "MISSED"
-    print(f"\ntwo workers / one: {ratio:.2f} x requests/s (target >= {TARGET}: {verdict})")
+    print(f"\ntwo workers / one: {ratio:.3f} x requests/s (target >= {TARGET}: {verdict})")
     print(f"load: {uptime()}")
     return 0
 
