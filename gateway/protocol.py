@@ -227,6 +227,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._cork is not None:
             self._cork.flush()
 
+    def shutdown(self) -> None:
+        # uvicorn closes an idle connection at once: a head still held goes out first.
+        self._flush()
+        super().shutdown()
+
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             if self._lingering:
