@@ -150,6 +150,37 @@ def hb_config(upstream: str, store: str) -> dict[str, Any]:
     return cfg
 
 
+def _report(
+    results: dict[str, dict[str, WrkResult]], edge: dict[str, dict[str, int]], keys: list[str]
+) -> dict[str, Any]:
+    """Print each gateway run against nginx (req/s and CPU ratios, edge outcomes)."""
+    ng = results["nginx_proxy"]
+    summary: dict[str, Any] = {"target_ratio": TARGET_RATIO}
+    print()
+    for key in keys:
+        r = results[key]
+        ratio = r["c50"].rps / ng["c50"].rps
+        summary[f"ratio_rps_c50_{key}_over_nginx"] = round(ratio, 4)
+        summary[f"{key}_ok"] = ratio >= TARGET_RATIO
+        o = edge.get(key, {})
+        total = sum(o.values()) or 1
+        summary[f"{key}_absorbed_share"] = round(o.get("absorbed", 0) / total, 4)
+        verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
+        ng_cpu, gw_cpu = ng["c50"].cpu_us_per_request, r["c50"].cpu_us_per_request
+        if ng_cpu and gw_cpu:
+            summary[f"ratio_cpu_per_request_c50_nginx_over_{key}"] = round(ng_cpu / gw_cpu, 4)
+            print(
+                f"{key}: CPU per request nginx {ng_cpu} us, gateway {gw_cpu} us "
+                f"-> {ng_cpu / gw_cpu:.3f}"
+            )
+        print(
+            f"{key}: {r['c50'].rps:,.0f} req/s vs nginx proxy_pass {ng['c50'].rps:,.0f} "
+            f"= {ratio:.3f} (target >= {TARGET_RATIO}: {verdict}); "
+            f"{o.get('absorbed', 0):,} absorbed / {o.get('forwarded', 0):,} forwarded"
+        )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=8, help="seconds at 50 connections")
@@ -203,30 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = uptime()
 
-    ng = results["nginx_proxy"]
-    summary: dict[str, Any] = {"target_ratio": TARGET_RATIO}
-    print()
-    for key, _, _ in stores:
-        r = results[key]
-        ratio = r["c50"].rps / ng["c50"].rps
-        summary[f"ratio_rps_c50_{key}_over_nginx"] = round(ratio, 4)
-        summary[f"{key}_ok"] = ratio >= TARGET_RATIO
-        o = edge.get(key, {})
-        total = sum(o.values()) or 1
-        summary[f"{key}_absorbed_share"] = round(o.get("absorbed", 0) / total, 4)
-        verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
-        ng_cpu, gw_cpu = ng["c50"].cpu_us_per_request, r["c50"].cpu_us_per_request
-        if ng_cpu and gw_cpu:
-            summary[f"ratio_cpu_per_request_c50_nginx_over_{key}"] = round(ng_cpu / gw_cpu, 4)
-            print(
-                f"{key}: CPU per request nginx {ng_cpu} us, gateway {gw_cpu} us "
-                f"-> {ng_cpu / gw_cpu:.3f}"
-            )
-        print(
-            f"{key}: {r['c50'].rps:,.0f} req/s vs nginx proxy_pass {ng['c50'].rps:,.0f} "
-            f"= {ratio:.3f} (target >= {TARGET_RATIO}: {verdict}); "
-            f"{o.get('absorbed', 0):,} absorbed / {o.get('forwarded', 0):,} forwarded"
-        )
+    summary = _report(results, edge, [key for key, _, _ in stores])
     errors = sum(r.errors for runs in results.values() for r in runs.values())
     if errors:
         print(f"WARNING: {errors} wrk errors (non-2xx or socket errors); see the JSON")

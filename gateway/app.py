@@ -219,7 +219,9 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _context(self, state: _State, scope: Scope) -> tuple[RequestContext | None, str, str]:
+    def _context(
+        self, state: _State, scope: Scope, receive: Receive | None = None
+    ) -> tuple[RequestContext | None, str, str]:
         rid = None
         xff = None
         for k, v in scope["headers"]:
@@ -237,12 +239,13 @@ class Gateway:
         if matched is None:
             return None, request_id, client_ip
         route, params = matched
-        return RequestContext(scope, route, params, request_id, client_ip), request_id, client_ip
+        ctx = RequestContext(scope, route, params, request_id, client_ip, receive=receive)
+        return ctx, request_id, client_ip
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         state = self.state
-        ctx, request_id, client_ip = self._context(state, scope)
+        ctx, request_id, client_ip = self._context(state, scope, receive)
         rid_header = (b"x-request-id", request_id.encode())
         status = 0
 
@@ -269,7 +272,6 @@ class Gateway:
         route = ctx.route
         handler = route.handler
         assert handler is not None
-        ctx.receive = receive
         self._in_flight.inc()
         state.in_flight += 1
         try:
