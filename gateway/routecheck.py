@@ -4,7 +4,8 @@ Owns: finding routes that can never match because an earlier route takes every r
 they would (first match wins), and `{x:path}` prefix routes whose bare prefix (`/a/b`
 for `/a/b/{rest:path}`, which needs the slash) falls to a route with weaker protection.
 Both are warnings, not errors (`gateway check` exits 0, prints them, and the server logs
-them at startup): the table works, just not as written. Nothing here touches the network.
+them at startup): the table works, just not as written. Also: a batch heartbeat route
+whose flush credentials are empty. Nothing here touches the network.
 
 Path inclusion is decided by probing: each template is instantiated with a fixed set of
 values per convertor (chosen to differ in first and last character, digits, dots and
@@ -140,6 +141,24 @@ def _prefix_issues(table: RouteTable) -> Iterator[ConfigIssue]:
             break
 
 
+def _flush_issues(routes: list[Route]) -> Iterator[ConfigIssue]:
+    """A batch heartbeat route whose flush credentials came out empty (an unset
+    `${SUPABASE_SERVICE_ROLE_KEY:-}`): every flush would be refused, and its entries
+    would wait in the store until someone notices the failed-flush metric."""
+    for i, route in enumerate(routes):
+        hb = route.heartbeat
+        if hb is None or hb.mode != "batch":
+            continue
+        for name, value in sorted(hb.flush_headers.items()):
+            credential = value.strip().removeprefix("Bearer").strip()
+            if not credential:
+                yield ConfigIssue(
+                    f"routes[{i}].heartbeat.flush_headers.{name}",
+                    "is empty: the batch flush will be refused and heartbeats will wait in "
+                    "the store (set the service role key, e.g. SUPABASE_SERVICE_ROLE_KEY)",
+                )
+
+
 def route_warnings(cfg: GatewayConfig) -> list[ConfigIssue]:
     """Every warning about the route table, each naming the dotted key to change."""
     table = RouteTable(cfg.routes)
@@ -156,4 +175,5 @@ def route_warnings(cfg: GatewayConfig) -> list[ConfigIssue]:
                 )
             )
     issues.extend(_prefix_issues(table))
+    issues.extend(_flush_issues(cfg.routes))
     return issues

@@ -18,9 +18,18 @@ def warnings(routes: str) -> list[str]:
 
 
 def test_shipped_configs_have_no_warnings() -> None:
-    assert route_warnings(load_config(ROOT / "config.yaml", env={})) == []
-    k8s = load_config(ROOT / "k8s/base/config.yaml", env={"SUPABASE_URL": "https://x.co"})
+    key = {"SUPABASE_SERVICE_ROLE_KEY": "service-key"}
+    assert route_warnings(load_config(ROOT / "config.yaml", env=key)) == []
+    k8s = load_config(ROOT / "k8s/base/config.yaml", env={"SUPABASE_URL": "https://x.co", **key})
     assert route_warnings(k8s) == []
+
+
+def test_an_empty_flush_credential_is_a_warning() -> None:
+    """The shipped config without the service role key: every batch flush would get 401."""
+    found = [str(w) for w in route_warnings(load_config(ROOT / "config.yaml", env={}))]
+    assert found and all("heartbeat.flush_headers." in w and "is empty" in w for w in found)
+    assert any(w.startswith("routes[0].heartbeat.flush_headers.Authorization") for w in found)
+    assert any(w.startswith("routes[0].heartbeat.flush_headers.apikey") for w in found)
 
 
 def test_a_route_after_a_catch_all_never_matches() -> None:
