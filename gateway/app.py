@@ -1,8 +1,8 @@
 """Builds the public ASGI app from config.
 
 Owns: the request pipeline's shape and the order of the policies (the one place it is
-written down): route match → auth → rate limit → concurrency → route policy (refresh |
-heartbeat | cache | breaker) → proxy. Also: request ids, the per-request context, the
+written down): route match → auth → rate limit → route policy (refresh | heartbeat |
+cache) → concurrency → breaker → proxy. Also: request ids, the per-request context, the
 access log and request metrics, edge endpoints under /_edge/, lifespan.
 """
 
@@ -52,6 +52,13 @@ def build_chain(route: CompiledRoute, rt: Runtime) -> Handler:
         from gateway.policies.breaker import BreakerPolicy
 
         handler = BreakerPolicy(handler, cfg, rt, proxy)
+    if cfg.concurrency is not None:
+        # A cap on requests going upstream: inside heartbeat, cache and refresh, so what
+        # the edge answers itself (absorbed heartbeats, cache hits, replays) and the
+        # waiters of a single flight take no slot.
+        from gateway.policies.ratelimit import ConcurrencyPolicy
+
+        handler = ConcurrencyPolicy(handler, cfg, rt)
     if cfg.cache is not None:
         from gateway.policies.cache import CachePolicy
 
@@ -64,10 +71,6 @@ def build_chain(route: CompiledRoute, rt: Runtime) -> Handler:
         from gateway.policies.refresh import RefreshPolicy
 
         handler = RefreshPolicy(handler, cfg, rt, proxy)
-    if cfg.concurrency is not None:
-        from gateway.policies.ratelimit import ConcurrencyPolicy
-
-        handler = ConcurrencyPolicy(handler, cfg, rt)
     if cfg.rate_limit:
         from gateway.policies.ratelimit import RateLimitPolicy
 

@@ -23,7 +23,7 @@ from gateway.units import format_duration as dur
 
 # The order app.build_chain composes the policies in, outermost first (the proxy is
 # last). tests/test_explain.py checks this against a chain app.py really builds.
-POLICY_ORDER = ("auth", "rate_limit", "concurrency", "refresh", "heartbeat", "cache", "breaker")
+POLICY_ORDER = ("auth", "rate_limit", "refresh", "heartbeat", "cache", "concurrency", "breaker")
 
 
 @dataclass(frozen=True, slots=True)

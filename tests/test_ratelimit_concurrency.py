@@ -157,3 +157,22 @@ async def test_concurrency_by_ip(hanging: HangingApp) -> None:
         hanging.release.set()
         assert (await held).status_code == 200
         assert (await other).status_code == 200
+
+
+async def test_answers_the_edge_gives_itself_take_no_slot(hanging: HangingApp) -> None:
+    """The bulkhead caps requests going upstream: a heartbeat the edge absorbs is
+    answered even while the webinar's slots are all held (before, a surging webinar's
+    absorbed heartbeats got 503)."""
+    route = routes(by="webinar", max=1)[0]
+    route["heartbeat"] = {"forward_interval": "300s", "key": ["ip"]}
+    cfg = make_config(hanging.url, routes=[route])
+    async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+        first = asyncio.ensure_future(c.get("/api/webinars/w1/hang"))
+        await wait_for(lambda: hanging.arrived["w1"] == 1)
+        # Same viewer again: absorbed at the edge, not refused by the full bulkhead.
+        again = await c.get("/api/webinars/w1/hang")
+        assert again.status_code == 200
+        assert again.json() == {"success": True}
+        assert hanging.arrived["w1"] == 1
+        hanging.release.set()
+        assert (await first).status_code == 200
