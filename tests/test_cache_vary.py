@@ -8,27 +8,16 @@ included: before this, no such answer was ever stored."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
 
 from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
 from tests.helpers import run_gateway
-from tests.test_cache import PATH, cache_config, cs, get, stats, store_url
+from tests.test_cache import PATH, all_in_flight, cache_config, cs, get, stats, store_url
 
 __all__ = ["stats", "store_url"]  # the fixtures, re-exported for pytest
 
 NEXT_VARY = "rsc, next-router-state-tree, next-router-prefetch, next-router-segment-prefetch"
-
-
-async def in_flight(gw: Any, n: int) -> None:
-    """Wait (bounded) until n requests are inside the gateway."""
-    registry = gw.app.rt.metrics.registry
-    for _ in range(1000):
-        if (registry.get_sample_value("edge_requests_in_flight") or 0) >= n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{n} requests never were in flight together")
 
 
 async def test_next_vary_is_stored_and_keeps_rsc_apart(stats: StatsApp, store_url: str) -> None:
@@ -128,7 +117,7 @@ async def test_a_waiter_of_another_variant_is_not_served_the_leaders(
         plain = asyncio.ensure_future(get(c, gw.url))
         await asyncio.wait_for(stats.entered.wait(), 10)
         rsc = asyncio.ensure_future(get(c, gw.url, headers={"RSC": "1"}))
-        await in_flight(gw, 2)
+        await all_in_flight(gw, 2)
         stats.gate.set()
         assert (await plain).json()["rsc"] == ""
         assert (await rsc).json()["rsc"] == "1"
@@ -147,7 +136,7 @@ async def test_one_admins_concurrent_first_polls_cost_one_call(
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url, "alice")) for _ in range(20)]
             await asyncio.wait_for(stats.entered.wait(), 10)
-            await in_flight(gw, 20)
+            await all_in_flight(gw, 20)
             stats.gate.set()
             rs = await asyncio.gather(*tasks)
     assert [r.status_code for r in rs] == [200] * 20
@@ -162,7 +151,7 @@ async def test_a_denied_callers_waiters_get_the_denial(stats: StatsApp, store_ur
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url, "mallory")) for _ in range(10)]
             await asyncio.wait_for(stats.entered.wait(), 10)
-            await in_flight(gw, 10)
+            await all_in_flight(gw, 10)
             stats.gate.set()
             rs = await asyncio.gather(*tasks)
     assert [r.status_code for r in rs] == [403] * 10
@@ -192,8 +181,8 @@ async def test_m_admins_on_two_replicas_cost_m_first_checks(
             for _ in range(3)
         ]
         await asyncio.wait_for(stats.entered.wait(), 10)
-        await in_flight(gw1, 15)
-        await in_flight(gw2, 15)
+        await all_in_flight(gw1, 15)
+        await all_in_flight(gw2, 15)
         stats.gate.set()
         rs = await asyncio.gather(*tasks)
     assert [r.status_code for r in rs] == [200] * 30

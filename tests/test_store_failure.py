@@ -24,6 +24,7 @@ from tests.conftest import PrivateRedis
 from tests.fakes.app import FakeApp
 from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
 from tests.helpers import Running, make_config, run_gateway
+from tests.test_cache import all_in_flight
 from tests.test_heartbeat import W1, W2, Clock, config, ping, user
 
 PING = "/api/webinars/{w}/presence/ping"
@@ -266,12 +267,12 @@ async def test_backoff_probe_ends_the_outage_and_each_transition_logs_once(
 # --------------------------------------------------------------------------- other policies
 
 
-async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
-    stats: StatsApp, private_redis_server: PrivateRedis
-) -> None:
-    cfg = make_config(
-        stats.url,
-        store={"url": private_redis_server.url, "timeout": "200ms", "failure_threshold": 1},
+def local_cache_config(upstream: str, store_url: str) -> Any:
+    """admin_stats with a 10 s cache on a store the test will stop (one failure is enough
+    to count it down)."""
+    return make_config(
+        upstream,
+        store={"url": store_url, "timeout": "200ms", "failure_threshold": 1},
         routes=[
             {
                 "name": "admin_stats",
@@ -282,6 +283,12 @@ async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
             }
         ],
     )
+
+
+async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
+    stats: StatsApp, private_redis_server: PrivateRedis
+) -> None:
+    cfg = local_cache_config(stats.url, private_redis_server.url)
     url = "/api/webinars/w1/stats/access"
     async with run_gateway(cfg, clock=FakeClock()) as gw:
         install_test_identity(gw.app)
@@ -309,19 +316,7 @@ async def test_cache_local_single_flights_an_unknown_callers_first_check(
 ) -> None:
     """Store down: an admin's concurrent first polls still cost one app call (the check
     flight holds in the process), and its answer is served to the others."""
-    cfg = make_config(
-        stats.url,
-        store={"url": private_redis_server.url, "timeout": "200ms", "failure_threshold": 1},
-        routes=[
-            {
-                "name": "admin_stats",
-                "match": {"methods": ["GET"], "path": "/api/webinars/{webinar_id}/stats/access"},
-                "upstream": "app",
-                "auth": "off",
-                "cache": {"ttl": "10s"},
-            }
-        ],
-    )
+    cfg = local_cache_config(stats.url, private_redis_server.url)
     url = "/api/webinars/w1/stats/access"
     async with run_gateway(cfg, clock=FakeClock()) as gw:
         install_test_identity(gw.app)
@@ -333,11 +328,7 @@ async def test_cache_local_single_flights_an_unknown_callers_first_check(
                 for _ in range(10)
             ]
             await asyncio.wait_for(stats.entered.wait(), 10)
-            registry = gw.app.rt.metrics.registry
-            for _ in range(1000):
-                if (registry.get_sample_value("edge_requests_in_flight") or 0) >= 10:
-                    break
-                await asyncio.sleep(0.01)
+            await all_in_flight(gw, 10)
             stats.gate.set()
             rs = await asyncio.gather(*tasks)
     assert [r.status_code for r in rs] == [200] * 10
