@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.http import Receive, RequestContext, Send
-from gateway.policies.auth import AuthPolicy, get_verifier, import_jwk
+from gateway.policies.auth.policy import AuthPolicy, get_verifier, import_jwk
 from gateway.routing import RouteTable
 from gateway.runtime import Runtime
 from tests.fakes.jwks import SECRET, FakeIssuer

@@ -49,34 +49,34 @@ def build_chain(route: CompiledRoute, rt: Runtime) -> Handler:
     handler: Handler = proxy
     # Imported here so a config without a policy never loads its module.
     if cfg.breaker is not None:
-        from gateway.policies.breaker import BreakerPolicy
+        from gateway.policies.breaker.policy import BreakerPolicy
 
         handler = BreakerPolicy(handler, cfg, rt, proxy)
     if cfg.concurrency is not None:
         # A cap on requests going upstream: inside heartbeat, cache and refresh, so what
         # the edge answers itself (absorbed heartbeats, cache hits, replays) and the
         # waiters of a single flight take no slot.
-        from gateway.policies.ratelimit import ConcurrencyPolicy
+        from gateway.policies.concurrency.policy import ConcurrencyPolicy
 
         handler = ConcurrencyPolicy(handler, cfg, rt)
     if cfg.cache is not None:
-        from gateway.policies.cache import CachePolicy
+        from gateway.policies.cache.policy import CachePolicy
 
         handler = CachePolicy(handler, cfg, rt, proxy)
     if cfg.heartbeat is not None:
-        from gateway.policies.heartbeat import HeartbeatPolicy
+        from gateway.policies.heartbeat.policy import HeartbeatPolicy
 
         handler = HeartbeatPolicy(handler, cfg, rt, proxy)
     if cfg.refresh is not None:
-        from gateway.policies.refresh import RefreshPolicy
+        from gateway.policies.refresh.policy import RefreshPolicy
 
         handler = RefreshPolicy(handler, cfg, rt, proxy)
     if cfg.rate_limit:
-        from gateway.policies.ratelimit import RateLimitPolicy
+        from gateway.policies.ratelimit.policy import RateLimitPolicy
 
         handler = RateLimitPolicy(handler, cfg, rt)
     if cfg.auth.mode != "off":
-        from gateway.policies.auth import AuthPolicy
+        from gateway.policies.auth.policy import AuthPolicy
 
         handler = AuthPolicy(handler, cfg, rt)
     return handler
@@ -88,7 +88,7 @@ def build_ws_chain(route: CompiledRoute, rt: Runtime) -> Handler:
         rt.upstreams[cfg.upstream], rt.config.server, rt.trusted, rt.metrics, cfg.name
     )
     if cfg.auth.mode != "off":
-        from gateway.policies.auth import AuthPolicy
+        from gateway.policies.auth.policy import AuthPolicy
 
         handler = AuthPolicy(handler, cfg, rt)
     return handler

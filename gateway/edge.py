@@ -69,7 +69,7 @@ class EdgeEndpoints:
             return
         m = _PRESENCE.match(path)
         if m and "presence" in self.rt.services:
-            from gateway.policies.heartbeat import presence_endpoint
+            from gateway.policies.heartbeat.policy import presence_endpoint
 
             await presence_endpoint(self.rt, scope, receive, send, m.group(1), client_ip)
             return

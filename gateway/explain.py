@@ -178,7 +178,7 @@ def _chain(cfg: GatewayConfig, route: Route, req: _Request) -> list[Step]:
 
 
 def _auth(cfg: GatewayConfig, route: Route, req: _Request) -> Step | None:
-    from gateway.policies.auth import bearer_token, cookie_token
+    from gateway.policies.auth.policy import bearer_token, cookie_token
 
     mode = route.auth.mode
     if mode == "off":
@@ -209,7 +209,7 @@ def _auth(cfg: GatewayConfig, route: Route, req: _Request) -> Step | None:
 def _rate_limit(cfg: GatewayConfig, route: Route, req: _Request) -> Step | None:
     if not route.rate_limit:
         return None
-    from gateway.policies.ratelimit import compile_rules
+    from gateway.policies.ratelimit.policy import compile_rules
 
     compiled = compile_rules(route.name, route.rate_limit, cfg.store.on_failure)
     lines = []

@@ -383,7 +383,7 @@ async def _supervisor_admin(
     if any(r.auth.mode != "off" for r in cfg.routes):
         # The workers' key sets are not visible from here: the supervisor loads the same
         # JWKS, so its /readyz says not ready while no key can be loaded.
-        from gateway.policies.auth import get_verifier
+        from gateway.policies.auth.policy import get_verifier
 
         verifier = get_verifier(rt)
         await verifier.start()

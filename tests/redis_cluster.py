@@ -366,7 +366,7 @@ async def _bench(rounds: int = 2000, batch: int = 32) -> None:
     server, on the cluster and via Sentinel. `python -m tests.redis_cluster`."""
     import statistics
 
-    from gateway.policies.ratelimit import GCRA
+    from gateway.policies.ratelimit.policy import GCRA
     from gateway.store import Store
     from gateway.store.redis import RedisStore
 

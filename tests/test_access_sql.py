@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.policies.heartbeat import flush_body
+from gateway.policies.heartbeat.policy import flush_body
 
 SQL = Path(__file__).resolve().parent.parent / "sql" / "edge_access_batch.sql"
 DSN = os.environ.get(

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.http import capture_send
-from gateway.policies.auth import get_verifier, require_identity
+from gateway.policies.auth.policy import get_verifier, require_identity
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
 from tests.fakes.jwks import FakeClock, FakeIssuer, auth_routes, auth_settings

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.policies.breaker import BreakerRegistry
+from gateway.policies.breaker.policy import BreakerRegistry
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
 

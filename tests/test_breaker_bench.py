@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from gateway.http import Message, Receive, RequestContext, Send
-from gateway.policies.breaker import BreakerPolicy
+from gateway.policies.breaker.policy import BreakerPolicy
 from gateway.runtime import Runtime
 from tests.helpers import make_config
 

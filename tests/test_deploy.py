@@ -280,7 +280,7 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies(dockerfile: list[Sta
             if "__pycache__" not in f:
                 assert in_build_context(f), f"{f} is copied but .dockerignore excludes it"
     # Docker's matching, not Python's fnmatch: `*` stops at `/`, a parent match counts.
-    assert in_build_context("gateway/store/lua/gcra.lua")
+    assert in_build_context("gateway/policies/ratelimit/lua/gcra.lua")
     for private in (
         ".venv/bin/python",
         ".git/HEAD",
@@ -326,7 +326,7 @@ def test_build_context_builds_a_wheel_with_the_lua_scripts(
     assert run.returncode == 0, run.stdout + run.stderr
     (wheel,) = dist.glob("eventlive_edge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    lua = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway/store/lua").glob("*.lua"))
+    lua = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*.lua"))
     assert lua and set(lua) <= names, "the Redis scripts ship in the wheel"
     assert "gateway/py.typed" in names
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*.py")}

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.policies.heartbeat import MAX_COALESCE, Flusher, HeartbeatPolicy, _webinar_keys
+from gateway.policies.heartbeat.policy import MAX_COALESCE, Flusher, HeartbeatPolicy, _webinar_keys
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, make_config, run_gateway

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.policies.heartbeat import Flusher
+from gateway.policies.heartbeat.policy import Flusher
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, run_gateway
 from tests.test_heartbeat import PING, TRACK, W1, W2, Clock, config, counter, token, user

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.policies.heartbeat import (
+from gateway.policies.heartbeat.policy import (
     FLUSH,
     INDEX,
     OUTCOME,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policies.heartbeat import flush_body
+from gateway.policies.heartbeat.policy import flush_body
 
 SQL = Path(__file__).resolve().parent.parent / "sql" / "edge_presence_batch.sql"
 PSQL = ["psql", "-h", os.environ.get("PGHOST", "127.0.0.1"), "-U", "postgres", "-X", "-q"]

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway.app import Gateway
 from gateway.config import GatewayConfig
 from gateway.http import Identity, Receive, RequestContext, Send
-from gateway.policies.ratelimit import hash_value
+from gateway.policies.ratelimit.policy import hash_value
 from tests.conftest import PrivateRedis
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
@@ -575,7 +575,7 @@ async def test_status_reports_limiter_state(gateway_app: Gateway) -> None:
 )
 def test_policy_field_values(rate: str, burst: int, policy: str) -> None:
     from gateway.policies.configs import RateLimitRule
-    from gateway.policies.ratelimit import compile_rules
+    from gateway.policies.ratelimit.policy import compile_rules
 
     (rule,) = compile_rules("r", [RateLimitRule(by="user", rate=rate, burst=burst)], "open")
     assert rule.policy_item == policy
@@ -589,7 +589,7 @@ def seconds(reply: list[int]) -> list[int]:
 async def test_lua_and_python_twin_agree(redis_url: str) -> None:
     """Same replies from gcra.lua on Redis and gcra_py on memory:// for one sequence of
     calls over three rules (slow rates, so Redis's own clock moving on cannot matter)."""
-    from gateway.policies.ratelimit import GCRA
+    from gateway.policies.ratelimit.policy import GCRA
     from gateway.store.memory import MemoryStore
     from gateway.store.redis import RedisStore
 

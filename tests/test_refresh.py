@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.config import GatewayConfig
-from gateway.policies.refresh import _keys, token_digest
+from gateway.policies.refresh.policy import _keys, token_digest
 from gateway.store.memory import MemoryStore
 from tests.fakes.gotrue import FakeGoTrue
 from tests.helpers import Running, make_config, run_gateway

@@ -24,10 +24,10 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from gateway.policies.heartbeat import _index_keys, _webinar_keys, seen_key
-from gateway.policies.ratelimit import compile_rules
-from gateway.policies.refresh import _keys as refresh_keys
-from gateway.policies.refresh import token_digest
+from gateway.policies.heartbeat.policy import _index_keys, _webinar_keys, seen_key
+from gateway.policies.ratelimit.policy import compile_rules
+from gateway.policies.refresh.policy import _keys as refresh_keys
+from gateway.policies.refresh.policy import token_digest
 from gateway.store import Store, StoreError
 from gateway.store.redis import RedisStore, parse_store_url
 from tests.fakes.app import FakeApp

@@ -379,7 +379,7 @@ async def test_memory_store_bounds_viewers_not_just_keys() -> None:
     """A webinar's presence set grows with viewers inside one key: its members count
     against store.memory_max_keys, so 5,000 viewers in a 1,000-entry store stay bounded
     (older state is evicted; the newest webinar keeps working)."""
-    from gateway.policies.heartbeat import RECORD, _webinar_keys
+    from gateway.policies.heartbeat.policy import RECORD, _webinar_keys
     from gateway.store.memory import MemoryStore
 
     clock = FakeClock()
@@ -402,7 +402,7 @@ async def test_memory_store_bounds_viewers_not_just_keys() -> None:
 async def test_local_fallback_state_is_bounded_and_exported(
     fake_app: FakeApp, private_redis_server: PrivateRedis
 ) -> None:
-    from gateway.policies.heartbeat import LocalMemory
+    from gateway.policies.heartbeat.policy import LocalMemory
 
     local = LocalMemory(max_keys=1000)
     for i in range(5000):

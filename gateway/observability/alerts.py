@@ -39,6 +39,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -131,7 +132,8 @@ def _tick_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: i
     return [0, state_b]
 
 
-TICK = Script.from_file("alerts_tick", _tick_py)
+_LUA = Path(__file__).parent / "lua"
+TICK = Script.from_file("alerts_tick", _tick_py, directory=_LUA)
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, int]:

@@ -27,8 +27,6 @@ Clock = Callable[[], float]
 ScriptArg = str | bytes | int | float
 PyScript = Callable[["MemoryData", list[str], list[ScriptArg], int], Any]
 
-LUA_DIR = Path(__file__).parent / "lua"
-
 log = logging.getLogger("gateway.store")
 
 
@@ -52,8 +50,8 @@ class Script:
     py: PyScript
 
     @classmethod
-    def from_file(cls, name: str, py: PyScript) -> Script:
-        return cls(name, (LUA_DIR / f"{name}.lua").read_text(), py)
+    def from_file(cls, name: str, py: PyScript, *, directory: Path) -> Script:
+        return cls(name, (directory / f"{name}.lua").read_text(), py)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Rate limiting (GCRA in the store, one round trip) and per-key concurrency caps.
+"""Rate limiting: GCRA in the store, one round trip.
 
 Owns:
 - `RateLimitPolicy`: the route's `rate_limit: [rules]`. Every rule that applies to a
@@ -13,9 +13,6 @@ Owns:
   the rate, 1/`store.local_processes`).
 - `GcraBatcher`: on Redis, the checks of concurrent requests travel in one pipelined
   write (still one EVALSHA per request), which saves most of redis-py's per-command CPU.
-- `ConcurrencyPolicy`: the route's `concurrency: {by, max, retry_after}`, a cap on
-  in-flight upstream requests per key, counted *per process* (503 + Retry-After when
-  full).
 
 Keys: `rl:{rl:<route>}:<rule digest>:<blake2b(value)>`. The Redis Cluster hash tag is the
 route name, because every KEY of one script must live in one slot and the rules of one
@@ -32,6 +29,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TLRUCache
@@ -106,7 +104,8 @@ def gcra_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: in
     return out
 
 
-GCRA = Script.from_file("gcra", gcra_py)
+_LUA = Path(__file__).parent / "lua"
+GCRA = Script.from_file("gcra", gcra_py, directory=_LUA)
 
 
 class GcraBatcher:
@@ -479,76 +478,3 @@ class RateLimitPolicy:
 
 def _default(rt: Runtime) -> str:
     return rt.config.store.on_failure
-
-
-# --------------------------------------------------------------------------- concurrency
-
-
-class ConcurrencyPolicy:
-    """Caps in-flight requests per key (webinar, route, user or IP) past this point of the
-    chain, i.e. while the upstream request and the response streaming are running. The
-    count is per process: with N replicas the effective cap is up to N x max (documented;
-    a store-backed semaphore would cost a round trip at both ends of every request)."""
-
-    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
-        cfg = route_cfg.concurrency
-        assert cfg is not None
-        self.next = next_handler
-        self.by = cfg.by
-        self.max = cfg.max
-        self.retry_after = str(max(1, math.ceil(cfg.retry_after))).encode()
-        self.rejections = rt.metrics.concurrency_rejections.labels(route_cfg.name)
-        # Shared per-process state, visible in /readyz and /_edge/status.
-        table: dict[str, dict[str, int]] = rt.services.setdefault("concurrency", {})
-        self.in_flight: dict[str, int] = table.setdefault(route_cfg.name, {})
-        if "concurrency" not in rt.services.setdefault("status", {}):
-            rt.services["status"]["concurrency"] = lambda: {
-                route: {"keys": len(counts), "in_flight": sum(counts.values())}
-                for route, counts in table.items()
-            }
-        self.policy = f'"concurrency";q={cfg.max};qu="concurrent-requests"'.encode()
-
-    def _key(self, ctx: RequestContext) -> str | None:
-        if self.by == "webinar":
-            return ctx.params.get("webinar_id")
-        if self.by == "route":
-            return ""
-        if self.by == "user" and ctx.identity is not None:
-            return "u:" + ctx.identity.sub
-        return "ip:" + ctx.client_ip
-
-    async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
-        key = self._key(ctx)
-        if key is None:
-            await self.next(ctx, receive, send)
-            return
-        counts = self.in_flight
-        n = counts.get(key, 0)
-        if n >= self.max:
-            self.rejections.inc()
-            ctx.notes.append("concurrency=full")
-            ctx.status = 503
-            await send_json(
-                send,
-                503,
-                error_body(
-                    "concurrency_limit",
-                    f"too many requests in flight for this {self.by}; retry shortly",
-                ),
-                [
-                    (b"retry-after", self.retry_after),
-                    (b"ratelimit-policy", self.policy),
-                    (b"ratelimit", b'"concurrency";r=0'),
-                    *ctx.response_headers,
-                ],
-            )
-            return
-        counts[key] = n + 1
-        try:
-            await self.next(ctx, receive, send)
-        finally:
-            left = counts[key] - 1
-            if left:
-                counts[key] = left
-            else:
-                del counts[key]

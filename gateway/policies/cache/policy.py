@@ -33,6 +33,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -50,7 +51,7 @@ from gateway.http import (
     error_body,
     send_error,
 )
-from gateway.policies.cache_vary import decode_marker, encode_marker, variant_digest, vary_names
+from gateway.policies.cache.vary import decode_marker, encode_marker, variant_digest, vary_names
 from gateway.store.base import Script, ScriptArg, Store, StoreError
 
 if TYPE_CHECKING:
@@ -89,9 +90,10 @@ def _lock_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: i
     return [taken, data.get(keys[1])]
 
 
-MGET = Script.from_file("cache_mget", _mget_py)
-LOCK = Script.from_file("cache_lock", _lock_py)
-FILL = Script.from_file("cache_fill", _fill_py)
+_LUA = Path(__file__).parent / "lua"
+MGET = Script.from_file("cache_mget", _mget_py, directory=_LUA)
+LOCK = Script.from_file("cache_lock", _lock_py, directory=_LUA)
+FILL = Script.from_file("cache_fill", _fill_py, directory=_LUA)
 
 # --------------------------------------------------------------------------- entries
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -104,7 +105,7 @@ OUTCOMES = (
 
 
 # --------------------------------------------------------------------------- scripts
-# Python twins of gateway/store/lua/heartbeat_*.lua for the memory backend: same keys,
+# Python twins of lua/heartbeat_*.lua for the memory backend: same keys,
 # same arguments, same Redis-shaped results.
 
 
@@ -287,11 +288,12 @@ def _presence_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now:
     return sum(1 for s in seen.values() if s >= since)
 
 
-RECORD = Script.from_file("heartbeat_record", _record_py)
-OUTCOME = Script.from_file("heartbeat_outcome", _outcome_py)
-FLUSH = Script.from_file("heartbeat_flush", _flush_py)
-INDEX = Script.from_file("heartbeat_index", _index_py)
-PRESENCE = Script.from_file("heartbeat_presence", _presence_py)
+_LUA = Path(__file__).parent / "lua"
+RECORD = Script.from_file("heartbeat_record", _record_py, directory=_LUA)
+OUTCOME = Script.from_file("heartbeat_outcome", _outcome_py, directory=_LUA)
+FLUSH = Script.from_file("heartbeat_flush", _flush_py, directory=_LUA)
+INDEX = Script.from_file("heartbeat_index", _index_py, directory=_LUA)
+PRESENCE = Script.from_file("heartbeat_presence", _presence_py, directory=_LUA)
 
 
 # --------------------------------------------------------------------------- keys
@@ -380,7 +382,7 @@ async def presence_endpoint(
     if scope["method"] not in ("GET", "HEAD"):
         await send_error(send, 405, "method_not_allowed", "use GET", [(b"allow", b"GET, HEAD")])
         return
-    from gateway.policies.auth import require_identity
+    from gateway.policies.auth.policy import require_identity
 
     identity = await require_identity(rt, scope, send)
     if identity is None:

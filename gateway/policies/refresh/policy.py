@@ -44,6 +44,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
@@ -155,10 +156,11 @@ def _py_renew(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> 
     return 0
 
 
-BEGIN = Script.from_file("refresh_begin", _py_begin)
-POLL = Script.from_file("refresh_poll", _py_poll)
-COMMIT = Script.from_file("refresh_commit", _py_commit)
-RENEW = Script.from_file("refresh_renew", _py_renew)
+_LUA = Path(__file__).parent / "lua"
+BEGIN = Script.from_file("refresh_begin", _py_begin, directory=_LUA)
+POLL = Script.from_file("refresh_poll", _py_poll, directory=_LUA)
+COMMIT = Script.from_file("refresh_commit", _py_commit, directory=_LUA)
+RENEW = Script.from_file("refresh_renew", _py_renew, directory=_LUA)
 
 
 # ------------------------------------------------------------------ answers and sealing

@@ -1,0 +1,3 @@
+"""The breaker policy: a per-route circuit breaker and negative cache.
+
+Behaviour in policy.py."""
