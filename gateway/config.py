@@ -1,9 +1,11 @@
 """Typed, validated gateway configuration.
 
 Owns: reading config.yaml, `${VAR}` / `${VAR:-default}` interpolation, the pydantic models
-for every top-level section, cross-field checks, and turning every problem into a
-`ConfigIssue` whose `key` is the dotted path (`routes[2].cache.ttl`) an operator can find
-in the file. Nothing here touches the network.
+of the top-level sections and of a route, checks across sections, and turning every
+problem into a `ConfigIssue` whose `key` is the dotted path (`routes[2].cache.ttl`) an
+operator can find in the file. Each policy's section (its model and the checks of what it
+asks of the rest of the route) lives in its package, gateway/policies/<name>/config.py;
+`Route` mounts them. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from starlette.routing import compile_path
 
-from gateway.model import Section
-from gateway.policies.configs import (
-    BreakerConfig,
-    CacheConfig,
-    ConcurrencyConfig,
-    FailureMode,
-    HeartbeatConfig,
-    RateLimitList,
-    RefreshConfig,
-    RouteAuth,
-)
+from gateway.model import ConfigIssue as ConfigIssue
+from gateway.model import FailureMode, Section
+from gateway.policies.auth.config import AuthSettings as AuthSettings
+from gateway.policies.auth.config import RouteAuth, settings_issues
+from gateway.policies.breaker.config import BreakerConfig
+from gateway.policies.cache import config as cache_config
+from gateway.policies.cache.config import CacheConfig
+from gateway.policies.concurrency import config as concurrency_config
+from gateway.policies.concurrency.config import ConcurrencyConfig
+from gateway.policies.heartbeat import config as heartbeat_config
+from gateway.policies.heartbeat.config import HeartbeatConfig
+from gateway.policies.ratelimit import config as ratelimit_config
+from gateway.policies.ratelimit.config import RateLimitList
+from gateway.policies.refresh import config as refresh_config
+from gateway.policies.refresh.config import RefreshConfig
 from gateway.units import Duration
 
 # --------------------------------------------------------------------------- sections
@@ -230,29 +236,6 @@ class UpstreamConfig(Section):
         return v
 
 
-class AuthSettings(Section):
-    issuer: str | None = None
-    audience: str | list[str] = "authenticated"
-    hs256_secret: str = ""
-    jwks_url: str | None = None
-    jwks_min_refetch: Duration = 30.0
-    jwks_max_age: Duration = 600.0
-    jwks_timeout: Duration = 3.0
-    leeway: Duration = 30.0
-    cookie_name: str | None = None  # default: any sb-<ref>-auth-token
-    token_cache_size: int = Field(100_000, ge=0)
-    identity_hmac_secret: str = ""
-    user_url: str | None = None  # GoTrue /auth/v1/user, for `revalidate`
-    apikey: str = ""
-
-    @field_validator("jwks_url", "user_url")
-    @classmethod
-    def _http(cls, v: str | None) -> str | None:
-        if v and urlsplit(v).scheme not in {"http", "https"}:
-            raise ValueError(f"expected an http(s) URL, got {v!r}")
-        return v or None
-
-
 # RFC 9110's methods and PATCH (RFC 5789). Any other name is a typo (`GTE`) that would
 # make the route never match and hand its requests to a weaker route.
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
@@ -413,15 +396,6 @@ class GatewayConfig(Section):
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}" if self.key else self.message
-
-
 class ConfigError(Exception):
     def __init__(self, issues: list[ConfigIssue]) -> None:
         super().__init__("\n".join(str(i) for i in issues))
@@ -499,33 +473,26 @@ def _reference_issues(data: dict[str, Any]) -> list[ConfigIssue]:
         refs = [("upstream", route.get("upstream"))]
         hb = route.get("heartbeat")
         if isinstance(hb, dict):
-            refs.append(("heartbeat.flush_upstream", hb.get("flush_upstream")))
+            refs += [(f"heartbeat.{k}", hb.get(k)) for k in heartbeat_config.UPSTREAM_REFS]
         for key, ref in refs:
             if isinstance(ref, str) and ref and ref not in known:
                 issues.append(ConfigIssue(f"routes[{i}].{key}", f"unknown upstream {ref!r}"))
     return issues
 
 
+# Each policy's checks of what its section asks of the rest of the route (its package's
+# config.py), in the order their issues are listed.
+_ROUTE_CHECKS = (
+    cache_config.route_issues,
+    refresh_config.route_issues,
+    ratelimit_config.route_issues,
+    concurrency_config.route_issues,
+)
+
+
 def _route_issues(i: int, route: Route) -> list[ConfigIssue]:
     """Policy combinations one route's valid settings do not allow."""
-    issues: list[ConfigIssue] = []
-    if route.cache and route.match.methods and not set(route.match.methods) <= {"GET", "HEAD"}:
-        issues.append(ConfigIssue(f"routes[{i}].cache", "only GET/HEAD routes can be cached"))
-    if route.refresh and route.cache:
-        issues.append(ConfigIssue(f"routes[{i}].refresh", "refresh and cache cannot share a route"))
-    by_webinar = [
-        f"routes[{i}].rate_limit[{j}].by"
-        for j, rule in enumerate(route.rate_limit or [])
-        if rule.by == "webinar"
-    ]
-    if route.concurrency and route.concurrency.by == "webinar":
-        by_webinar.append(f"routes[{i}].concurrency.by")
-    if "{webinar_id" not in route.match.path:
-        issues.extend(
-            ConfigIssue(key, "by: webinar needs a {webinar_id} parameter in match.path")
-            for key in by_webinar
-        )
-    return issues
+    return [issue for check in _ROUTE_CHECKS for issue in check(f"routes[{i}]", route)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,20 +540,8 @@ def _cross_issues(parts: _Parts) -> list[ConfigIssue]:
         )
     if server is not None and server.listen_addr == server.admin_addr:
         issues.append(ConfigIssue("server.admin_listen", "must differ from server.listen"))
-    if auth is None:
-        return issues
-    needs_keys = any(r.auth.mode != "off" for _, r in parts.routes)
-    if needs_keys and not (auth.hs256_secret or auth.jwks_url):
-        issues.append(
-            ConfigIssue(
-                "auth",
-                "routes verify tokens but neither auth.hs256_secret nor auth.jwks_url is set",
-            )
-        )
-    if any(r.auth.revalidate for _, r in parts.routes) and not auth.user_url:
-        issues.append(
-            ConfigIssue("auth.user_url", "auth.revalidate on a route needs auth.user_url")
-        )
+    if auth is not None:
+        issues.extend(settings_issues(auth, [r for _, r in parts.routes]))
     return issues
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from gateway.http import Identity, RequestContext
 from gateway.observability.metrics import Metrics
+from gateway.policies.breaker.config import BreakerConfig
 from gateway.policies.breaker.policy import Breaker, BreakerPolicy, parse_retry_after
-from gateway.policies.configs import BreakerConfig
 from gateway.runtime import Runtime
 from tests.helpers import make_config
 

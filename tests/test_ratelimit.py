@@ -574,7 +574,7 @@ async def test_status_reports_limiter_state(gateway_app: Gateway) -> None:
     ],
 )
 def test_policy_field_values(rate: str, burst: int, policy: str) -> None:
-    from gateway.policies.configs import RateLimitRule
+    from gateway.policies.ratelimit.config import RateLimitRule
     from gateway.policies.ratelimit.policy import compile_rules
 
     (rule,) = compile_rules("r", [RateLimitRule(by="user", rate=rate, burst=burst)], "open")

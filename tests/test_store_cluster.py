@@ -256,7 +256,7 @@ def test_every_multi_key_script_keeps_its_keys_in_one_slot(value: str) -> None:
     k = refresh_keys(token_digest(value))  # keys are named by the token's digest
     assert _one_slot([k.res, k.lock, k.done("flight-1")])
     # gcra: every rule of one route, whatever each rule keys on
-    from gateway.policies.configs import RateLimitRule
+    from gateway.policies.ratelimit.config import RateLimitRule
 
     rules = compile_rules(
         value,

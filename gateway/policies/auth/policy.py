@@ -40,7 +40,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key, OctKey
 from joserfc.jws import JWSRegistry
 
-from gateway.config import AuthSettings, Route
+from gateway.config import Route
 from gateway.http import (
     Handler,
     Headers,
@@ -54,6 +54,7 @@ from gateway.http import (
     header_value,
     send_json,
 )
+from gateway.policies.auth.config import AuthSettings
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.auth")

@@ -43,7 +43,7 @@ from gateway.http import (
     send_json,
 )
 from gateway.observability.metrics import Metrics
-from gateway.policies.configs import BreakerConfig
+from gateway.policies.breaker.config import BreakerConfig
 from gateway.proxy import ClientGone, Proxy
 from gateway.runtime import Runtime
 

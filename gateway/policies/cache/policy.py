@@ -56,7 +56,7 @@ from gateway.store.base import Script, ScriptArg, Store, StoreError
 
 if TYPE_CHECKING:
     from gateway.config import Route
-    from gateway.policies.configs import CacheConfig
+    from gateway.policies.cache.config import CacheConfig
     from gateway.proxy import Proxy
     from gateway.runtime import Runtime
     from gateway.store.memory import MemoryData

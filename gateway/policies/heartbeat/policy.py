@@ -67,7 +67,7 @@ from gateway.store.memory import MemoryData
 
 if TYPE_CHECKING:
     from gateway.config import Route
-    from gateway.policies.configs import HeartbeatConfig, LocalResponse
+    from gateway.policies.heartbeat.config import HeartbeatConfig, LocalResponse
     from gateway.proxy import Proxy
     from gateway.runtime import Runtime
 

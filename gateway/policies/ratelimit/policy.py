@@ -42,7 +42,7 @@ from gateway.store.redis import RedisStore
 
 if TYPE_CHECKING:
     from gateway.config import Route
-    from gateway.policies.configs import RateLimitRule
+    from gateway.policies.ratelimit.config import RateLimitRule
     from gateway.runtime import Runtime
     from gateway.store.base import ScriptArg
 

@@ -68,7 +68,7 @@ from gateway.http import (
     send_captured,
     send_error,
 )
-from gateway.policies.configs import RefreshConfig
+from gateway.policies.refresh.config import RefreshConfig
 from gateway.proxy import BodyTooLarge, Proxy, TruncatedResponse, read_body
 from gateway.runtime import Runtime
 from gateway.store import Script, StoreError
