@@ -27,11 +27,21 @@ END = "<!-- metrics-table:end -->"
 _NAME = re.compile(r"\bedge_[a-z0-9_]+")
 
 
+def _collectors(m: Any) -> list[Any]:
+    """Metrics' attributes, each policy's families (`metrics.<policy>`, defined in
+    gateway/policies/<name>/metrics.py) in their place."""
+    out = []
+    for value in vars(m).values():
+        nested = type(value).__name__.endswith("Metrics") and hasattr(value, "__dict__")
+        out.extend(_collectors(value) if nested else [value])
+    return out
+
+
 def registry() -> list[tuple[str, str, tuple[str, ...], str]]:
     """(exposed name, type, label names, help) of every collector, in definition order."""
     m = Metrics()
     out = []
-    for value in vars(m).values():
+    for value in _collectors(m):
         if isinstance(value, MetricWrapperBase):
             kind = str(value._type)
             name: str = value._name + ("_total" if kind == "counter" else "")

@@ -1,8 +1,11 @@
 """Prometheus metrics of the gateway.
 
-Owns: every collector (names follow Prometheus conventions: `edge_` prefix, `_total` for
-counters, `_seconds` for durations), the registry they live on, and exposition (with the
-multiprocess collector when `PROMETHEUS_MULTIPROC_DIR` is set for `server.workers > 1`).
+Owns: the registry, the collectors of the request path, proxy, store, process and alerts
+(names follow Prometheus conventions: `edge_` prefix, `_total` for counters, `_seconds`
+for durations), and exposition (with the multiprocess collector when
+`PROMETHEUS_MULTIPROC_DIR` is set for `server.workers > 1`). Each policy's families are
+defined in its package (gateway/policies/<name>/metrics.py) and composed here as
+`metrics.<name>`.
 Labels are small fixed vocabularies (route names, status codes, outcome words): never a
 token, user id, path or claim value.
 """
@@ -10,7 +13,6 @@ token, user id, path or claim value.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,51 +24,45 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.observability.collectors import LATENCY_BUCKETS, Children
+from gateway.policies.auth.metrics import AuthMetrics
+from gateway.policies.breaker.metrics import BreakerMetrics
+from gateway.policies.cache.metrics import CacheMetrics
+from gateway.policies.concurrency.metrics import ConcurrencyMetrics
+from gateway.policies.heartbeat.metrics import HeartbeatMetrics
+from gateway.policies.ratelimit.metrics import RateLimitMetrics
+from gateway.policies.refresh.metrics import RefreshMetrics
+
 # `_created` series double the exposition for no use on dashboards.
 disable_created_metrics()
-
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-
-
-class Children:
-    """A metric's children by label values, each made once: prometheus_client's
-    `labels()` validates, builds a tuple and takes a lock on every call (1-2 µs on the
-    hot path). Label values are the small fixed vocabularies this module allows, so the
-    cache stays small."""
-
-    __slots__ = ("cache", "metric")
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self.cache: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *labels: str) -> Any:
-        child = self.cache.get(labels)
-        if child is None:
-            child = self.cache[labels] = self.metric.labels(*labels)
-        return child
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Registration order is exposition order: kept as it always was.
+        self._request_families(r)
+        self._upstream_families(r)
+        self._store_and_process_families(r)
+        # Each policy's families, defined in its package (in the exposition order they
+        # always had).
+        self.cache = CacheMetrics(r)
+        self.refresh = RefreshMetrics(r)
+        self.breaker = BreakerMetrics(r)
+        self.auth = AuthMetrics(r)
+        self.ratelimit = RateLimitMetrics(r)
+        self.concurrency = ConcurrencyMetrics(r)
+        self.heartbeat = HeartbeatMetrics(r)
+        self._alert_families(r)
+
+        # Cached children of the counters the per-request paths touch.
+        self.upstream_status = Children(self.upstream_requests)
+        self.upstream_error = Children(self.upstream_errors)
+        self._store_errors = Children(self.store_errors)
+
+    def _request_families(self, r: CollectorRegistry) -> None:
+        """Requests as the clients see them, and config reloads."""
         self.config_reloads = Counter(
             "edge_config_reloads_total",
             "Config reloads, by result (ok, error, unchanged).",
@@ -92,6 +88,9 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    def _upstream_families(self, r: CollectorRegistry) -> None:
+        """Requests to the upstreams (gateway/proxy), WebSockets included."""
         self.upstream_requests = Counter(
             "edge_upstream_requests_total",
             "Requests sent upstream, by upstream and status.",
@@ -131,6 +130,9 @@ class Metrics:
             ["route", "by"],
             registry=r,
         )
+
+    def _store_and_process_families(self, r: CollectorRegistry) -> None:
+        """The store's health and this process's own state."""
         self.store_errors = Counter(
             "edge_store_errors_total",
             "Store operations that failed, by operation and kind.",
@@ -170,139 +172,9 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        # cache policy (gateway/policies/cache.py)
-        self.cache_results = Counter(
-            "edge_cache_results_total",
-            "Requests on cached routes, by result (hit, miss, stale, bypass, denied, error).",
-            ["route", "result"],
-            registry=r,
-        )
-        self.cache_refresh = Histogram(
-            "edge_cache_refresh_duration_seconds",
-            "Time of the upstream call that fills or refreshes a cache entry.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        # refresh (gateway/policies/refresh.py)
-        self.refresh = Counter(
-            "edge_refresh_total",
-            "Token refreshes answered, by outcome (leader, follower, replay, passthrough,"
-            " upstream_error, invalid_request, wait_timeout, store_closed).",
-            ["outcome"],
-            registry=r,
-        )
-        self.refresh_upstream_latency = Histogram(
-            "edge_refresh_upstream_duration_seconds",
-            "Time of the one upstream refresh call a coalesced group made.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.refresh_waiting = Gauge(
-            "edge_refresh_waiting",
-            "Refreshes waiting for a leader on another replica.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.refresh_takeovers = Counter(
-            "edge_refresh_takeovers_total",
-            "Refreshes that took over a token's lock after its leader stopped renewing it.",
-            registry=r,
-        )
-        # breaker (gateway/policies/breaker.py)
-        self.breaker_state = Gauge(
-            "edge_breaker_state",
-            "Circuit breaker state per group: 0 closed, 1 half-open, 2 open.",
-            ["group"],
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.breaker_transitions = Counter(
-            "edge_breaker_transitions_total",
-            "Circuit breaker state changes, by group and new state.",
-            ["group", "to"],
-            registry=r,
-        )
-        self.breaker_shed = Counter(
-            "edge_breaker_shed_total",
-            "Requests answered 503 at the edge because the group's breaker was open.",
-            ["group"],
-            registry=r,
-        )
-        self.negative_cache_hits = Counter(
-            "edge_negative_cache_hits_total",
-            "Repeated 4xx answered from the per-caller negative cache, by route.",
-            ["route"],
-            registry=r,
-        )
-        # auth (gateway/policies/auth.py)
-        self.auth_verifications = Counter(
-            "edge_auth_verifications_total",
-            "Access-token verifications, by result (ok, expired, bad_signature, ...).",
-            ["result"],
-            registry=r,
-        )
-        self.auth_token_cache = Counter(
-            "edge_auth_token_cache_total",
-            "Verified-token cache lookups, by outcome (hit, miss).",
-            ["outcome"],
-            registry=r,
-        )
-        self.jwks_fetches = Counter(
-            "edge_jwks_fetches_total",
-            "JWKS fetches, by outcome (ok, error, timeout, invalid).",
-            ["outcome"],
-            registry=r,
-        )
-        self.auth_revalidations = Counter(
-            "edge_auth_revalidations_total",
-            "GoTrue /user revalidations, by outcome (ok, revoked, error).",
-            ["outcome"],
-            registry=r,
-        )
-        # rate limiting and concurrency (gateway/policies/ratelimit.py)
-        self.ratelimit_decisions = Counter(
-            "edge_ratelimit_decisions_total",
-            "Rate-limit decisions, by route and result (allowed, limited, limited_cached, "
-            "local_allowed, local_limited, store_open, store_closed).",
-            ["route", "result"],
-            registry=r,
-        )
-        self.concurrency_rejections = Counter(
-            "edge_concurrency_rejections_total",
-            "Requests refused because the route's concurrency cap was full.",
-            ["route"],
-            registry=r,
-        )
-        # heartbeat shedding and presence (gateway/policies/heartbeat.py)
-        self.heartbeats = Counter(
-            "edge_heartbeats_total",
-            "Heartbeats by route and outcome (forwarded, absorbed, negative, unkeyed, "
-            "failed_open, failed_closed, local_forwarded, local_absorbed, local_negative; "
-            "flushed counts viewer entries written by a flush).",
-            ["route", "outcome"],
-            registry=r,
-        )
-        self.heartbeat_flushes = Counter(
-            "edge_heartbeat_flush_total",
-            "Batch flush requests (one per webinar per flush), by result (ok, failed, "
-            "store_error).",
-            ["result"],
-            registry=r,
-        )
-        self.heartbeat_flush_batch = Histogram(
-            "edge_heartbeat_flush_batch_size",
-            "Viewer entries sent in one flush request.",
-            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
-            registry=r,
-        )
-        self.heartbeat_flush_latency = Histogram(
-            "edge_heartbeat_flush_duration_seconds",
-            "Time of one flush request to flush_upstream.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        # alerting (gateway/observability/alerts.py)
+
+    def _alert_families(self, r: CollectorRegistry) -> None:
+        """Alert delivery (gateway/observability/alerts.py)."""
         self.alerts_sent = Counter(
             "edge_alerts_sent_total",
             "Webhook deliveries, by kind (slack, discord, generic) and result (ok, retry, "
@@ -317,13 +189,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-
-        # Cached children of the counters the per-request paths touch.
-        self.auth_result = Children(self.auth_verifications)
-        self.auth_cache = Children(self.auth_token_cache)
-        self.upstream_status = Children(self.upstream_requests)
-        self.upstream_error = Children(self.upstream_errors)
-        self._store_errors = Children(self.store_errors)
 
     def on_store_error(self, op: str, kind: str) -> None:
         self._store_errors(op, kind).inc()

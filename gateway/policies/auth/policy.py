@@ -455,7 +455,7 @@ class JwksCache:
             outcome = "error"
             self.last_error = type(exc).__name__
         self.fetches += 1
-        self.rt.metrics.jwks_fetches.labels(outcome).inc()
+        self.rt.metrics.auth.jwks_fetches.labels(outcome).inc()
         if outcome != "ok":
             # Say what is in force: an earlier key set, or none (then only HS256 tokens,
             # if a secret is set, can verify until a fetch succeeds).
@@ -575,29 +575,29 @@ class Verifier:
 
     async def verify(self, token: str) -> VerifiedToken:
         """Verify signature and claims (cached until `exp`); raises VerifyError."""
-        metrics = self.rt.metrics
+        metrics = self.rt.metrics.auth
         now = self.rt.clock()
         if self.jwks is not None:
             self.jwks.maybe_refresh(now)
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
-            metrics.auth_result("malformed").inc()
+            metrics.result("malformed").inc()
             raise VerifyError("malformed", "the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
         raw = self.cache.get(digest)
         if raw is not None:
             hit = _unpack(digest, raw)
             if now <= hit.exp + self.settings.leeway and self._key_still_trusted(hit):
-                metrics.auth_cache("hit").inc()
-                metrics.auth_result(RESULT_OK).inc()
+                metrics.cache("hit").inc()
+                metrics.result(RESULT_OK).inc()
                 return hit
             self.cache.pop(digest)
-        metrics.auth_cache("miss").inc()
+        metrics.cache("miss").inc()
         try:
             vt = await self._verify(token, digest, now)
         except VerifyError as exc:
-            metrics.auth_result(exc.result).inc()
+            metrics.result(exc.result).inc()
             raise
-        metrics.auth_result(RESULT_OK).inc()
+        metrics.result(RESULT_OK).inc()
         packed = _pack(vt)
         if packed is not None:
             self.cache.put(digest, packed)
@@ -767,7 +767,7 @@ class Verifier:
             ok, outcome = False, "revoked"
         else:
             ok, outcome = True, "error"
-        self.rt.metrics.auth_revalidations.labels(outcome).inc()
+        self.rt.metrics.auth.revalidations.labels(outcome).inc()
         self.revalidations.put(digest, _Revalidation(ok, self.rt.clock()))
         return ok
 
@@ -868,14 +868,14 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     key that names no user (the project's anon key, which supabase-js sends when it has
     no session in memory; its `iss` and `aud` are not a session's) claims no identity,
     so the session cookie is tried next."""
-    metrics = verifier.rt.metrics
+    metrics = verifier.rt.metrics.auth
     count = _authorization_count(scope)
     if count > 1:
-        metrics.auth_result("malformed").inc()
+        metrics.result("malformed").inc()
         return VerifyError("malformed", "more than one Authorization header")
     bearer = bearer_token(scope) if count else None
     if count and bearer is None:
-        metrics.auth_result("malformed").inc()
+        metrics.result("malformed").inc()
         return VerifyError("malformed", "the Authorization header is not a Bearer token")
     if bearer is not None:
         try:
@@ -890,7 +890,7 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     if cookie is None or cookie == bearer:
         if bearer is not None:
             return VerifyError("bad_claims", "the access token names no user")
-        metrics.auth_result("missing").inc()
+        metrics.result("missing").inc()
         return VerifyError("missing", "an access token is required")
     try:
         vt = await verifier.verify(cookie)
@@ -945,7 +945,7 @@ class AuthPolicy:
         if not isinstance(res, VerifyError) and self.revalidate > 0:
             token, vt = res
             if not await verifier.revalidate(token, vt.digest, self.revalidate):
-                verifier.rt.metrics.auth_result("revoked").inc()
+                verifier.rt.metrics.auth.result("revoked").inc()
                 res = VerifyError("revoked", "the session has ended")
         if isinstance(res, VerifyError):
             if self.required:

@@ -161,10 +161,10 @@ class Breaker:
         self._timer: asyncio.TimerHandle | None = None
         self._owners = _GAUGE_OWNER.setdefault(metrics, {})
         self._owners[group] = self
-        self._gauge = metrics.breaker_state.labels(group)
+        self._gauge = metrics.breaker.state.labels(group)
         self._gauge.set(0)
-        self._transitions = metrics.breaker_transitions
-        self._shed = metrics.breaker_shed.labels(group)
+        self._transitions = metrics.breaker.transitions
+        self._shed = metrics.breaker.shed.labels(group)
 
     # ------------------------------------------------------------------ transitions
 
@@ -406,7 +406,7 @@ class BreakerPolicy:
             if self.cfg.negative_ttl > 0 and self.negative_statuses
             else None
         )
-        self._neg_hits = rt.metrics.negative_cache_hits.labels(self.route)
+        self._neg_hits = rt.metrics.breaker.negative_hits.labels(self.route)
         self._open_header = (b"x-edge-breaker", b"open")
 
     # ------------------------------------------------------------------ negative cache

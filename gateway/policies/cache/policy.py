@@ -412,8 +412,8 @@ class CachePolicy:
         # so a request's variant key is computed before the lookup, in one round trip.
         self._vary_names: tuple[bytes, ...] = ()
         m = rt.metrics
-        self._results = {r: m.cache_results.labels(self.route, r) for r in _RESULTS}
-        self._refresh = m.cache_refresh.labels(self.route)
+        self._results = {r: m.cache.results.labels(self.route, r) for r in _RESULTS}
+        self._refresh = m.cache.fill_latency.labels(self.route)
         self._fallback = m.store_fallbacks.labels("cache", self.on_failure)
         # Shared across requests of this process (not per-request state): the refresh in
         # flight per entry key, so N concurrent requests here cost one upstream call, and

@@ -29,7 +29,7 @@ class ConcurrencyPolicy:
         self.by = cfg.by
         self.max = cfg.max
         self.retry_after = str(max(1, math.ceil(cfg.retry_after))).encode()
-        self.rejections = rt.metrics.concurrency_rejections.labels(route_cfg.name)
+        self.rejections = rt.metrics.concurrency.rejections.labels(route_cfg.name)
         # Shared per-process state, visible in /readyz and /_edge/status.
         table: dict[str, dict[str, int]] = rt.services.setdefault("concurrency", {})
         self.in_flight: dict[str, int] = table.setdefault(route_cfg.name, {})

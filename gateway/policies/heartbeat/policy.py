@@ -510,7 +510,7 @@ class HeartbeatPolicy:
         # When a store call of this route last failed (seconds, runtime clock).
         self.failed_at = float("-inf")
         self.fallbacks = rt.metrics.store_fallbacks
-        counter = rt.metrics.heartbeats
+        counter = rt.metrics.heartbeat.outcomes
         self.count = {o: counter.labels(self.route, o) for o in OUTCOMES}
         if "{webinar_id" not in route_cfg.match.path:
             log.warning(
@@ -901,12 +901,12 @@ class Flusher:
         )
         self.index_keys = _index_keys(route)
         self.lock_key = f"hbflush:{Store.tag(route)}:lock"
-        m = rt.metrics
-        self.flushed = m.heartbeats.labels(route, "flushed")
-        self.refused = m.heartbeats.labels(route, "refused")
-        self.results = {r: m.heartbeat_flushes.labels(r) for r in ("ok", "failed", "store_error")}
-        self.batch_size = m.heartbeat_flush_batch
-        self.latency = m.heartbeat_flush_latency
+        m = rt.metrics.heartbeat
+        self.flushed = m.outcomes.labels(route, "flushed")
+        self.refused = m.outcomes.labels(route, "refused")
+        self.results = {r: m.flushes.labels(r) for r in ("ok", "failed", "store_error")}
+        self.batch_size = m.flush_batch
+        self.latency = m.flush_latency
         self.task: asyncio.Task[Any] | None = None
         self._running = asyncio.Lock()
         self.last: dict[str, Any] = {}

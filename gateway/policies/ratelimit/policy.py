@@ -324,7 +324,7 @@ class RateLimitPolicy:
         self.clock = rt.clock
         self.fallbacks = rt.metrics.store_fallbacks
         self.full_policy = ", ".join(r.policy_item for r in self.rules).encode()
-        decisions = rt.metrics.ratelimit_decisions
+        decisions = rt.metrics.ratelimit.decisions
         self.count = {res: decisions.labels(self.route, res) for res in RESULTS}
         self.closed_retry = str(max(1, math.ceil(rt.config.store.backoff))).encode()
         store_cfg = rt.config.store

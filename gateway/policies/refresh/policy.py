@@ -335,10 +335,10 @@ class RefreshPolicy:
         self.lock_ms = max(1, int(self.cfg.lock_ttl * 1000))
         self.on_failure = self.cfg.on_failure or rt.config.store.on_failure
         m = rt.metrics
-        self.m_outcome = m.refresh
-        self.m_latency = m.refresh_upstream_latency
-        self.m_waiting = m.refresh_waiting
-        self.m_takeovers = m.refresh_takeovers
+        self.m_outcome = m.refresh.outcomes
+        self.m_latency = m.refresh.upstream_latency
+        self.m_waiting = m.refresh.waiting
+        self.m_takeovers = m.refresh.takeovers
         self.m_fallbacks = m.store_fallbacks
         # Flights in progress in this process, shared by every refresh route: process-wide
         # by design (that is what single flight is), so it lives in rt.services.

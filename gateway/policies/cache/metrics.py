@@ -1,0 +1,26 @@
+"""Metric families of the cache policy. Names, labels and help text are what dashboards and
+alerts read: change none. `Metrics` (gateway/observability/metrics.py) builds one per
+registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from gateway.observability.collectors import LATENCY_BUCKETS
+
+
+class CacheMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.results = Counter(
+            "edge_cache_results_total",
+            "Requests on cached routes, by result (hit, miss, stale, bypass, denied, error).",
+            ["route", "result"],
+            registry=registry,
+        )
+        self.fill_latency = Histogram(
+            "edge_cache_refresh_duration_seconds",
+            "Time of the upstream call that fills or refreshes a cache entry.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )

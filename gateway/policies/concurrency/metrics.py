@@ -1,0 +1,17 @@
+"""Metric families of the concurrency policy. Names, labels and help text are what dashboards
+and alerts read: change none. `Metrics` (gateway/observability/metrics.py) builds one per
+registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+class ConcurrencyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rejections = Counter(
+            "edge_concurrency_rejections_total",
+            "Requests refused because the route's concurrency cap was full.",
+            ["route"],
+            registry=registry,
+        )
