@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from gateway.pool import idle_budget
+from gateway.proxy.pool import idle_budget
 from tests.conftest import NodeUpstream
 from tests.helpers import make_config, run_gateway
 from tests.test_proxy import raw_request
