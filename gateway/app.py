@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import getrandbits as _randbits
 from typing import Any
 
@@ -92,6 +92,21 @@ def build_ws_chain(route: CompiledRoute, rt: Runtime) -> Handler:
 
         handler = AuthPolicy(handler, cfg, rt)
     return handler
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the access log and the request metrics record about one request, filled in
+    as the request goes (status from the response start, route once matched)."""
+
+    start: float
+    route: str = "none"
+    status: int = 0
+    request_id: str = ""
+    client_ip: str = ""
+    # Seconds spent on the upstream call; None when the proxy was not reached.
+    upstream: float | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -246,134 +261,113 @@ class Gateway:
         return ctx, request_id, client_ip
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = time.perf_counter()
         state = self.state
-        ctx, request_id, client_ip = self._context(state, scope, receive)
-        rid_header = (b"x-request-id", request_id.encode())
-        status = 0
+        out = Outcome(time.perf_counter())
+        ctx, out.request_id, out.client_ip = self._context(state, scope, receive)
+        rid_header = (b"x-request-id", out.request_id.encode())
 
         async def send_with_id(msg: Message) -> None:
-            nonlocal status
             if msg["type"] == "http.response.start":
-                status = msg["status"]
+                out.status = msg["status"]
                 msg["headers"] = [*msg.get("headers", ()), rid_header]
             await send(msg)
 
         refused = _refusal(scope)
         if refused is not None:
             await send_error(send_with_id, 400, *refused)
-            self._finish(state, "none", scope, 400, start, request_id, client_ip, None, [])
-            return
-        if scope["path"].startswith("/_edge/"):
-            await state.edge(scope, receive, send_with_id, ctx, client_ip)
-            self._finish(state, "_edge", scope, status, start, request_id, client_ip, None, [])
-            return
-        if ctx is None:
+        elif scope["path"].startswith("/_edge/"):
+            out.route = "_edge"
+            await state.edge(scope, receive, send_with_id, ctx, out.client_ip)
+        elif ctx is None:
             await send_error(send_with_id, 404, "no_route", "no route matches this request")
-            self._finish(state, "none", scope, 404, start, request_id, client_ip, None, [])
+        else:
+            await self._route(state, ctx, receive, send_with_id, out)
             return
+        self._finish(state, scope, out)
+
+    async def _route(
+        self, state: _State, ctx: RequestContext, receive: Receive, send: Send, out: Outcome
+    ) -> None:
+        """Run the route's chain; whatever happens, the outcome is recorded."""
         route = ctx.route
+        out.route = route.name
         handler = route.handler
         assert handler is not None
         self._in_flight.inc()
         state.in_flight += 1
         try:
-            await handler(ctx, receive, send_with_id)
+            await handler(ctx, receive, send)
         except ClientGone:
-            status = 499
+            out.status = 499
             ctx.notes.append("client_gone")
         except TruncatedResponse:
             raise
         except Exception:
-            log.exception("unhandled error", extra={"request_id": request_id, "route": route.name})
-            if status == 0:
-                await send_error(
-                    send_with_id, 500, "internal_error", "the gateway failed to handle this request"
-                )
-                status = 500
-            else:
+            log.exception(
+                "unhandled error", extra={"request_id": out.request_id, "route": route.name}
+            )
+            if out.status != 0:
                 raise
+            await send_error(
+                send, 500, "internal_error", "the gateway failed to handle this request"
+            )
+            out.status = 500
         finally:
             self._in_flight.dec()
             state.leave()
-            self._finish(
-                state,
-                route.name,
-                scope,
-                ctx.status or status,
-                start,
-                request_id,
-                client_ip,
-                ctx.upstream_seconds,
-                ctx.notes,
-            )
+            out.status = ctx.status or out.status
+            out.upstream = ctx.upstream_seconds
+            out.notes = ctx.notes
+            self._finish(state, ctx.scope, out)
 
-    def _finish(
-        self,
-        state: _State,
-        route: str,
-        scope: Scope,
-        status: int,
-        start: float,
-        request_id: str,
-        client_ip: str,
-        upstream: float | None,
-        notes: list[str],
-    ) -> None:
-        duration = time.perf_counter() - start
+    def _finish(self, state: _State, scope: Scope, out: Outcome) -> None:
+        duration = time.perf_counter() - out.start
         method = scope.get("method", "GET")
         if method not in _METHODS:
             method = "OTHER"  # the method is the client's: keep label cardinality bounded
         # Children are cached: labels() costs a lock and a dict build per call.
-        key = (route, method, status)
+        key = (out.route, method, out.status)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self._requests.labels(route, method, str(status)),
-                self._latency.labels(route),
+                self._requests.labels(out.route, method, str(out.status)),
+                self._latency.labels(out.route),
             )
         children[0].inc()
         children[1].observe(duration)
-        if upstream is not None:  # the proxy reached (or tried) the upstream
-            state.health.record(status)
+        if out.upstream is not None:  # the proxy reached (or tried) the upstream
+            state.health.record(out.status)
         access_log = state.rt.access_log
         if access_log is not None:
             access_log.write(
-                request_id=request_id,
-                route=route,
+                request_id=out.request_id,
+                route=out.route,
                 method=method,
                 path=scope["path"],
-                status=status,
+                status=out.status,
                 duration=duration,
-                upstream=upstream,
-                client_ip=client_ip,
-                notes=notes,
+                upstream=out.upstream,
+                client_ip=out.client_ip,
+                notes=out.notes,
             )
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = time.perf_counter()
         state = self.state
-        ctx, request_id, client_ip = self._context(state, scope)
+        out = Outcome(time.perf_counter())
+        ctx, out.request_id, out.client_ip = self._context(state, scope)
         if ctx is None or _refusal(scope) is not None:
             await send({"type": "websocket.close", "code": 1008})
             return
+        out.route = ctx.route.name
         handler = state.ws_handlers[ctx.route.name]
         state.in_flight += 1
         try:
             await handler(ctx, receive, _ws_send_adapter(send, ctx))
         finally:
             state.leave()
-            self._finish(
-                state,
-                ctx.route.name,
-                scope,
-                ctx.status,
-                start,
-                request_id,
-                client_ip,
-                None,
-                ctx.notes,
-            )
+            out.status = ctx.status
+            out.notes = ctx.notes
+            self._finish(state, scope, out)
 
 
 def _refusal(scope: Scope) -> tuple[str, str] | None:
