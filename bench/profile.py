@@ -7,7 +7,7 @@ called them). It then prints
 
 - the share of samples per layer: server (uvicorn + httptools + the event loop), ASGI
   dispatch (gateway/app.py), routing, auth, policies, upstream client (aiohttp +
-  gateway/proxy.py + gateway/pool.py), logging, metrics, GC, other; each sample is
+  gateway/proxy/), logging, metrics, GC, other; each sample is
   charged to the innermost frame whose file belongs to a layer;
 - the top functions by self time and by inclusive time.
 
@@ -59,7 +59,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "policies",
         ("gateway/policies/", "gateway/store/", "redis/", "hiredis"),
     ),
-    ("upstream client", ("aiohttp", "gateway/proxy.py", "gateway/pool.py", "yarl", "multidict")),
+    ("upstream client", ("aiohttp", "gateway/proxy/", "yarl", "multidict")),
     ("ASGI dispatch", ("gateway/app.py", "gateway/http.py", "gateway/headers.py", "gateway/net")),
     ("server", ("uvicorn", "httptools", "gateway/protocol.py", "uvloop", "asyncio")),
 ]

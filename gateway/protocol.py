@@ -23,7 +23,7 @@ calls from its tick to expire slow heads. It adds:
   upstream) is written at the start of the next turn, so streaming is not delayed.
 - `scope["extensions"]["edge.client_lost"]` (`ClientLost`): the app can ask to be called
   back when the connection closes before its response is complete, instead of keeping a
-  task blocked on `receive()` for that (gateway/proxy.py's `DisconnectWatch`).
+  task blocked on `receive()` for that (gateway/proxy/watch.py's `DisconnectWatch`).
 
 A head that starts inside a read that also carried the end of the previous request
 (pipelining) is counted from the next read: such a head may exceed the limit by at most
