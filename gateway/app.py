@@ -1,9 +1,10 @@
 """Builds the public ASGI app from config.
 
-Owns: the request pipeline's shape and the order of the policies (the one place it is
-written down): route match → auth → rate limit → route policy (refresh | heartbeat |
-cache) → concurrency → breaker → proxy. Also: request ids, the per-request context, the
-access log and request metrics, edge endpoints under /_edge/, lifespan.
+Owns: the request pipeline's shape: route match → the route's policy chain, built by
+walking the registry in gateway/policies/__init__.py (auth → rate limit → refresh |
+heartbeat | cache → concurrency → breaker; the order is written down there) → proxy.
+Also: request ids, the per-request context, the access log and request metrics, edge
+endpoints under /_edge/, lifespan.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.http import (
     Send,
     send_error,
 )
+from gateway.policies import POLICIES
 from gateway.proxy import ClientGone, Proxy, TruncatedResponse, WebSocketProxy
 from gateway.routing import CompiledRoute, RouteTable, unsafe_path
 from gateway.runtime import Runtime
@@ -41,56 +43,27 @@ _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def build_chain(route: CompiledRoute, rt: Runtime) -> Handler:
-    """Compose one route's handlers, innermost (proxy) first. Each policy is built once
-    here and keeps no per-request state on itself."""
+    """Compose one route's handlers, innermost (proxy) first, walking the policy registry
+    (gateway/policies/__init__.py) from its end. Each policy is built once here and keeps
+    no per-request state on itself."""
     cfg = route.config
     upstream = rt.upstreams[cfg.upstream]
-    proxy = Proxy(upstream, rt.config.server, rt.trusted, rt.metrics, cfg.read_timeout)
-    handler: Handler = proxy
-    # Imported here so a config without a policy never loads its module.
-    if cfg.breaker is not None:
-        from gateway.policies.breaker.policy import BreakerPolicy
-
-        handler = BreakerPolicy(handler, cfg, rt, proxy)
-    if cfg.concurrency is not None:
-        # A cap on requests going upstream: inside heartbeat, cache and refresh, so what
-        # the edge answers itself (absorbed heartbeats, cache hits, replays) and the
-        # waiters of a single flight take no slot.
-        from gateway.policies.concurrency.policy import ConcurrencyPolicy
-
-        handler = ConcurrencyPolicy(handler, cfg, rt)
-    if cfg.cache is not None:
-        from gateway.policies.cache.policy import CachePolicy
-
-        handler = CachePolicy(handler, cfg, rt, proxy)
-    if cfg.heartbeat is not None:
-        from gateway.policies.heartbeat.policy import HeartbeatPolicy
-
-        handler = HeartbeatPolicy(handler, cfg, rt, proxy)
-    if cfg.refresh is not None:
-        from gateway.policies.refresh.policy import RefreshPolicy
-
-        handler = RefreshPolicy(handler, cfg, rt, proxy)
-    if cfg.rate_limit:
-        from gateway.policies.ratelimit.policy import RateLimitPolicy
-
-        handler = RateLimitPolicy(handler, cfg, rt)
-    if cfg.auth.mode != "off":
-        from gateway.policies.auth.policy import AuthPolicy
-
-        handler = AuthPolicy(handler, cfg, rt)
+    handler: Handler = Proxy(upstream, rt.config.server, rt.trusted, rt.metrics, cfg.read_timeout)
+    for spec in reversed(POLICIES):
+        if spec.enabled(cfg):
+            handler = spec.build(handler, cfg, rt)
     return handler
 
 
 def build_ws_chain(route: CompiledRoute, rt: Runtime) -> Handler:
+    """The WebSocket chain: the policies that declare `websocket`, then the proxy."""
     cfg = route.config
     handler: Handler = WebSocketProxy(
         rt.upstreams[cfg.upstream], rt.config.server, rt.trusted, rt.metrics, cfg.name
     )
-    if cfg.auth.mode != "off":
-        from gateway.policies.auth.policy import AuthPolicy
-
-        handler = AuthPolicy(handler, cfg, rt)
+    for spec in reversed(POLICIES):
+        if spec.websocket and spec.enabled(cfg):
+            handler = spec.build(handler, cfg, rt)
     return handler
 
 

@@ -26,18 +26,14 @@ from starlette.routing import compile_path
 
 from gateway.model import ConfigIssue as ConfigIssue
 from gateway.model import FailureMode, Section
+from gateway.policies import POLICIES
 from gateway.policies.auth.config import AuthSettings as AuthSettings
 from gateway.policies.auth.config import RouteAuth, settings_issues
 from gateway.policies.breaker.config import BreakerConfig
-from gateway.policies.cache import config as cache_config
 from gateway.policies.cache.config import CacheConfig
-from gateway.policies.concurrency import config as concurrency_config
 from gateway.policies.concurrency.config import ConcurrencyConfig
-from gateway.policies.heartbeat import config as heartbeat_config
 from gateway.policies.heartbeat.config import HeartbeatConfig
-from gateway.policies.ratelimit import config as ratelimit_config
 from gateway.policies.ratelimit.config import RateLimitList
-from gateway.policies.refresh import config as refresh_config
 from gateway.policies.refresh.config import RefreshConfig
 from gateway.units import Duration
 
@@ -299,6 +295,10 @@ class RouteMatch(Section):
 
 
 class Route(Section):
+    # The policy sections are written out, one typed field per policy, rather than made
+    # from the registry (gateway/policies/__init__.py) with pydantic.create_model: mypy
+    # --strict sees `route.cache` as `CacheConfig | None` only if it is declared here, and
+    # every policy reads its own section through it.
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     match: RouteMatch
     upstream: str
@@ -471,28 +471,20 @@ def _reference_issues(data: dict[str, Any]) -> list[ConfigIssue]:
         if known is None:
             continue  # `upstreams` itself is missing or malformed: reported as such
         refs = [("upstream", route.get("upstream"))]
-        hb = route.get("heartbeat")
-        if isinstance(hb, dict):
-            refs += [(f"heartbeat.{k}", hb.get(k)) for k in heartbeat_config.UPSTREAM_REFS]
+        for spec in POLICIES:
+            section = route.get(spec.key)
+            if isinstance(section, dict):
+                refs += [(f"{spec.key}.{k}", section.get(k)) for k in spec.upstream_refs]
         for key, ref in refs:
             if isinstance(ref, str) and ref and ref not in known:
                 issues.append(ConfigIssue(f"routes[{i}].{key}", f"unknown upstream {ref!r}"))
     return issues
 
 
-# Each policy's checks of what its section asks of the rest of the route (its package's
-# config.py), in the order their issues are listed.
-_ROUTE_CHECKS = (
-    cache_config.route_issues,
-    refresh_config.route_issues,
-    ratelimit_config.route_issues,
-    concurrency_config.route_issues,
-)
-
-
 def _route_issues(i: int, route: Route) -> list[ConfigIssue]:
-    """Policy combinations one route's valid settings do not allow."""
-    return [issue for check in _ROUTE_CHECKS for issue in check(f"routes[{i}]", route)]
+    """Policy combinations one route's valid settings do not allow: each policy's own
+    checks (its package's config.py), in chain order."""
+    return [issue for spec in POLICIES for issue in spec.route_issues(f"routes[{i}]", route)]
 
 
 @dataclass(frozen=True, slots=True)

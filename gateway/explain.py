@@ -18,12 +18,14 @@ from gateway.config import GatewayConfig, Route
 from gateway.headers import host_problem
 from gateway.http import Scope
 from gateway.net import TrustedProxies
+from gateway.policies import POLICIES
+from gateway.policies import POLICY_ORDER as POLICY_ORDER
+from gateway.policies.spec import PolicySpec
 from gateway.routing import RouteTable, unsafe_path
 from gateway.units import format_duration as dur
 
-# The order app.build_chain composes the policies in, outermost first (the proxy is
-# last). tests/test_explain.py checks this against a chain app.py really builds.
-POLICY_ORDER = ("auth", "rate_limit", "refresh", "heartbeat", "cache", "concurrency", "breaker")
+# POLICY_ORDER (re-exported): the route keys in the order app.build_chain composes the
+# policies, outermost first (the proxy is last); it comes from the registry both walk.
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +168,12 @@ class _Request:
 def _chain(cfg: GatewayConfig, route: Route, req: _Request) -> list[Step]:
     steps: list[Step] = []
     websocket = req.scope["type"] == "websocket"
-    for name in POLICY_ORDER:
-        # The WebSocket chain is auth + the WebSocket proxy (app.build_ws_chain).
-        if websocket and name != "auth":
+    for spec in POLICIES:
+        # The WebSocket chain holds only the policies that declare it (app.build_ws_chain).
+        if websocket and not spec.websocket:
             continue
-        step = _DESCRIBE[name](cfg, route, req)
+        describe = _DESCRIBE.get(spec.key)
+        step = describe(cfg, route, req) if describe else _settings(spec, route)
         if step is not None:
             steps.append(step)
     steps.append(_proxy(cfg, route, req))
@@ -346,6 +349,13 @@ def _breaker(cfg: GatewayConfig, route: Route, req: _Request) -> Step | None:
     )
 
 
+def _settings(spec: PolicySpec, route: Route) -> Step | None:
+    """A policy this module has no words for: its section as configured."""
+    if not spec.enabled(route):
+        return None
+    return Step(spec.key, [str(getattr(route, spec.key))])
+
+
 def _proxy(cfg: GatewayConfig, route: Route, req: _Request) -> Step:
     up = cfg.upstreams[route.upstream]
     raw = req.scope["raw_path"].decode("latin-1")
@@ -393,7 +403,7 @@ def route_table(cfg: GatewayConfig) -> str:
                 "&".join(f"{k}={v}" for k, v in (r.match.query or {}).items()) or "-",
                 r.upstream,
                 r.auth.mode,
-                ",".join(p for p in POLICY_ORDER[1:] if getattr(r, p)) or "-",
+                ",".join(p.key for p in POLICIES if p.key != "auth" and p.enabled(r)) or "-",
             )
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]

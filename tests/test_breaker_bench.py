@@ -29,7 +29,7 @@ def _policy(status: int, **breaker: Any) -> BreakerPolicy:
             }
         ],
     )
-    return BreakerPolicy(_stub(status), cfg.routes[0], Runtime(cfg), None)  # type: ignore[arg-type]
+    return BreakerPolicy(_stub(status), cfg.routes[0], Runtime(cfg))
 
 
 def _stub(status: int) -> Any:

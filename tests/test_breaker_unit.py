@@ -133,7 +133,7 @@ def test_negative_cache_key_is_per_caller_and_hashed() -> None:
     async def nothing(*_: Any) -> None:
         return None
 
-    policy = BreakerPolicy(nothing, cfg.routes[0], rt, None)  # type: ignore[arg-type]
+    policy = BreakerPolicy(nothing, cfg.routes[0], rt)
 
     def ident(sub: str) -> Identity:
         return Identity(sub=sub, role="authenticated", session_id=None, claims={}, exp=0)

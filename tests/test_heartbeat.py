@@ -744,7 +744,7 @@ async def test_recorder_sends_one_call_for_heartbeats_of_one_turn(redis_url: str
         async def unused(ctx: Any, receive: Any, send: Any) -> None:
             raise AssertionError("nothing is forwarded here")
 
-        policy = HeartbeatPolicy(unused, cfg.routes[0], rt, None)  # type: ignore[arg-type]
+        policy = HeartbeatPolicy(unused, cfg.routes[0], rt)
         assert policy.recorder is not None
         real_run = rt.store.run
         calls: list[int] = []

@@ -44,7 +44,7 @@ from gateway.http import (
 )
 from gateway.observability.metrics import Metrics
 from gateway.policies.breaker.config import BreakerConfig
-from gateway.proxy import ClientGone, Proxy
+from gateway.proxy import ClientGone
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
@@ -388,7 +388,7 @@ _NEGATIVE_KEEP_HEADERS = frozenset({b"content-type", b"cache-control", b"content
 class BreakerPolicy:
     """Route policy: negative cache → breaker admission → next (the proxy)."""
 
-    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
         assert route_cfg.breaker is not None
         self.next = next_handler
         self.cfg = route_cfg.breaker

@@ -57,7 +57,6 @@ from gateway.store.base import Script, ScriptArg, Store, StoreError
 if TYPE_CHECKING:
     from gateway.config import Route
     from gateway.policies.cache.config import CacheConfig
-    from gateway.proxy import Proxy
     from gateway.runtime import Runtime
     from gateway.store.memory import MemoryData
 
@@ -382,7 +381,7 @@ class _Tee:
 
 
 class CachePolicy:
-    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
         cfg = route_cfg.cache
         assert cfg is not None
         self.next = next_handler

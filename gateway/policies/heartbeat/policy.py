@@ -68,7 +68,6 @@ from gateway.store.memory import MemoryData
 if TYPE_CHECKING:
     from gateway.config import Route
     from gateway.policies.heartbeat.config import HeartbeatConfig, LocalResponse
-    from gateway.proxy import Proxy
     from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.heartbeat")
@@ -488,7 +487,7 @@ class HeartbeatPolicy:
     """`heartbeat:` on a route: record every heartbeat, forward a sample (or the first
     only, in batch mode), answer the rest at the edge."""
 
-    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
         hb = route_cfg.heartbeat
         assert hb is not None
         self.next = next_handler

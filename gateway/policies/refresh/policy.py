@@ -69,7 +69,7 @@ from gateway.http import (
     send_error,
 )
 from gateway.policies.refresh.config import RefreshConfig
-from gateway.proxy import BodyTooLarge, Proxy, TruncatedResponse, read_body
+from gateway.proxy import BodyTooLarge, TruncatedResponse, read_body
 from gateway.runtime import Runtime
 from gateway.store import Script, StoreError
 from gateway.store.memory import MemoryData
@@ -323,13 +323,13 @@ async def _no_disconnect() -> Message:
 class RefreshPolicy:
     """Route policy `refresh: {grace, lock_ttl, wait_timeout, poll_interval, on_failure}`."""
 
-    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime, proxy: Proxy) -> None:
+    def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
         assert route_cfg.refresh is not None
         self.next = next_handler
         self.cfg: RefreshConfig = route_cfg.refresh
         self.rt = rt
         self.store = rt.store
-        up = proxy.upstream.config
+        up = rt.config.upstreams[route_cfg.upstream]
         read = route_cfg.read_timeout or up.read_timeout
         self.wait_timeout = self.cfg.wait_timeout or (up.connect_timeout + read)
         self.lock_ms = max(1, int(self.cfg.lock_ttl * 1000))
