@@ -294,11 +294,11 @@ class RouteMatch(Section):
         return v
 
 
+# The policy sections are written out, one typed field per policy, rather than made from
+# the registry (gateway/policies/__init__.py) with pydantic.create_model: mypy --strict
+# sees `route.cache` as `CacheConfig | None` only if it is declared here, and every
+# policy reads its own section through it.
 class Route(Section):
-    # The policy sections are written out, one typed field per policy, rather than made
-    # from the registry (gateway/policies/__init__.py) with pydantic.create_model: mypy
-    # --strict sees `route.cache` as `CacheConfig | None` only if it is declared here, and
-    # every policy reads its own section through it.
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     match: RouteMatch
     upstream: str

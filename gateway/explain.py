@@ -3,9 +3,10 @@ with a request, read from the config alone.
 
 Owns: matching a request line (+ headers) against the route table exactly as the public
 app does (bad Host or path, `/_edge/*`, first match wins), and describing the chain of the
-matched route in the order app.py builds it, with each policy's settings and the key
-parts this request would use. Nothing here opens a socket or touches the store: tokens
-are found, never verified, and keys are shown as the parts they are made of.
+matched route in the order app.py builds it (the registry in gateway/policies), with each
+policy's settings and the key parts this request would use. Nothing here opens a socket
+or touches the store: tokens are found, never verified, and keys are shown as the parts
+they are made of.
 """
 
 from __future__ import annotations

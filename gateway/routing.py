@@ -8,7 +8,7 @@ handler chain of each route is attached by app.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -43,8 +43,6 @@ class CompiledRoute:
     methods: frozenset[str] | None
     query: tuple[tuple[str, str], ...]
     handler: Handler | None = None
-    # Pre-encoded route name, for the per-request metrics and logs.
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

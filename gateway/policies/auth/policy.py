@@ -55,6 +55,7 @@ from gateway.http import (
     send_json,
 )
 from gateway.policies.auth.config import AuthSettings
+from gateway.policies.auth.metrics import AuthMetrics
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.auth")
@@ -513,9 +514,12 @@ class Verifier:
     _audience: frozenset[str] = frozenset()
     _hmac_key: bytes = b""
     _claim_names: frozenset[str] = frozenset()
+    # Bound once: verify() counts on every request.
+    metrics: AuthMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.metrics = self.rt.metrics.auth
         if s.hs256_secret:
             key = OctKey.import_key(s.hs256_secret.encode())
             self.hs_key = _Key(None, "HS256", key, JWSRegistry.algorithms["HS256"])
@@ -575,7 +579,7 @@ class Verifier:
 
     async def verify(self, token: str) -> VerifiedToken:
         """Verify signature and claims (cached until `exp`); raises VerifyError."""
-        metrics = self.rt.metrics.auth
+        metrics = self.metrics
         now = self.rt.clock()
         if self.jwks is not None:
             self.jwks.maybe_refresh(now)
@@ -868,7 +872,7 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     key that names no user (the project's anon key, which supabase-js sends when it has
     no session in memory; its `iss` and `aud` are not a session's) claims no identity,
     so the session cookie is tried next."""
-    metrics = verifier.rt.metrics.auth
+    metrics = verifier.metrics
     count = _authorization_count(scope)
     if count > 1:
         metrics.result("malformed").inc()

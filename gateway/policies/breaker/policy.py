@@ -470,34 +470,12 @@ class BreakerPolicy:
         async def observe(msg: Message) -> None:
             nonlocal recorded, keep
             if msg["type"] == "http.response.start":
-                status: int = msg["status"]
-                headers = msg.get("headers", ())
-                ra = None
-                if status in (429, 503):
-                    for k, v in headers:
-                        if bytes(k).lower() == b"retry-after":
-                            ra = parse_retry_after(bytes(v), self.rt.clock())
-                            break
                 # Judged at the headers: a long stream must not hold a probe slot.
                 recorded = True
-                breaker.record(ticket, status, ra)
-                if neg_key is not None and status in self.negative_statuses:
-                    kept = [(bytes(k).lower(), bytes(v)) for k, v in headers]
-                    if not any(k == b"cache-control" and b"no-store" in v.lower() for k, v in kept):
-                        keep = _Negative(
-                            status, [(k, v) for k, v in kept if k in _NEGATIVE_KEEP_HEADERS], b""
-                        )
+                keep = self._judge(ticket, msg, neg_key)
             elif msg["type"] == "http.response.body" and keep is not None:
-                chunk = msg.get("body", b"")
-                if len(kept_body) + len(chunk) > _NEGATIVE_BODY_LIMIT:
-                    keep = None
-                else:
-                    kept_body.extend(chunk)
-                    if not msg.get("more_body", False) and self.negative is not None:
-                        keep.body = bytes(kept_body)
-                        assert neg_key is not None
-                        self.negative[neg_key] = keep
-                        keep = None
+                assert neg_key is not None
+                keep = self._keep_body(keep, kept_body, msg, neg_key)
             await send(msg)
 
         try:
@@ -514,6 +492,39 @@ class BreakerPolicy:
         else:
             if not recorded:
                 breaker.abandon(ticket)
+
+    def _judge(self, ticket: Ticket, msg: Message, neg_key: bytes | None) -> _Negative | None:
+        """Record the answer's status on the breaker; the negative entry to fill from the
+        body if the answer is one the route replays."""
+        status: int = msg["status"]
+        headers = msg.get("headers", ())
+        ra = None
+        if status in (429, 503):
+            for k, v in headers:
+                if bytes(k).lower() == b"retry-after":
+                    ra = parse_retry_after(bytes(v), self.rt.clock())
+                    break
+        self.breaker.record(ticket, status, ra)
+        if neg_key is None or status not in self.negative_statuses:
+            return None
+        kept = [(bytes(k).lower(), bytes(v)) for k, v in headers]
+        if any(k == b"cache-control" and b"no-store" in v.lower() for k, v in kept):
+            return None
+        return _Negative(status, [(k, v) for k, v in kept if k in _NEGATIVE_KEEP_HEADERS], b"")
+
+    def _keep_body(
+        self, keep: _Negative, kept_body: bytearray, msg: Message, neg_key: bytes
+    ) -> _Negative | None:
+        """Copy a body chunk (bounded); store the entry at the last one. None: stop."""
+        chunk = msg.get("body", b"")
+        if len(kept_body) + len(chunk) > _NEGATIVE_BODY_LIMIT:
+            return None
+        kept_body.extend(chunk)
+        if not msg.get("more_body", False) and self.negative is not None:
+            keep.body = bytes(kept_body)
+            self.negative[neg_key] = keep
+            return None
+        return keep
 
     async def _shed(self, ctx: RequestContext, send: Send) -> None:
         breaker = self.breaker

@@ -4,7 +4,7 @@
 -- by one rule costs nothing against the others.
 --
 -- KEYS[i]            TAT of rule i (microseconds, integer string); all keys share one
---                    Redis Cluster hash tag (see gateway/policies/ratelimit.py).
+--                    Redis Cluster hash tag (see gateway/policies/ratelimit/policy.py).
 -- ARGV[2i-1]         emission interval of rule i in microseconds (1e6 / rate), integer
 -- ARGV[2i]           burst of rule i (requests that may arrive at once), integer >= 1
 --

@@ -1,4 +1,4 @@
--- Start of a refresh of one token (gateway/policies/refresh.py), one round trip.
+-- Start of a refresh of one token (gateway/policies/refresh/policy.py), one round trip.
 -- KEYS[1] = replay-cache entry, KEYS[2] = lock
 -- ARGV[1] = our flight id, ARGV[2] = lock ttl (ms), ARGV[3] = '1' to look at the cache
 -- Returns {'replay', blob} | {'leader', our id} | {'follower', leader's id}.
