@@ -124,9 +124,6 @@ class Gateway:
 
     @staticmethod
     def _build(rt: Runtime) -> _State:
-        health = ErrorRatio(rt.config.client.degraded_error_ratio, rt.monotonic)
-        rt.services["upstream_health"] = health
-        rt.degraded_checks.append(health.unhealthy)
         table = RouteTable(rt.config.routes)
         ws_handlers: dict[str, Handler] = {}
         for route in table.routes:
@@ -136,7 +133,7 @@ class Gateway:
             from gateway.observability.alerts import AlertRecorder
 
             AlertRecorder.install(rt)
-        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), health)
+        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), rt.upstream_health)
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Swap in a validated config for new requests. Returns the changes that only a

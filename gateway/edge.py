@@ -47,6 +47,8 @@ class EdgeEndpoints:
         self._normal = json.dumps({"mode": "normal", **normal}).encode()
         self._degraded = json.dumps({"mode": "degraded", **degraded}).encode()
         self._cache_header = cache
+        # A heartbeat route creates the presence service the endpoint answers from.
+        self._presence = any(r.heartbeat is not None for r in rt.config.routes)
 
     async def __call__(
         self,
@@ -68,7 +70,7 @@ class EdgeEndpoints:
             await send_json(send, 200, body, [self._cache_header])
             return
         m = _PRESENCE.match(path)
-        if m and "presence" in self.rt.services:
+        if m and self._presence:
             from gateway.policies.heartbeat.policy import presence_endpoint
 
             await presence_endpoint(self.rt, scope, receive, send, m.group(1), client_ip)

@@ -1,7 +1,8 @@
 """Process-wide state shared by the public app, the admin app and the policies.
 
 Owns: the config in force, the store, the metrics, the upstream pools, the clock, the
-draining flag, and the start/stop of everything that holds a connection or a task.
+draining flag, the upstream error ratio, the typed services container (gateway/services.py),
+and the start/stop of everything that holds a connection or a task.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import GatewayConfig, config_digest
+from gateway.health import ErrorRatio
 from gateway.net import TrustedProxies
 from gateway.observability.logging import AccessLog
 from gateway.observability.looplag import LOOP_LAG
 from gateway.observability.metrics import Metrics
 from gateway.proxy import Upstream
+from gateway.services import Services
 from gateway.store import Store, create_store
 
 log = logging.getLogger("gateway")
@@ -65,11 +68,14 @@ class Runtime:
         self.access_log: AccessLog | None = (
             AccessLog(clock=clock) if config.server.access_log else None
         )
+        # The rolling ratio of failed upstream answers, recorded by the public app.
+        self.upstream_health = ErrorRatio(config.client.degraded_error_ratio, monotonic)
         # Signals that upstream is unhealthy (breaker open, error ratio), read by
         # /_edge/client-config to hand out the degraded intervals.
-        self.degraded_checks: list[Callable[[], bool]] = []
-        # Shared services created lazily by the policies that need them (one per process).
-        self.services: dict[str, Any] = {}
+        self.degraded_checks: list[Callable[[], bool]] = [self.upstream_health.unhealthy]
+        # Shared services created lazily by the policies that need them (one per process),
+        # and the status providers /readyz and /_edge/status iterate.
+        self.services = Services()
         # /readyz checks beyond the store: name -> why the process is not ready, or None.
         self.readiness: dict[str, Callable[[], str | None]] = {}
         # Entry counts of the bounded in-process structures (token cache, local fallback

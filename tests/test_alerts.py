@@ -17,12 +17,14 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.observability.alerts import (
+    ALERTS,
     AlertRecorder,
     Message,
     Observation,
     _quantile,
     observe_rules,
 )
+from gateway.policies.breaker.policy import BREAKERS
 from tests.conftest import free_port
 from tests.fakes.app import FakeApp
 from tests.fakes.gotrue import FakeGoTrue
@@ -90,7 +92,7 @@ def alert_config(
 
 
 def recorder(gw: Any) -> AlertRecorder:
-    rec = gw.app.rt.services["alerts"]
+    rec = gw.app.rt.services[ALERTS]
     assert isinstance(rec, AlertRecorder)
     return rec
 
@@ -492,7 +494,7 @@ async def test_breaker_open_rule(
         assert await rec.tick() is True
         assert await hit(c, gw.url + "/chat/messages", 2) == [500, 500]
         assert (await c.get(gw.url + "/chat/messages")).status_code == 503  # shed: open
-        assert gw.app.rt.services["breakers"].status()["chat"]["state"] == "open"
+        assert gw.app.rt.services[BREAKERS].status()["chat"]["state"] == "open"
         clock.advance(15)
         assert await rec.tick() is True
         await rec.drain()
@@ -509,7 +511,7 @@ async def test_breaker_open_rule(
         del fake_app.status_override["/chat/messages"]
         mono.advance(40)
         assert (await c.get(gw.url + "/chat/messages")).status_code == 200
-        assert gw.app.rt.services["breakers"].status()["chat"]["state"] == "closed"
+        assert gw.app.rt.services[BREAKERS].status()["chat"]["state"] == "closed"
         # This replica's "seen open" mark ages out of the store after 3 flush periods.
         clock.advance(3 * 3600 + 15)
         assert await rec.tick() is True
@@ -742,5 +744,5 @@ def test_webhook_url_must_be_http() -> None:
 async def test_no_webhooks_no_recorder(fake_app: FakeApp) -> None:
     cfg = make_config(fake_app.url)
     async with run_gateway(cfg) as gw:
-        assert "alerts" not in gw.app.rt.services
+        assert ALERTS not in gw.app.rt.services
         assert all(up.observer is None for up in gw.app.rt.upstreams.values())

@@ -15,6 +15,7 @@ import pytest
 from joserfc.jwk import OctKey
 from joserfc.jws import JWSRegistry
 
+from gateway.policies.auth.policy import VERIFIER
 from tests.fakes.app import FakeApp
 from tests.fakes.jwks import (
     FakeClock,
@@ -364,7 +365,7 @@ async def test_symmetric_key_in_jwks_is_never_used(issuer: FakeIssuer, fake_app:
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         r = await c.get(f"{gw.url}/req/x", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401
-        status = gw.app.rt.services["verifier"].status()
+        status = gw.app.rt.services[VERIFIER].status()
         assert "oct-1" not in status["jwks"]["kids"]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.policies.auth.policy import VERIFIER
 from tests.fakes.app import FakeApp
 from tests.fakes.jwks import (
     FakeClock,
@@ -39,7 +40,7 @@ def sample(gw: Any, name: str, labels: dict[str, str]) -> float:
 
 async def settle(gw: Any) -> None:
     """Wait for a background JWKS fetch the last request may have started."""
-    jwks = gw.app.rt.services["verifier"].jwks
+    jwks = gw.app.rt.services[VERIFIER].jwks
     task = jwks._inflight
     if task is not None:
         await asyncio.wait_for(asyncio.shield(task), 5)
@@ -214,7 +215,7 @@ async def test_issuer_timeout_is_counted(issuer: FakeIssuer, fake_app: FakeApp) 
     )
     async with run_gateway(cfg, clock=clock) as gw:
         assert sample(gw, "edge_jwks_fetches_total", {"outcome": "timeout"}) == 1
-        assert gw.app.rt.services["verifier"].status()["jwks"]["last_error"] == "timeout"
+        assert gw.app.rt.services[VERIFIER].status()["jwks"]["last_error"] == "timeout"
 
 
 async def test_flood_of_unknown_kids_refetches_at_most_once_per_interval(
@@ -278,7 +279,7 @@ async def test_not_ready_while_the_jwks_is_the_only_key_source_and_none_is_loade
             assert r.json()["checks"]["auth_keys"] == {"ok": True}
             # Later failures keep the loaded keys, and the process stays ready.
             issuer.fail_status = 500
-            await gw.app.rt.services["verifier"].jwks.refresh()
+            await gw.app.rt.services[VERIFIER].jwks.refresh()
             assert (await readyz(gw, c)).status_code == 200
     # The log says which key set is in force.
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.auth"]

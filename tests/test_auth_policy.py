@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.http import capture_send
-from gateway.policies.auth.policy import get_verifier, require_identity
+from gateway.policies.auth.policy import VERIFIER, get_verifier, require_identity
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
 from tests.fakes.jwks import FakeClock, FakeIssuer, auth_routes, auth_settings
@@ -277,7 +277,7 @@ async def test_token_cache_is_bounded(issuer: FakeIssuer, fake_app: FakeApp) -> 
             token = issuer.sign(issuer.claims(now=clock.now, sub=f"u{i}"), kid="es-1")
             r = await c.get(f"{gw.url}/req/x", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 200
-        assert gw.app.rt.services["verifier"].status()["token_cache"] == 3
+        assert gw.app.rt.services[VERIFIER].status()["token_cache"] == 3
 
 
 # --------------------------------------------------------------------------- signature

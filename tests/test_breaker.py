@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.policies.breaker.policy import BreakerRegistry
+from gateway.policies.breaker.policy import BREAKERS, BreakerRegistry
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
 
@@ -73,7 +73,7 @@ def chat_config(upstream: str, **breaker: Any) -> GatewayConfig:
 
 
 def registry(gw: Any) -> BreakerRegistry:
-    reg = gw.app.rt.services["breakers"]
+    reg = gw.app.rt.services[BREAKERS]
     assert isinstance(reg, BreakerRegistry)
     return reg
 

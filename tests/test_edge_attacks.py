@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gateway.config import parse_config
+from gateway.policies.refresh.policy import FLIGHTS
 from gateway.store.memory import MemoryStore
 from tests.fakes.app import FakeApp
 from tests.fakes.gotrue import FakeGoTrue
@@ -519,7 +520,7 @@ async def test_a_follower_is_served_only_with_the_leaders_apikey(gotrue: FakeGoT
         other = asyncio.ensure_future(
             c.post(gw.url + TOKEN_PATH, json={"refresh_token": rt0}, headers={})
         )
-        await until(lambda: len(gw.app.rt.services["refresh_flights"]) == 1)
+        await until(lambda: len(gw.app.rt.services[FLIGHTS]) == 1)
         gotrue.holds[1].set()
         lead, follow = await asyncio.gather(leader, other)
     assert lead.status_code == 200

@@ -21,7 +21,13 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.policies.heartbeat.policy import MAX_COALESCE, Flusher, HeartbeatPolicy, _webinar_keys
+from gateway.policies.heartbeat.policy import (
+    FLUSHERS,
+    MAX_COALESCE,
+    Flusher,
+    HeartbeatPolicy,
+    _webinar_keys,
+)
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, make_config, run_gateway
@@ -448,7 +454,7 @@ def payload(req: dict[str, Any]) -> tuple[str, dict[str, str]]:
 
 
 def flusher(gw: Running) -> Flusher:
-    f: Flusher = gw.app.rt.services["heartbeat.flushers"]["presence_ping"]
+    f: Flusher = gw.app.rt.services[FLUSHERS]["presence_ping"]
     return f
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.policies.heartbeat.policy import Flusher
+from gateway.policies.heartbeat.policy import FLUSHERS, Flusher
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, run_gateway
 from tests.test_heartbeat import PING, TRACK, W1, W2, Clock, config, counter, token, user
@@ -47,7 +47,7 @@ def join_cfg(upstream: str, store: str, **extra: Any) -> GatewayConfig:
 
 
 def flushers(gw: Running) -> dict[str, Flusher]:
-    f: dict[str, Flusher] = gw.app.rt.services["heartbeat.flushers"]
+    f: dict[str, Flusher] = gw.app.rt.services[FLUSHERS]
     return f
 
 

@@ -559,7 +559,7 @@ async def gateway_app(fake_app: FakeApp) -> AsyncIterator[Gateway]:
 
 
 async def test_status_reports_limiter_state(gateway_app: Gateway) -> None:
-    status = gateway_app.rt.services["status"]["ratelimit"]()
+    status = gateway_app.rt.services.status("ratelimit")
     assert status == {"blocked_keys": 0, "local_keys": 0}
 
 
@@ -632,7 +632,7 @@ async def test_concurrent_checks_share_pipelines_and_stay_exact(
             if r.status_code == 200
         )
         assert remaining == list(range(10))  # each admitted request saw its own state
-        status = gw.app.rt.services["status"]["ratelimit"]()
+        status = gw.app.rt.services.status("ratelimit")
         # Refusals after the first are answered from the local cache; the EVALSHAs
         # that were sent went in fewer pipelines than requests.
         sent = await redis_round_trips(private_redis) - before - 1  # minus SCRIPT LOAD

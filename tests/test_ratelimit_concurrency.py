@@ -15,6 +15,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from gateway.policies.concurrency.policy import CONCURRENCY
 from tests.fakes.app import FakeApp
 from tests.helpers import make_config, run_gateway
 
@@ -96,15 +97,13 @@ async def test_webinar_cap_does_not_starve_other_webinars(hanging: HangingApp) -
         other = [asyncio.ensure_future(c.get("/api/webinars/w2/hang")) for _ in range(2)]
         await wait_for(lambda: hanging.arrived["w2"] == 2)
         assert (await c.get("/api/webinars/w2/hang")).status_code == 503
-        status = gw.app.rt.services["status"]["concurrency"]()
+        status = gw.app.rt.services.status("concurrency")
         assert status == {"hang": {"keys": 2, "in_flight": 4}}
         # Release: every held request completes and the slots are free again.
         hanging.release.set()
         assert [(await f).status_code for f in held + other] == [200] * 4
         assert (await c.get("/api/webinars/w1/hang")).status_code == 200
-        assert gw.app.rt.services["status"]["concurrency"]() == {
-            "hang": {"keys": 0, "in_flight": 0}
-        }
+        assert gw.app.rt.services.status("concurrency") == {"hang": {"keys": 0, "in_flight": 0}}
         value = gw.app.rt.metrics.registry.get_sample_value(
             "edge_concurrency_rejections_total", {"route": "hang"}
         )
@@ -136,7 +135,7 @@ async def test_slot_freed_when_client_goes_away(fake_app: FakeApp) -> None:
             first.cancel()
         # The gateway notices the disconnect, cancels the upstream call, frees the slot.
         await wait_for(lambda: fake_app.cancelled == 1)
-        counts = gw.app.rt.services["concurrency"]["hang"]
+        counts = gw.app.rt.services[CONCURRENCY]["hang"]
         await wait_for(lambda: not counts)
         async with httpx.AsyncClient(base_url=gw.url) as c3:
             second = asyncio.ensure_future(c3.get("/hang"))

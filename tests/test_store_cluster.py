@@ -380,7 +380,7 @@ async def test_rate_limit_batches_across_masters_stay_exact(
                 r.status_code for r, p in zip(replies, paths, strict=True) if p == f"/{n}"
             )
             assert codes == [200, 200, 200, 429, 429], n
-        status = gw.app.rt.services["status"]["ratelimit"]()
+        status = gw.app.rt.services.status("ratelimit")
         assert status["redis_batches"] < status["redis_checks"]
 
 

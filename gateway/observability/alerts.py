@@ -1,6 +1,6 @@
 """Fleet-wide alerting to Slack, Discord and generic webhooks.
 
-Owns: the `alerts:` section's behaviour — the `AlertRecorder` (in `rt.services["alerts"]`,
+Owns: the `alerts:` section's behaviour — the `AlertRecorder` (in `rt.services[ALERTS]`,
 the observer on every `Upstream`), the per-minute counts in the store, the evaluation
 that one replica per `evaluate_every` runs, the per-rule firing/cooldown state, the
 payloads in each service's own format, their delivery (retried with back-off, counted)
@@ -47,6 +47,7 @@ import httpx
 from gateway.config import AlertsConfig, Webhook
 from gateway.http import RequestContext
 from gateway.runtime import Runtime
+from gateway.services import ServiceKey
 from gateway.store import Store
 from gateway.store.base import Script, ScriptArg, StoreError
 from gateway.store.memory import MemoryData
@@ -364,8 +365,14 @@ def _quantile(q: float, bounds: Sequence[float], counts: Sequence[float]) -> flo
 # --------------------------------------------------------------------------- recorder
 
 
+# The process's recorder, when alerts.webhooks is set.
+ALERTS: ServiceKey[AlertRecorder] = ServiceKey("alerts")
+
+
 class AlertRecorder:
     """Per process (per config): counts in memory, flushes, evaluates, delivers."""
+
+    name = "alerts"  # its section of /_edge/status and /readyz
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -400,8 +407,8 @@ class AlertRecorder:
     @classmethod
     def install(cls, rt: Runtime) -> AlertRecorder:
         rec = cls(rt)
-        rt.services["alerts"] = rec
-        rt.services.setdefault("status", {})["alerts"] = rec.status
+        rt.services[ALERTS] = rec
+        rt.services.add_status(rec)
         for up in rt.upstreams.values():
             up.observer = rec
         rt.on_start(rec.start)
@@ -513,8 +520,13 @@ class AlertRecorder:
         ]
 
     def _open_groups(self) -> list[str]:
-        reg = self.rt.services.get("breakers")
-        if reg is None or not self.cfg.rules.breaker_open:
+        if not self.cfg.rules.breaker_open:
+            return []
+        # Imported here: a config without breakers never loads the breaker module.
+        from gateway.policies.breaker.policy import BREAKERS
+
+        reg = self.rt.services.get(BREAKERS)
+        if reg is None:
             return []
         try:
             snap: dict[str, dict[str, Any]] = reg.status()

@@ -5,7 +5,7 @@ Owns:
 - token extraction: `Authorization: Bearer ...`, then the Supabase SSR session cookie
   `sb-<ref>-auth-token` (`base64-` + base64url JSON, or raw / URL-encoded JSON, possibly
   split into `.0`, `.1`, ... chunks);
-- the one `Verifier` per process (`get_verifier(rt)`, kept in `rt.services["verifier"]`):
+- the one `Verifier` per process (`get_verifier(rt)`, kept in `rt.services[VERIFIER]`):
   HS256 shared secret and/or a JWKS (ES256, RS256, EdDSA) cached per `Cache-Control`,
   claim checks, and a bounded cache of verified tokens keyed by sha256(token);
 - the optional revocation check against GoTrue `/auth/v1/user` (`revalidate`);
@@ -57,6 +57,7 @@ from gateway.http import (
 from gateway.policies.auth.config import AuthSettings
 from gateway.policies.auth.metrics import AuthMetrics
 from gateway.runtime import Runtime
+from gateway.services import ServiceKey
 
 log = logging.getLogger("gateway.auth")
 
@@ -568,6 +569,8 @@ class Verifier:
             why = f"the JWKS fetch from {jwks.url} failed ({jwks.last_error or 'not yet run'})"
         return f"no verification key loaded: {why}, and auth.hs256_secret is empty"
 
+    name = "auth"  # its section of /_edge/status and /readyz
+
     def status(self) -> dict[str, Any]:
         return {
             "hs256": self.hs_key is not None,
@@ -779,17 +782,18 @@ class Verifier:
 def get_verifier(rt: Runtime) -> Verifier:
     """The process's shared Verifier, created on first use (its JWKS is loaded by
     rt.on_start when created before startup)."""
-    v = rt.services.get("verifier")
+    v = rt.services.get(VERIFIER)
     if v is None:
-        v = Verifier(rt.config.auth, rt)
-        rt.services["verifier"] = v
+        v = rt.services[VERIFIER] = Verifier(rt.config.auth, rt)
         rt.on_start(v.start)
         rt.on_stop(v.close)
-        rt.services.setdefault("status", {})["auth"] = v.status
+        rt.services.add_status(v)
         rt.readiness["auth_keys"] = v.readiness
         rt.sizes["token_cache"] = v.cache.__len__
-    assert isinstance(v, Verifier)
     return v
+
+
+VERIFIER: ServiceKey[Verifier] = ServiceKey("verifier")
 
 
 # --------------------------------------------------------------------------- extraction

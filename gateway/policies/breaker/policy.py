@@ -1,7 +1,7 @@
 """Circuit breakers per route group, and error-loop damping.
 
 Owns: the `breaker:` route policy, the per-process registry of breakers (one per `group`,
-shared by every route naming it, in `rt.services["breakers"]`), the closed → open →
+shared by every route naming it, in `rt.services[BREAKERS]`), the closed → open →
 half-open state machine, the fast 503 answer while open (`Retry-After` with jitter so
 clients do not come back in lockstep), the per-caller negative cache of repeated 4xx, the
 breaker part of `/readyz` detail, `/_edge/status` and the degraded client intervals, and
@@ -46,6 +46,7 @@ from gateway.observability.metrics import Metrics
 from gateway.policies.breaker.config import BreakerConfig
 from gateway.proxy import ClientGone
 from gateway.runtime import Runtime
+from gateway.services import ServiceKey
 
 log = logging.getLogger("gateway")
 
@@ -315,6 +316,8 @@ class BreakerRegistry:
     """The per-process breakers, by group. Also the hook into status, readiness detail
     and the degraded client intervals."""
 
+    name = "breakers"  # its section of /_edge/status and /readyz
+
     def __init__(self, rt: Runtime, rng: random.Random | None = None) -> None:
         self.rt = rt
         self.breakers: dict[str, Breaker] = {}
@@ -323,12 +326,11 @@ class BreakerRegistry:
 
     @classmethod
     def of(cls, rt: Runtime) -> BreakerRegistry:
-        reg = rt.services.get("breakers")
-        if isinstance(reg, BreakerRegistry):
+        reg = rt.services.get(BREAKERS)
+        if reg is not None:
             return reg
-        reg = cls(rt)
-        rt.services["breakers"] = reg
-        rt.services.setdefault("status", {})["breakers"] = reg.status
+        reg = rt.services[BREAKERS] = cls(rt)
+        rt.services.add_status(reg)
         rt.degraded_checks.append(reg.unhealthy)
 
         async def stop() -> None:
@@ -360,6 +362,9 @@ class BreakerRegistry:
         """Retry-After value: `seconds` ± `jitter` (a fraction), whole seconds, at least 1."""
         factor = self.rng.uniform(1 - jitter, 1 + jitter) if jitter else 1.0
         return max(1, round(seconds * factor))
+
+
+BREAKERS: ServiceKey[BreakerRegistry] = ServiceKey("breakers")
 
 
 def _thresholds(cfg: BreakerConfig) -> tuple[Any, ...]:

@@ -10,10 +10,15 @@ import math
 from typing import TYPE_CHECKING
 
 from gateway.http import Handler, Receive, RequestContext, Send, error_body, send_json
+from gateway.services import ServiceKey, StatusFn
 
 if TYPE_CHECKING:
     from gateway.config import Route
     from gateway.runtime import Runtime
+
+
+# In-flight counts per route and key, shared by every route of the process.
+CONCURRENCY: ServiceKey[dict[str, dict[str, int]]] = ServiceKey("concurrency")
 
 
 class ConcurrencyPolicy:
@@ -31,13 +36,17 @@ class ConcurrencyPolicy:
         self.retry_after = str(max(1, math.ceil(cfg.retry_after))).encode()
         self.rejections = rt.metrics.concurrency.rejections.labels(route_cfg.name)
         # Shared per-process state, visible in /readyz and /_edge/status.
-        table: dict[str, dict[str, int]] = rt.services.setdefault("concurrency", {})
+        table = rt.services.setdefault(CONCURRENCY, {})
         self.in_flight: dict[str, int] = table.setdefault(route_cfg.name, {})
-        if "concurrency" not in rt.services.setdefault("status", {}):
-            rt.services["status"]["concurrency"] = lambda: {
-                route: {"keys": len(counts), "in_flight": sum(counts.values())}
-                for route, counts in table.items()
-            }
+        rt.services.add_status(
+            StatusFn(
+                "concurrency",
+                lambda: {
+                    route: {"keys": len(counts), "in_flight": sum(counts.values())}
+                    for route, counts in table.items()
+                },
+            )
+        )
         self.policy = f'"concurrency";q={cfg.max};qu="concurrent-requests"'.encode()
 
     def _key(self, ctx: RequestContext) -> str | None:

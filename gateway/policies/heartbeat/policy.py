@@ -61,6 +61,7 @@ from gateway.http import (
     send_error,
     send_json,
 )
+from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import ScriptArg
 from gateway.store.memory import MemoryData
@@ -353,7 +354,7 @@ def _pairs(flat: Sequence[Any]) -> list[tuple[bytes, bytes]]:
 
 
 class PresenceService:
-    """Shared by every heartbeat route of the process (rt.services["presence"]): the
+    """Shared by every heartbeat route of the process (rt.services[PRESENCE_SERVICE]): the
     presence window (the widest configured) that both pruning and counting use."""
 
     def __init__(self) -> None:
@@ -361,6 +362,9 @@ class PresenceService:
 
     def widen(self, window: float) -> None:
         self.window = max(self.window, window)
+
+
+PRESENCE_SERVICE: ServiceKey[PresenceService] = ServiceKey("presence")
 
 
 def _presence_window(hb: HeartbeatConfig, rt: Runtime) -> float:
@@ -386,7 +390,7 @@ async def presence_endpoint(
     identity = await require_identity(rt, scope, send)
     if identity is None:
         return
-    svc: PresenceService = rt.services["presence"]
+    svc = rt.services[PRESENCE_SERVICE]
     since = int((rt.clock() - svc.window) * 1000)
     try:
         online = int(await rt.store.run(PRESENCE, [seen_key(webinar_id)], [since]))
@@ -406,7 +410,7 @@ async def presence_endpoint(
 
 class LocalMemory:
     """This process's own copy of the heartbeat decisions, for `on_failure: local`;
-    shared by every heartbeat route (rt.services["heartbeat.local"]). Per viewer of a
+    shared by every heartbeat route (rt.services[LOCAL]). Per viewer of a
     webinar and route: when this process last forwarded its heartbeat (sample mode) or
     last saw it (batch mode), and the app's negative answers. Keys are 64-bit BLAKE2b
     digests and values plain ints (about 100 bytes an entry); beyond `max_keys`
@@ -446,11 +450,14 @@ class LocalMemory:
         return None
 
 
+LOCAL: ServiceKey[LocalMemory] = ServiceKey("heartbeat.local")
+
+
 def _local_memory(rt: Runtime) -> LocalMemory:
     """The process's LocalMemory, shared by every heartbeat route."""
-    local: LocalMemory | None = rt.services.get("heartbeat.local")
+    local = rt.services.get(LOCAL)
     if local is None:
-        local = rt.services["heartbeat.local"] = LocalMemory(rt.config.store.memory_max_keys)
+        local = rt.services[LOCAL] = LocalMemory(rt.config.store.memory_max_keys)
         rt.sizes["heartbeat_local"] = local.times.__len__
         rt.sizes["heartbeat_local_negatives"] = local.negatives.__len__
     return local
@@ -518,11 +525,9 @@ class HeartbeatPolicy:
                 extra={"route": self.route},
             )
         window = _presence_window(hb, rt)
-        svc = rt.services.get("presence")
-        if svc is None:
-            svc = rt.services["presence"] = PresenceService()
+        svc = rt.services.get_or_create(PRESENCE_SERVICE, PresenceService)
         svc.widen(window)
-        self.presence: PresenceService = svc
+        self.presence = svc
         self.gc_ms = int(max(MIN_GC_SECONDS, 2 * window, 2 * hb.forward_interval) * 1000)
         local = _encode_local(hb.local_response)
         self.local_status = hb.local_response.status
@@ -868,6 +873,10 @@ def flush_body(webinar: str, viewers: list[dict[str, str | bool]]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+# The flusher of each batch-mode route, by route name.
+FLUSHERS: ServiceKey[dict[str, Flusher]] = ServiceKey("heartbeat.flushers")
+
+
 class Flusher:
     """Batch mode of one route: every `flush_interval` one replica (the holder of the
     route's flush lock) sends each webinar's changed last-seen times in one POST to
@@ -909,11 +918,11 @@ class Flusher:
         self.task: asyncio.Task[Any] | None = None
         self._running = asyncio.Lock()
         self.last: dict[str, Any] = {}
-        rt.services.setdefault("heartbeat.flushers", {})[route] = self
-        status = rt.services.setdefault("status", {})
-        if "heartbeat" not in status:
-            flushers: dict[str, Flusher] = rt.services["heartbeat.flushers"]
-            status["heartbeat"] = lambda: {name: f.last for name, f in flushers.items()}
+        flushers = rt.services.setdefault(FLUSHERS, {})
+        flushers[route] = self
+        rt.services.add_status(
+            StatusFn("heartbeat", lambda: {name: f.last for name, f in flushers.items()})
+        )
         rt.on_start(self.start)
         rt.on_stop(self.stop)
 

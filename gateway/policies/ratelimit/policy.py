@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import TLRUCache
 
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
+from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import CallBudget
 from gateway.store.memory import MemoryData
@@ -315,6 +316,12 @@ def _blocked_ttu(_key: str, until: float, _now: float) -> float:
     return until
 
 
+# The per-process structures shared by every route (bounded by the constants above).
+BLOCKED: ServiceKey[TLRUCache[str, float]] = ServiceKey("ratelimit.blocked")
+LOCAL: ServiceKey[MemoryData] = ServiceKey("ratelimit.local")
+BATCHER: ServiceKey[GcraBatcher | None] = ServiceKey("ratelimit.batcher")
+
+
 class RateLimitPolicy:
     def __init__(self, next_handler: Handler, route_cfg: Route, rt: Runtime) -> None:
         self.next = next_handler
@@ -331,15 +338,15 @@ class RateLimitPolicy:
         self.share = store_cfg.local_processes or rt.config.server.workers
         # Per-process structures shared by every route: one bound for the whole process.
         services = rt.services
-        if "ratelimit.blocked" not in services:
+        if BLOCKED not in services:
             blocked: TLRUCache[str, float] = TLRUCache(
                 maxsize=BLOCKED_MAX_KEYS, ttu=_blocked_ttu, timer=rt.clock
             )
             local = MemoryData(min(LOCAL_MAX_KEYS, store_cfg.memory_max_keys), rt.clock)
             batcher = GcraBatcher(rt.store) if isinstance(rt.store, RedisStore) else None
-            services["ratelimit.blocked"] = blocked
-            services["ratelimit.local"] = local
-            services["ratelimit.batcher"] = batcher
+            services[BLOCKED] = blocked
+            services[LOCAL] = local
+            services[BATCHER] = batcher
             rt.sizes["ratelimit_blocked"] = blocked.__len__
             rt.sizes["ratelimit_local"] = lambda: local.size
 
@@ -351,10 +358,10 @@ class RateLimitPolicy:
                     out["redis_checks"] = batcher.batched
                 return out
 
-            services.setdefault("status", {})["ratelimit"] = status
-        self.blocked: TLRUCache[str, float] = services["ratelimit.blocked"]
-        self.local: MemoryData = services["ratelimit.local"]
-        self.batcher: GcraBatcher | None = services["ratelimit.batcher"]
+            services.add_status(StatusFn("ratelimit", status))
+        self.blocked = services[BLOCKED]
+        self.local = services[LOCAL]
+        self.batcher = services[BATCHER]
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         now = self.clock()

@@ -71,6 +71,7 @@ from gateway.http import (
 from gateway.policies.refresh.config import RefreshConfig
 from gateway.proxy import BodyTooLarge, TruncatedResponse, read_body
 from gateway.runtime import Runtime
+from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, StoreError
 from gateway.store.memory import MemoryData
 
@@ -320,6 +321,11 @@ async def _no_disconnect() -> Message:
 # ------------------------------------------------------------------ the policy
 
 
+# Flights in progress and the on_failure: local replay copies, shared by every route.
+FLIGHTS: ServiceKey[dict[str, asyncio.Task[tuple[Answer, str]]]] = ServiceKey("refresh_flights")
+LOCAL: ServiceKey[LRUCache[str, bytes]] = ServiceKey("refresh.local")
+
+
 class RefreshPolicy:
     """Route policy `refresh: {grace, lock_ttl, wait_timeout, poll_interval, on_failure}`."""
 
@@ -342,23 +348,19 @@ class RefreshPolicy:
         self.m_fallbacks = m.store_fallbacks
         # Flights in progress in this process, shared by every refresh route: process-wide
         # by design (that is what single flight is), so it lives in rt.services.
-        self.flights: dict[str, asyncio.Task[tuple[Answer, str]]] = rt.services.setdefault(
-            "refresh_flights", {}
-        )
+        self.flights = rt.services.setdefault(FLIGHTS, {})
         # on_failure: local — this process's copy of the sealed replay answers (only a
         # holder of the token can open one), so a repeated refresh is replayed here
         # while the store is down. Byte-bounded, shared by every refresh route.
         self.local: LRUCache[str, bytes] | None = None
         if self.on_failure == "local":
             self.local = rt.services.setdefault(
-                "refresh.local",
+                LOCAL,
                 LRUCache(maxsize=_LOCAL_MAX_BYTES, getsizeof=lambda blob: len(blob) + 150),
             )
             rt.sizes["refresh_local"] = self.local.__len__
         flights = self.flights
-        rt.services.setdefault("status", {}).setdefault(
-            "refresh", lambda: {"ok": True, "in_flight": len(flights)}
-        )
+        rt.services.add_status(StatusFn("refresh", lambda: {"ok": True, "in_flight": len(flights)}))
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         try:
