@@ -19,7 +19,7 @@ from random import getrandbits as _randbits
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gateway.edge import EdgeEndpoints
+from gateway.edge import edge_routes
 from gateway.headers import host_problem
 from gateway.health import ErrorRatio
 from gateway.http import (
@@ -90,7 +90,6 @@ class _State:
     rt: Runtime
     table: RouteTable
     ws_handlers: dict[str, Handler]
-    edge: EdgeEndpoints
     health: ErrorRatio
     in_flight: int = 0
     # Set by a reload: fires when the last in-flight request of this state finishes.
@@ -124,7 +123,7 @@ class Gateway:
 
     @staticmethod
     def _build(rt: Runtime) -> _State:
-        table = RouteTable(rt.config.routes)
+        table = RouteTable(rt.config.routes, edge_routes(rt))
         ws_handlers: dict[str, Handler] = {}
         for route in table.routes:
             route.handler = build_chain(route, rt)
@@ -133,7 +132,7 @@ class Gateway:
             from gateway.observability.alerts import AlertRecorder
 
             AlertRecorder.install(rt)
-        return _State(rt, table, ws_handlers, EdgeEndpoints(rt, table), rt.upstream_health)
+        return _State(rt, table, ws_handlers, rt.upstream_health)
 
     async def reload(self, config: GatewayConfig) -> list[str]:
         """Swap in a validated config for new requests. Returns the changes that only a
@@ -245,9 +244,6 @@ class Gateway:
         refused = _refusal(scope)
         if refused is not None:
             await send_error(send_with_id, 400, *refused)
-        elif scope["path"].startswith("/_edge/"):
-            out.route = "_edge"
-            await state.edge(scope, receive, send_with_id, ctx, out.client_ip)
         elif ctx is None:
             await send_error(send_with_id, 404, "no_route", "no route matches this request")
         else:

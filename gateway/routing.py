@@ -1,8 +1,10 @@
-"""The route table: method + path template (Starlette convertors) + optional query match.
-First match wins; the route named `default` (or any catch-all template) takes the rest.
+"""The route table of the public port: method + path template (Starlette convertors) +
+optional query match. First match wins; the route named `default` (or any catch-all
+template) takes the rest. HTTP requests under /_edge/ match only the gateway's own
+endpoints (gateway/edge.py), which the table holds as entries before the config's.
 
 Owns: compiling the templates once and matching a scope to (route, path params). The
-handler chain of each route is attached by app.py.
+handler chain of each config route is attached by app.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from starlette.routing import compile_path
 
 from gateway.config import Route
 from gateway.http import Handler, Scope
+
+# The path prefix reserved for the gateway's own endpoints on the public port.
+EDGE_PREFIX = "/_edge/"
 
 # Paths whose meaning differs between the gateway's router (decoded, segments as
 # written) and the app's (WHATWG URL parsing resolves dot segments; %2F inside a segment
@@ -59,15 +64,28 @@ def compile_route(route: Route) -> CompiledRoute:
 
 
 class RouteTable:
-    def __init__(self, routes: list[Route]) -> None:
+    def __init__(self, routes: list[Route], edge: list[CompiledRoute] | None = None) -> None:
+        # The config's routes, in order (what explain and routecheck walk).
         self.routes = [compile_route(r) for r in routes]
+        # The /_edge/ endpoints, handlers attached; HTTP only (a WebSocket upgrade under
+        # the prefix is routed as any other path).
+        self.edge = edge or []
 
     def match(self, scope: Scope) -> tuple[CompiledRoute, dict[str, str]] | None:
         path: str = scope["path"]
+        # One prefix test keeps the edge entries off every other request's path.
+        if self.edge and path.startswith(EDGE_PREFIX) and scope["type"] == "http":
+            return self._first(self.edge, scope, path)
+        return self._first(self.routes, scope, path)
+
+    @staticmethod
+    def _first(
+        routes: list[CompiledRoute], scope: Scope, path: str
+    ) -> tuple[CompiledRoute, dict[str, str]] | None:
         method: str = scope.get("method", "GET")
         is_ws = scope["type"] == "websocket"
         parsed_qs: dict[str, str] | None = None
-        for route in self.routes:
+        for route in routes:
             if route.methods is not None and not is_ws and method not in route.methods:
                 continue
             m = route.regex.match(path)
