@@ -540,8 +540,7 @@ class AlertRecorder:
         and queue the messages. One store round trip (two when evaluating: the state
         write). Returns True when this replica evaluated."""
         now = self.clock()
-        every = self.cfg.evaluate_every
-        slot = int(now // every)
+        slot = int(now // self.cfg.evaluate_every)
         minute = int(now // WINDOW_S)
         pending, self._pending = self._pending, {}
         # Deltas older than the previous minute fall outside every window: dropped.
@@ -549,6 +548,38 @@ class AlertRecorder:
         prev = pending.get(minute - 1, {})
         groups = self._open_groups()
         want = evaluate and slot != self._last_slot
+        args = self._tick_args(now, want, cur, prev, groups)
+        try:
+            res = await self.rt.store.run(TICK, self.keys(slot, minute), args)
+        except StoreError as exc:
+            # Keep the counts for the next turn when the call was (almost certainly) never
+            # run: backing off, or no connection. After a timeout the script may have run,
+            # and re-sending would count everything twice (a false page); losing one
+            # flush's deltas is the lesser error.
+            if exc.kind in ("backoff", "connection"):
+                self._requeue({minute: cur, minute - 1: prev})
+            self.rt.metrics.store_fallbacks.labels("alerts", "open").inc()
+            log.warning("alert counts not flushed: store %s", exc.kind)
+            return False
+        if want:
+            self._last_slot = slot
+        state = _load_state(res[1])
+        if int(res[0]) != 1:
+            self._show(state)
+            return False
+        return await self._evaluate(now, state, res, groups)
+
+    def _tick_args(
+        self,
+        now: float,
+        want: bool,
+        cur: dict[str, int],
+        prev: dict[str, int],
+        groups: list[str],
+    ) -> list[ScriptArg]:
+        """The tick script's arguments: times and TTLs, whether to try for the slot's
+        lock, this minute's and the previous minute's deltas, the open breaker groups."""
+        every = self.cfg.evaluate_every
         args: list[ScriptArg] = [
             int(now * 1000),
             int(3 * WINDOW_S * 1000),
@@ -563,27 +594,21 @@ class AlertRecorder:
                 args.extend((k, v))
         args.append(len(groups))
         args.extend(groups)
-        try:
-            res = await self.rt.store.run(TICK, self.keys(slot, minute), args)
-        except StoreError as exc:
-            # Keep the counts for the next turn when the call was (almost certainly) never
-            # run: backing off, or no connection. After a timeout the script may have run,
-            # and re-sending would count everything twice (a false page); losing one
-            # flush's deltas is the lesser error.
-            if exc.kind in ("backoff", "connection"):
-                for m, delta in ((minute, cur), (minute - 1, prev)):
-                    bucket = self._pending.setdefault(m, {})
-                    for k, v in delta.items():
-                        bucket[k] = bucket.get(k, 0) + v
-            self.rt.metrics.store_fallbacks.labels("alerts", "open").inc()
-            log.warning("alert counts not flushed: store %s", exc.kind)
-            return False
-        if want:
-            self._last_slot = slot
-        state = _load_state(res[1])
-        if int(res[0]) != 1:
-            self._show(state)
-            return False
+        return args
+
+    def _requeue(self, by_minute: dict[int, dict[str, int]]) -> None:
+        """Add unflushed deltas back to the pending counts."""
+        for m, delta in by_minute.items():
+            bucket = self._pending.setdefault(m, {})
+            for k, v in delta.items():
+                bucket[k] = bucket.get(k, 0) + v
+
+    async def _evaluate(
+        self, now: float, state: dict[str, Any], res: Sequence[Any], groups: list[str]
+    ) -> bool:
+        """This replica won the slot: observe the rules over the store's windows, save
+        the new state, then queue the messages it implies."""
+        every = self.cfg.evaluate_every
         seen_open = [
             g
             for g, ms in _pairs(res[2]).items()
