@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -24,6 +25,13 @@ async def fake_app() -> AsyncIterator[FakeApp]:
     yield app
     app.slow_release.set()
     await app.stop()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A wall clock at the current whole second that moves only when the test advances
+    it (tests/fakes/clock.py); pass it as the runtime's `clock`."""
+    return FakeClock()
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ from gateway.observability.alerts import (
 from gateway.policies.breaker.policy import BREAKERS
 from tests.conftest import free_port
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.fakes.gotrue import FakeGoTrue
-from tests.fakes.jwks import FakeClock
 from tests.fakes.webhooks import WebhookReceiver
 from tests.helpers import make_config, run_gateway
 

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.policies.auth.policy import VERIFIER
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.fakes.jwks import (
-    FakeClock,
     FakeIssuer,
     auth_routes,
     auth_settings,

@@ -22,7 +22,8 @@ from gateway.http import capture_send
 from gateway.policies.auth.policy import VERIFIER, get_verifier, require_identity
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
-from tests.fakes.jwks import FakeClock, FakeIssuer, auth_routes, auth_settings
+from tests.fakes.clock import FakeClock
+from tests.fakes.jwks import FakeIssuer, auth_routes, auth_settings
 from tests.helpers import make_config, run_gateway
 
 USER = "8d1c2f3e-0000-4000-8000-000000000001"

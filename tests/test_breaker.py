@@ -18,20 +18,8 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.policies.breaker.policy import BREAKERS, BreakerRegistry
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FIXED_NOW, FakeClock
 from tests.helpers import make_config, run_gateway
-
-
-class FakeClock:
-    """Monotonic (and wall) time that only moves when the test says so."""
-
-    def __init__(self, start: float = 10_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def chat_config(upstream: str, **breaker: Any) -> GatewayConfig:
@@ -103,7 +91,7 @@ def assert_circuit_open(r: httpx.Response) -> None:
 async def test_opens_after_consecutive_failures_for_every_route_of_the_group(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "db down"})
     async with (
         run_gateway(chat_config(fake_app.url), monotonic=clock) as gw,
@@ -128,7 +116,7 @@ async def test_opens_after_consecutive_failures_for_every_route_of_the_group(
 
 
 async def test_a_success_resets_the_consecutive_count(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(chat_config(fake_app.url, min_requests=1000), monotonic=clock) as gw,
         httpx.AsyncClient(base_url=gw.url) as c,
@@ -145,7 +133,7 @@ async def test_a_success_resets_the_consecutive_count(fake_app: FakeApp) -> None
 async def test_opens_on_failure_ratio_over_the_window_with_minimum_volume(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     cfg = chat_config(
         fake_app.url, failure_threshold=100, failure_ratio=0.5, min_requests=10, window="10s"
     )
@@ -174,7 +162,7 @@ async def test_opens_on_failure_ratio_over_the_window_with_minimum_volume(
 
 
 async def test_below_min_requests_a_high_ratio_does_not_open(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     cfg = chat_config(fake_app.url, failure_threshold=100, failure_ratio=0.5, min_requests=20)
     fake_app.status_override["/api/chat/bad"] = (500, {"error": "x"})
     async with (
@@ -191,7 +179,7 @@ async def test_below_min_requests_a_high_ratio_does_not_open(fake_app: FakeApp) 
 
 
 async def test_4xx_are_not_counted_as_failures(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(chat_config(fake_app.url, min_requests=5), monotonic=clock) as gw,
         httpx.AsyncClient(base_url=gw.url) as c,
@@ -209,7 +197,7 @@ async def test_4xx_are_not_counted_as_failures(fake_app: FakeApp) -> None:
 
 
 async def test_connect_errors_open_the_breaker() -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     closed_port = s.getsockname()[1]
@@ -224,7 +212,7 @@ async def test_connect_errors_open_the_breaker() -> None:
 
 
 async def test_upstream_timeouts_open_the_breaker(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(chat_config(fake_app.url, failure_threshold=2), monotonic=clock) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=5) as c,
@@ -242,7 +230,7 @@ async def test_upstream_timeouts_open_the_breaker(fake_app: FakeApp) -> None:
 async def test_open_answer_is_fast_with_jittered_retry_after_within_bounds(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url, cooldown="30s", jitter=0.2), monotonic=clock) as gw,
@@ -276,7 +264,7 @@ async def test_open_answer_is_fast_with_jittered_retry_after_within_bounds(
 async def test_open_answer_keeps_the_method_semantics_for_head_and_post(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url), monotonic=clock) as gw,
@@ -293,7 +281,7 @@ async def test_open_answer_keeps_the_method_semantics_for_head_and_post(
 
 
 async def test_polling_storm_while_open_never_reaches_the_app(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url, cooldown="30s"), monotonic=clock) as gw,
@@ -313,7 +301,7 @@ async def test_polling_storm_while_open_never_reaches_the_app(fake_app: FakeApp)
 
 
 async def test_half_open_probe_success_closes(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url, cooldown="30s"), monotonic=clock) as gw,
@@ -338,7 +326,7 @@ async def test_half_open_probe_success_closes(fake_app: FakeApp) -> None:
 async def test_half_open_lets_only_the_probes_through(fake_app: FakeApp) -> None:
     """While the one probe is in flight (a hanging upstream), others are shed; the probe
     times out, which re-opens the breaker with the cooldown doubled."""
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(
             chat_config(fake_app.url, failure_threshold=1, cooldown="10s", half_open_probes=1),
@@ -365,7 +353,7 @@ async def test_half_open_lets_only_the_probes_through(fake_app: FakeApp) -> None
 
 
 async def test_probe_failure_reopens_with_doubled_cooldown_up_to_max(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     cfg = chat_config(fake_app.url, cooldown="10s", max_cooldown="25s", jitter=0)
     async with (
@@ -401,7 +389,7 @@ async def test_probe_failure_reopens_with_doubled_cooldown_up_to_max(fake_app: F
 
 
 async def test_several_probes_must_all_succeed(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url, half_open_probes=3), monotonic=clock) as gw,
@@ -452,7 +440,7 @@ async def ra_app() -> AsyncIterator[RetryAfterApp]:
 async def test_upstream_429_retry_after_opens_the_group_for_that_long(
     ra_app: RetryAfterApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(chat_config(ra_app.url, cooldown="5s", jitter=0), monotonic=clock) as gw,
         httpx.AsyncClient(base_url=gw.url) as c,
@@ -476,7 +464,7 @@ async def test_upstream_429_retry_after_opens_the_group_for_that_long(
 
 
 async def test_per_user_429s_need_not_open_the_group(ra_app: RetryAfterApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     cfg = chat_config(ra_app.url, cooldown="5s", jitter=0, count_429=False)
     async with (
         run_gateway(cfg, monotonic=clock) as gw,
@@ -495,8 +483,8 @@ async def test_per_user_429s_need_not_open_the_group(ra_app: RetryAfterApp) -> N
 async def test_upstream_503_http_date_retry_after_and_cap_at_max_cooldown(
     ra_app: RetryAfterApp,
 ) -> None:
-    clock = FakeClock()
-    wall = FakeClock(1_800_000_000.0)
+    clock = FakeClock(10_000.0)
+    wall = FakeClock(FIXED_NOW)
     cfg = chat_config(ra_app.url, max_cooldown="60s", jitter=0)
     async with (
         run_gateway(cfg, monotonic=clock, clock=wall) as gw,
@@ -516,7 +504,7 @@ async def test_upstream_503_http_date_retry_after_and_cap_at_max_cooldown(
 
 
 async def test_429_without_retry_after_is_an_ordinary_failure(ra_app: RetryAfterApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(chat_config(ra_app.url), monotonic=clock) as gw,
         httpx.AsyncClient(base_url=gw.url) as c,
@@ -533,7 +521,7 @@ async def test_429_without_retry_after_is_an_ordinary_failure(ra_app: RetryAfter
 
 
 async def test_negative_cache_answers_repeated_4xx_per_caller(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     cfg = chat_config(fake_app.url, negative_ttl="30s")
     fake_app.status_override["/api/chat/gone"] = (404, {"error": "webinar_not_found"})
     alice = {"authorization": "Bearer alice-token"}
@@ -579,7 +567,7 @@ async def test_negative_cache_answers_repeated_4xx_per_caller(fake_app: FakeApp)
 
 
 async def test_negative_cache_only_keeps_the_configured_statuses(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     cfg = chat_config(fake_app.url, negative_ttl="30s", negative_statuses=[404])
     async with (
         run_gateway(cfg, monotonic=clock) as gw,
@@ -604,7 +592,7 @@ async def test_negative_cache_only_keeps_the_configured_statuses(fake_app: FakeA
 
 
 async def test_client_config_switches_to_degraded_while_open(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url), monotonic=clock) as gw,
@@ -627,7 +615,7 @@ async def test_client_config_switches_to_degraded_while_open(fake_app: FakeApp) 
 
 
 async def test_readyz_and_status_show_the_breaker_state(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url), monotonic=clock) as gw,
@@ -668,7 +656,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_follow_the_state(fake_app: FakeApp) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(chat_config(fake_app.url), monotonic=clock) as gw,
@@ -753,7 +741,7 @@ def cached_chat_config(upstream: str) -> GatewayConfig:
 
 
 async def test_open_breaker_behind_the_cache_serves_stale_copies(fake_app: FakeApp) -> None:
-    clock = FakeClock()  # one clock for both: the cache ages entries on the wall clock
+    clock = FakeClock(10_000.0)  # one clock for both: the cache ages entries on the wall clock
     async with (
         run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
         httpx.AsyncClient(base_url=gw.url) as c,
@@ -788,7 +776,7 @@ async def test_open_breaker_behind_the_cache_serves_stale_copies(fake_app: FakeA
 async def test_micro_cache_collapses_a_polling_storm_into_one_upstream_call(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as c,
@@ -807,7 +795,7 @@ async def test_micro_cache_collapses_a_polling_storm_into_one_upstream_call(
 async def test_after_the_cooldown_one_probe_refreshes_for_all_waiting_polls(
     fake_app: FakeApp,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     async with (
         run_gateway(cached_chat_config(fake_app.url), monotonic=clock, clock=clock) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as c,

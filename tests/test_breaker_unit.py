@@ -11,18 +11,11 @@ from gateway.observability.metrics import Metrics
 from gateway.policies.breaker.config import BreakerConfig
 from gateway.policies.breaker.policy import Breaker, BreakerPolicy, parse_retry_after
 from gateway.runtime import Runtime
+from tests.fakes.clock import FakeClock
 from tests.helpers import make_config
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 500.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def breaker(clock: Clock, **kw: Any) -> Breaker:
+def breaker(clock: FakeClock, **kw: Any) -> Breaker:
     cfg = BreakerConfig.model_validate({"group": "g", "failure_threshold": 2, **kw})
     return Breaker("g", cfg, clock, Metrics())
 
@@ -32,7 +25,7 @@ def st(b: Breaker) -> str:
 
 
 def test_outcomes_from_before_a_transition_are_ignored() -> None:
-    clock = Clock()
+    clock = FakeClock(500.0)
     b = breaker(clock)
     slow = b.admit()
     assert slow is not None
@@ -44,7 +37,7 @@ def test_outcomes_from_before_a_transition_are_ignored() -> None:
     # The slow request admitted while closed succeeds now: it must not close the breaker.
     b.record(slow, 200, None)
     assert st(b) == "open"
-    clock.t += 30
+    clock.advance(30)
     probe = b.admit()
     assert probe is not None and probe.probe
     assert b.admit() is None  # one probe only
@@ -56,12 +49,12 @@ def test_outcomes_from_before_a_transition_are_ignored() -> None:
 
 
 def test_an_abandoned_probe_frees_its_slot() -> None:
-    clock = Clock()
+    clock = FakeClock(500.0)
     b = breaker(clock, failure_threshold=1)
     t = b.admit()
     assert t is not None
     b.record(t, 504, None)
-    clock.t += 30
+    clock.advance(30)
     probe = b.admit()
     assert probe is not None
     assert b.admit() is None
@@ -71,7 +64,7 @@ def test_an_abandoned_probe_frees_its_slot() -> None:
 
 
 def test_a_late_upstream_retry_after_extends_an_open_breaker() -> None:
-    clock = Clock()
+    clock = FakeClock(500.0)
     b = breaker(clock, failure_threshold=1, cooldown="10s")
     slow = b.admit()
     t = b.admit()
@@ -159,7 +152,7 @@ def test_negative_cache_key_is_per_caller_and_hashed() -> None:
 def test_a_retired_breaker_does_not_overwrite_its_successors_gauge() -> None:
     """After a config reload the metrics carry over but breakers start fresh; requests
     still finishing on the old breaker must not move the new one's gauge."""
-    clock = Clock()
+    clock = FakeClock(500.0)
     metrics = Metrics()
     cfg = BreakerConfig.model_validate({"group": "g", "failure_threshold": 1})
     old = Breaker("g", cfg, clock, metrics)

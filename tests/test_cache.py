@@ -1,8 +1,8 @@
 """Cache policy through real sockets: gateway (run_gateway) → fake stats app, with the
 memory store and the real Redis. Time moves by an injected clock, never by sleeping.
 
-Routes are built with `auth: off` and `install_test_identity` stands in for AuthPolicy:
-it sets ctx.identity from X-Test-User / X-Test-Role (see tests/fakes/stats_app.py)."""
+Callers sign in with real access tokens (tests/fakes/identity.py) that the route's auth
+policy (`auth: optional`) verifies; the stats app decides from the identity headers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
+from tests.fakes.clock import FIXED_NOW, FakeClock
+from tests.fakes.identity import AUTH, bearer
+from tests.fakes.stats_app import StatsApp
 from tests.helpers import make_config, run_gateway
 
 PATH = "/api/webinars/w1/stats/access"
@@ -44,12 +46,13 @@ def cache_config(upstream: str, store_url: str, **cache: Any) -> Any:
         upstream,
         # A generous store timeout: these tests are about the cache, not a busy CI box.
         store={"url": store_url, "timeout": "1s"},
+        auth=AUTH,
         routes=[
             {
                 "name": "admin_stats",
                 "match": {"methods": ["GET"], "path": "/api/webinars/{webinar_id}/stats/access"},
                 "upstream": "app",
-                "auth": "off",
+                "auth": "optional",
                 "cache": {"ttl": "10s", **cache},
             }
         ],
@@ -57,7 +60,7 @@ def cache_config(upstream: str, store_url: str, **cache: Any) -> Any:
 
 
 def as_user(user: str, role: str = "") -> dict[str, str]:
-    return {"X-Test-User": user, "X-Test-Role": role}
+    return bearer(user, role)
 
 
 async def get(
@@ -95,9 +98,8 @@ def metric(gw: Any, result: str) -> float:
 
 
 async def test_cache_status_and_age(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cache_config(stats.url, store_url), clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient() as c:
             # A conditional, compressed request still fills the entry with the whole,
             # unencoded body: those headers do not reach the app on a fill.
@@ -134,8 +136,7 @@ async def test_cache_status_and_age(stats: StatsApp, store_url: str) -> None:
 
 
 async def test_head_on_empty_cache_fills_it(stats: StatsApp, store_url: str) -> None:
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await c.head(gw.url + PATH, headers=as_user("alice"))
             assert r1.status_code == 200
@@ -149,8 +150,7 @@ async def test_head_on_empty_cache_fills_it(stats: StatsApp, store_url: str) -> 
 
 async def test_key_is_route_params_and_listed_query(stats: StatsApp, store_url: str) -> None:
     cfg = cache_config(stats.url, store_url, vary_query=["range"])
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             a = await get(c, gw.url, "alice", PATH + "?range=1h&_=1")
             # An unlisted query parameter (a cache-buster) does not split the key.
@@ -170,13 +170,12 @@ async def test_key_is_route_params_and_listed_query(stats: StatsApp, store_url: 
 
 async def test_vary_claims_split_the_key(stats: StatsApp, store_url: str) -> None:
     cfg = cache_config(stats.url, store_url, vary_claims=["app_metadata.role"])
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
-            h = {"X-Test-User": "alice", "X-Test-Role": "host"}
+            h = as_user("alice", "host")
             await c.get(gw.url + PATH, headers=h)
             assert cs(await c.get(gw.url + PATH, headers=h)).startswith("edge; hit")
-            h2 = {"X-Test-User": "alice", "X-Test-Role": "admin"}
+            h2 = as_user("alice", "admin")
             assert "stored" in cs(await c.get(gw.url + PATH, headers=h2))
             assert stats.calls == 2
 
@@ -185,9 +184,8 @@ async def test_vary_claims_split_the_key(stats: StatsApp, store_url: str) -> Non
 
 
 async def test_non_admin_never_gets_the_cached_body(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cache_config(stats.url, store_url, deny_ttl="30s"), clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient() as c:
             filled = await get(c, gw.url, "alice")
             assert filled.status_code == 200
@@ -223,9 +221,8 @@ async def test_non_admin_never_gets_the_cached_body(stats: StatsApp, store_url: 
 
 
 async def test_each_admin_is_checked_once_then_served_hits(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cache_config(stats.url, store_url, authz_ttl="60s"), clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient() as c:
             await get(c, gw.url, "alice")
             # bob was never seen: his own request reaches the app even though the entry is
@@ -248,8 +245,7 @@ async def test_authorize_by_claim(stats: StatsApp, store_url: str) -> None:
     cfg = cache_config(
         stats.url, store_url, authorize={"claim": "app_metadata.role", "in": ["admin"]}
     )
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await c.get(gw.url + PATH, headers=as_user("u1", "admin"))
             assert "stored" in cs(r1)
@@ -276,7 +272,7 @@ async def test_authorize_by_claim(stats: StatsApp, store_url: str) -> None:
 async def test_public_route_serves_anonymous_callers(stats: StatsApp, store_url: str) -> None:
     stats.allow_anonymous = True
     async with run_gateway(
-        cache_config(stats.url, store_url, public=True), clock=FakeClock()
+        cache_config(stats.url, store_url, public=True), clock=FakeClock(FIXED_NOW)
     ) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await get(c, gw.url)
@@ -295,7 +291,7 @@ async def test_200_concurrent_requests_cost_one_upstream_call(
     stats.allow_anonymous = True
     stats.gate = asyncio.Event()
     async with run_gateway(
-        cache_config(stats.url, store_url, public=True), clock=FakeClock()
+        cache_config(stats.url, store_url, public=True), clock=FakeClock(FIXED_NOW)
     ) as gw:
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
         async with httpx.AsyncClient(limits=limits, timeout=30) as c:
@@ -317,10 +313,9 @@ async def test_200_concurrent_requests_cost_one_upstream_call(
 
 
 async def test_stale_while_revalidate(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, store_url, stale_while_revalidate="20s")
     async with run_gateway(cfg, clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient(timeout=10) as c:
             await get(c, gw.url, "alice")
             first = (await get(c, gw.url, "bob")).json()
@@ -355,10 +350,9 @@ async def test_stale_while_revalidate(stats: StatsApp, store_url: str) -> None:
 
 
 async def test_stale_if_error(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, store_url, stale_if_error="5m")
     async with run_gateway(cfg, clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient(timeout=10) as c:
             good = (await get(c, gw.url, "alice")).json()
             clock.advance(15)
@@ -395,8 +389,7 @@ async def test_no_store_and_private_are_honoured(
     stats: StatsApp, store_url: str, cache_control: str
 ) -> None:
     stats.extra_headers = {"Cache-Control": cache_control}
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             for _ in range(3):
                 r = await get(c, gw.url, "alice")
@@ -408,8 +401,7 @@ async def test_no_store_and_private_are_honoured(
 
 async def test_set_cookie_responses_are_not_stored(stats: StatsApp, store_url: str) -> None:
     stats.extra_headers = {"Set-Cookie": "sid=secret; HttpOnly"}
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await get(c, gw.url, "alice")
             assert r1.headers["set-cookie"].startswith("sid=secret")
@@ -426,8 +418,7 @@ async def test_large_body_streams_through_and_is_not_stored(
 ) -> None:
     stats.body_padding = 5000
     cfg = cache_config(stats.url, store_url, max_body_bytes=1000)
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await get(c, gw.url, "alice")
             assert r1.status_code == 200
@@ -444,8 +435,7 @@ async def test_large_body_streams_through_and_is_not_stored(
 @pytest.mark.parametrize("mode", ["open", "closed"])
 async def test_store_down(stats: StatsApp, mode: str) -> None:
     cfg = cache_config(stats.url, "redis://127.0.0.1:1/0", on_failure=mode)
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r = await get(c, gw.url, "alice")
             assert cs(r) == "edge; fwd=bypass; detail=store-unavailable"
@@ -471,8 +461,7 @@ async def test_nothing_in_the_store_names_the_user(stats: StatsApp, redis_url: s
     import redis.asyncio as aioredis
 
     stats.admins.add("alice-user-id")
-    async with run_gateway(cache_config(stats.url, redis_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, redis_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             await get(c, gw.url, "alice-user-id")
             await get(c, gw.url, "mallory")
@@ -498,7 +487,7 @@ async def test_five_admins_on_two_replicas_cost_one_call_per_ttl(
 ) -> None:
     """5 admin dashboards poll every 5 s for 60 s, spread over 2 replicas sharing Redis:
     the app sees each admin once (their own authorization) plus one refresh per TTL."""
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, redis_url, ttl="10s")
     admins = ["alice", "bob", "carol", "dave", "erin"]
     duration, interval, ttl = 60, 5, 10
@@ -507,8 +496,6 @@ async def test_five_admins_on_two_replicas_cost_one_call_per_ttl(
         run_gateway(cfg, clock=clock) as gw2,
         httpx.AsyncClient(timeout=10) as c,
     ):
-        install_test_identity(gw1.app)
-        install_test_identity(gw2.app)
         replicas = [gw1.url, gw2.url]
         seen: list[str] = []
         for tick in range(duration // interval):
@@ -530,7 +517,7 @@ async def test_five_admins_on_two_replicas_cost_one_call_per_ttl(
 async def test_other_replica_waits_for_the_refresh(stats: StatsApp, redis_url: str) -> None:
     """Entry missing, refresh in flight on replica 1: replica 2 polls the store for it
     instead of calling the app."""
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(
         stats.url, redis_url, authorize={"claim": "app_metadata.role", "in": ["admin"]}
     )
@@ -539,8 +526,6 @@ async def test_other_replica_waits_for_the_refresh(stats: StatsApp, redis_url: s
         run_gateway(cfg, clock=clock) as gw2,
         httpx.AsyncClient(timeout=10) as c,
     ):
-        install_test_identity(gw1.app)
-        install_test_identity(gw2.app)
         stats.gate = asyncio.Event()
         leader = asyncio.ensure_future(c.get(gw1.url + PATH, headers=as_user("alice", "admin")))
         await asyncio.wait_for(stats.entered.wait(), 5)
@@ -562,15 +547,13 @@ def _body(r: httpx.Response) -> Any:
 async def test_other_replica_serves_stale_while_one_refreshes(
     stats: StatsApp, redis_url: str
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, redis_url, stale_while_revalidate="20s")
     async with (
         run_gateway(cfg, clock=clock) as gw1,
         run_gateway(cfg, clock=clock) as gw2,
         httpx.AsyncClient(timeout=10) as c,
     ):
-        install_test_identity(gw1.app)
-        install_test_identity(gw2.app)
         await get(c, gw1.url, "alice")
         first = (await get(c, gw2.url, "bob")).json()
         clock.advance(15)
@@ -594,7 +577,7 @@ async def test_waiters_share_the_leaders_error(stats: StatsApp, store_url: str) 
     stats.fail_status = 503
     stats.gate = asyncio.Event()
     async with run_gateway(
-        cache_config(stats.url, store_url, public=True), clock=FakeClock()
+        cache_config(stats.url, store_url, public=True), clock=FakeClock(FIXED_NOW)
     ) as gw:
         async with httpx.AsyncClient(timeout=10) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url)) for _ in range(20)]
@@ -612,7 +595,7 @@ async def test_store_down_public_route_keeps_in_process_single_flight(stats: Sta
     down (on_failure open) a process still makes one upstream call per TTL for them."""
     stats.allow_anonymous = True
     stats.gate = asyncio.Event()
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, "redis://127.0.0.1:1/0", public=True, on_failure="open")
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
         tasks = [asyncio.ensure_future(get(c, gw.url)) for _ in range(10)]
@@ -634,12 +617,11 @@ async def test_store_down_public_route_keeps_in_process_single_flight(stats: Sta
 async def test_micro_cache_for_polling(stats: StatsApp, store_url: str) -> None:
     """`ttl: 1s` on a polling route: 20 clients polling every 500 ms for 10 s cost the app
     one call per second (plus nothing per client when a claim authorizes them)."""
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(
         stats.url, store_url, ttl="1s", authorize={"claim": "app_metadata.role", "in": ["host"]}
     )
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
-        install_test_identity(gw.app)
         for _ in range(20):
             rs = await asyncio.gather(
                 *(c.get(gw.url + PATH, headers=as_user(f"v{i}", "host")) for i in range(20))
@@ -653,10 +635,9 @@ async def test_micro_cache_for_polling(stats: StatsApp, store_url: str) -> None:
 
 
 async def test_unlisted_query_cannot_poison_the_entry(stats: StatsApp, store_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     cfg = cache_config(stats.url, store_url)  # no vary_query: the key is route + params
     async with run_gateway(cfg, clock=clock) as gw:
-        install_test_identity(gw.app)
         async with httpx.AsyncClient() as c:
             # Admin A fills the entry with a parameter the key does not hold...
             a = await get(c, gw.url, "alice", PATH + "?range=all&callback=x")
@@ -670,8 +651,7 @@ async def test_answers_that_vary_on_credentials_are_not_stored(
     stats: StatsApp, store_url: str
 ) -> None:
     cfg = cache_config(stats.url, store_url)
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             personal = ("Cookie", "Authorization", "*", "X-Edge-User-Id", "Accept-Language, Cookie")
             for vary in personal:
@@ -687,14 +667,13 @@ async def test_answers_that_vary_on_credentials_are_not_stored(
 async def test_public_fills_carry_no_credentials(stats: StatsApp, store_url: str) -> None:
     stats.allow_anonymous = True
     cfg = cache_config(stats.url, store_url, public=True)
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             await get(
                 c,
                 gw.url,
                 "alice",
-                headers={"Cookie": "sb-x-auth-token=SECRET", "Authorization": "Bearer SECRET"},
+                headers={"Cookie": "sb-x-auth-token=SECRET"},
             )
     sent = {k.lower() for k in stats.last_headers}
     assert "cookie" not in sent

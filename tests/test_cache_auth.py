@@ -13,7 +13,8 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from tests.fakes.stats_app import FakeClock, StatsApp
+from tests.fakes.clock import FakeClock
+from tests.fakes.stats_app import StatsApp
 from tests.helpers import make_config, run_gateway
 
 SECRET = "cache-test-secret-0123456789abcdef0123456789"

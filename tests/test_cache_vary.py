@@ -11,7 +11,8 @@ import asyncio
 
 import httpx
 
-from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
+from tests.fakes.clock import FIXED_NOW, FakeClock
+from tests.fakes.stats_app import StatsApp
 from tests.helpers import run_gateway
 from tests.test_cache import PATH, all_in_flight, cache_config, cs, get, stats, store_url
 
@@ -22,8 +23,7 @@ NEXT_VARY = "rsc, next-router-state-tree, next-router-prefetch, next-router-segm
 
 async def test_next_vary_is_stored_and_keeps_rsc_apart(stats: StatsApp, store_url: str) -> None:
     stats.extra_headers = {"Vary": NEXT_VARY}
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             r1 = await get(c, gw.url, "alice")
             assert cs(r1) == "edge; fwd=miss; fwd-status=200; stored"
@@ -56,8 +56,7 @@ async def test_next_vary_is_stored_and_keeps_rsc_apart(stats: StatsApp, store_ur
 async def test_ignore_vary_does_not_split(stats: StatsApp, store_url: str) -> None:
     stats.extra_headers = {"Vary": "X-Client-Build, Accept-Encoding"}
     cfg = cache_config(stats.url, store_url, ignore_vary=["x-client-build"])
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             await get(c, gw.url, "alice", headers={"X-Client-Build": "a"})
             r = await get(c, gw.url, "alice", headers={"X-Client-Build": "b"})
@@ -69,8 +68,7 @@ async def test_without_ignore_vary_each_value_is_a_variant(
     stats: StatsApp, store_url: str
 ) -> None:
     stats.extra_headers = {"Vary": "X-Client-Build"}
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:
             for build in ("a", "b", "a", "b"):
                 await get(c, gw.url, "alice", headers={"X-Client-Build": build})
@@ -84,14 +82,12 @@ async def test_other_replica_learns_the_vary_from_the_store(
     reads the right variant, instead of calling the app again."""
     stats.extra_headers = {"Vary": NEXT_VARY}
     cfg = cache_config(stats.url, redis_url)
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     async with (
         run_gateway(cfg, clock=clock) as gw1,
         run_gateway(cfg, clock=clock) as gw2,
         httpx.AsyncClient() as c,
     ):
-        install_test_identity(gw1.app)
-        install_test_identity(gw2.app)
         await get(c, gw1.url, "alice")
         await get(c, gw1.url, "alice", headers={"RSC": "1"})
         assert stats.calls == 2
@@ -113,7 +109,8 @@ async def test_a_waiter_of_another_variant_is_not_served_the_leaders(
     stats.allow_anonymous = True
     stats.gate = asyncio.Event()
     cfg = cache_config(stats.url, store_url, public=True)
-    async with run_gateway(cfg, clock=FakeClock()) as gw, httpx.AsyncClient(timeout=10) as c:
+    clock = FakeClock(FIXED_NOW)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
         plain = asyncio.ensure_future(get(c, gw.url))
         await asyncio.wait_for(stats.entered.wait(), 10)
         rsc = asyncio.ensure_future(get(c, gw.url, headers={"RSC": "1"}))
@@ -131,8 +128,7 @@ async def test_one_admins_concurrent_first_polls_cost_one_call(
 ) -> None:
     stats.extra_headers = {"Vary": NEXT_VARY}
     stats.gate = asyncio.Event()
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url, "alice")) for _ in range(20)]
             await asyncio.wait_for(stats.entered.wait(), 10)
@@ -146,8 +142,7 @@ async def test_one_admins_concurrent_first_polls_cost_one_call(
 
 async def test_a_denied_callers_waiters_get_the_denial(stats: StatsApp, store_url: str) -> None:
     stats.gate = asyncio.Event()
-    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [asyncio.ensure_future(get(c, gw.url, "mallory")) for _ in range(10)]
             await asyncio.wait_for(stats.entered.wait(), 10)
@@ -168,12 +163,10 @@ async def test_m_admins_on_two_replicas_cost_m_first_checks(
     cfg = cache_config(stats.url, redis_url)
     admins = ["alice", "bob", "carol", "dave", "erin"]
     async with (
-        run_gateway(cfg, clock=FakeClock()) as gw1,
-        run_gateway(cfg, clock=FakeClock()) as gw2,
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw1,
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw2,
         httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as c,
     ):
-        install_test_identity(gw1.app)
-        install_test_identity(gw2.app)
         tasks = [
             asyncio.ensure_future(get(c, gw.url, user))
             for user in admins
@@ -197,7 +190,7 @@ async def test_a_rewritten_content_location_is_not_replayed_to_others(
     stats.allow_anonymous = True
     stats.extra_headers = {"Content-Location": stats.url + PATH}
     cfg = cache_config(stats.url, store_url, public=True)
-    async with run_gateway(cfg, clock=FakeClock()) as gw, httpx.AsyncClient() as c:
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw, httpx.AsyncClient() as c:
         filler = await get(c, gw.url, headers={"Host": "evil.example"})
         assert filler.headers["content-location"] == "http://evil.example" + PATH
         hit = await get(c, gw.url)

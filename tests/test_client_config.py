@@ -7,6 +7,8 @@ from __future__ import annotations
 import httpx
 
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FIXED_NOW, FakeClock
+from tests.fakes.identity import AUTH, bearer
 from tests.fakes.stats_app import StatsApp
 from tests.helpers import make_config, run_gateway
 
@@ -86,8 +88,6 @@ async def test_open_breaker_switches_to_degraded_while_cache_serves_stale() -> N
     """End to end: the app fails, the breaker (inside the cache) opens; the dashboard
     keeps its last good stats (stale_if_error over the breaker's fast 503) and
     client-config tells clients to slow down."""
-    from tests.fakes.stats_app import FakeClock, install_test_identity
-
     stats = StatsApp()
     await stats.start()
     stats.admins = {"alice"}
@@ -95,6 +95,7 @@ async def test_open_breaker_switches_to_degraded_while_cache_serves_stale() -> N
         cfg = make_config(
             stats.url,
             client=CLIENT,
+            auth=AUTH,
             routes=[
                 {
                     "name": "admin_stats",
@@ -103,17 +104,16 @@ async def test_open_breaker_switches_to_degraded_while_cache_serves_stale() -> N
                         "path": "/api/webinars/{webinar_id}/stats/access",
                     },
                     "upstream": "app",
-                    "auth": "off",
+                    "auth": "optional",
                     "cache": {"ttl": "10s", "stale_if_error": "5m"},
                     "breaker": {"group": "stats", "failure_threshold": 2, "cooldown": "60s"},
                 }
             ],
         )
-        clock = FakeClock()
+        clock = FakeClock(FIXED_NOW)
         async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
-            install_test_identity(gw.app)
             path = gw.url + "/api/webinars/w1/stats/access"
-            who = {"X-Test-User": "alice"}
+            who = bearer("alice")
             good = (await c.get(path, headers=who)).json()
             assert (await c.get(gw.url + "/_edge/client-config")).json()["mode"] == "normal"
             stats.fail_status = 500

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,13 @@ from gateway.config import parse_config
 from gateway.policies.refresh.policy import FLIGHTS
 from gateway.store.memory import MemoryStore
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.fakes.gotrue import FakeGoTrue
 from tests.helpers import make_config, run_gateway
 from tests.test_proxy import raw_request
 from tests.test_refresh import (
     CLIENT_HEADERS,
     TOKEN_PATH,
-    Clock,
     client,
     refresh,
     refresh_config,
@@ -551,7 +552,7 @@ async def test_grace_defaults_to_gotrues_reuse_interval(gotrue: FakeGoTrue) -> N
         "http://127.0.0.1:9", upstreams={"supabase": {"url": gotrue.url}}, routes=routes
     )
     assert cfg.routes[0].refresh is not None and cfg.routes[0].refresh.grace == 10
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with run_gateway(cfg, clock=clock) as gw, client() as c:
         await refresh(c, gw, rt0)
         clock.advance(9)

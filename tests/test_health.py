@@ -7,19 +7,12 @@ import httpx
 
 from gateway.health import ErrorRatio
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.helpers import make_config, run_gateway
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_ratio_needs_volume_and_forgets_after_a_minute() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     r = ErrorRatio(0.25, clock, min_requests=20)
     for _ in range(10):
         r.record(502)
@@ -28,7 +21,7 @@ def test_ratio_needs_volume_and_forgets_after_a_minute() -> None:
         r.record(200)
     assert r.ratio() == 10 / 30
     assert r.unhealthy()
-    clock.t += 61
+    clock.advance(61)
     assert r.ratio() == 0.0
     for _ in range(30):
         r.record(200)
@@ -37,7 +30,7 @@ def test_ratio_needs_volume_and_forgets_after_a_minute() -> None:
 
 
 async def test_client_config_degrades_while_upstream_fails(fake_app: FakeApp) -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     async with (
         run_gateway(make_config(fake_app.url), monotonic=clock) as gw,
         httpx.AsyncClient() as c,
@@ -49,5 +42,5 @@ async def test_client_config_degrades_while_upstream_fails(fake_app: FakeApp) ->
         body = (await c.get(gw.url + "/_edge/client-config")).json()
         assert body["mode"] == "degraded"
         assert body["chat_fallback_interval_ms"] == 15_000
-        clock.t += 61  # a quiet minute later the upstream is given the benefit again
+        clock.advance(61)  # a quiet minute later the upstream is given the benefit again
         assert (await c.get(gw.url + "/_edge/client-config")).json()["mode"] == "normal"

@@ -30,6 +30,7 @@ from gateway.policies.heartbeat.policy import (
 )
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.helpers import Running, make_config, run_gateway
 
 SECRET = "heartbeat-test-secret-with-at-least-32-characters"
@@ -39,17 +40,6 @@ TRACK = "/api/webinars/{w}/access/track"
 FLUSH_URL = "/rest/v1/rpc/edge_presence_batch"
 W1 = "11111111-1111-4111-8111-111111111111"
 W2 = "22222222-2222-4222-8222-222222222222"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _b64(data: bytes) -> str:
@@ -129,7 +119,7 @@ def counter(gw: Running, name: str, **labels: str) -> float:
 
 
 async def ping(
-    c: httpx.AsyncClient, gw: Running, webinar: str, sub: str, clock: Clock
+    c: httpx.AsyncClient, gw: Running, webinar: str, sub: str, clock: FakeClock
 ) -> httpx.Response:
     return await c.post(
         gw.url + PING.format(w=webinar),
@@ -142,9 +132,10 @@ async def ping(
 
 
 async def test_thousand_pings_from_hundred_viewers_reach_app_once_each(
-    fake_app: FakeApp, store_url: str
+    fake_app: FakeApp,
+    store_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = config(fake_app.url, store_url)
     path = PING.format(w=W1)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
@@ -176,8 +167,9 @@ async def test_thousand_pings_from_hundred_viewers_reach_app_once_each(
         assert counter(gw, "edge_heartbeats_total", route=route, outcome="absorbed") == 900
 
 
-async def test_one_forward_per_viewer_per_interval(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_one_forward_per_viewer_per_interval(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = config(fake_app.url, store_url, heartbeat={"forward_interval": "300s"})
     path = PING.format(w=W1)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
@@ -191,8 +183,7 @@ async def test_one_forward_per_viewer_per_interval(fake_app: FakeApp, store_url:
         assert fake_app.hits[path] == 2
 
 
-async def test_webinars_are_separate(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_webinars_are_separate(fake_app: FakeApp, store_url: str, clock: FakeClock) -> None:
     cfg = config(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         for _ in range(3):
@@ -208,8 +199,7 @@ async def test_webinars_are_separate(fake_app: FakeApp, store_url: str) -> None:
         assert (p1["online"], p2["online"]) == (1, 2)
 
 
-async def test_custom_local_response(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_custom_local_response(fake_app: FakeApp, store_url: str, clock: FakeClock) -> None:
     hb = {
         "forward_interval": "300s",
         "local_response": {"status": 202, "body": "ok", "content_type": "text/plain"},
@@ -223,8 +213,9 @@ async def test_custom_local_response(fake_app: FakeApp, store_url: str) -> None:
         assert r.headers["x-request-id"]
 
 
-async def test_missing_token_is_refused_before_recording(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_missing_token_is_refused_before_recording(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = config(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         r = await c.post(gw.url + PING.format(w=W1), json={})
@@ -238,8 +229,9 @@ async def test_missing_token_is_refused_before_recording(fake_app: FakeApp, stor
 # --------------------------------------------------------------------------- negatives
 
 
-async def test_negative_answer_is_cached_per_viewer(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_negative_answer_is_cached_per_viewer(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = config(fake_app.url, store_url, heartbeat={"negative_ttl": "60s"})
     path = PING.format(w=W1)
     fake_app.status_override[path] = (404, {"error": "not_registered"})
@@ -270,9 +262,10 @@ async def test_negative_answer_is_cached_per_viewer(fake_app: FakeApp, store_url
 
 
 async def test_upstream_failure_lets_the_next_heartbeat_through(
-    fake_app: FakeApp, store_url: str
+    fake_app: FakeApp,
+    store_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = config(fake_app.url, store_url)
     path = PING.format(w=W1)
     fake_app.status_override[path] = (500, {"error": "db down"})
@@ -289,8 +282,7 @@ async def test_upstream_failure_lets_the_next_heartbeat_through(
 # --------------------------------------------------------------------------- guests
 
 
-async def test_guests_keyed_by_cookie(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_guests_keyed_by_cookie(fake_app: FakeApp, store_url: str, clock: FakeClock) -> None:
     cfg = config(fake_app.url, store_url)
     path = TRACK.format(w=W1)
     guest_a = "guest-a-6f1c0d1e9b"
@@ -331,8 +323,9 @@ async def test_guests_keyed_by_cookie(fake_app: FakeApp, store_url: str) -> None
 # --------------------------------------------------------------------------- presence
 
 
-async def test_presence_counts_viewers_within_window(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_presence_counts_viewers_within_window(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     # Default window: 3 x client.presence_ping_interval.
     cfg = config(fake_app.url, store_url, client={"presence_ping_interval": "60s"})
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
@@ -359,8 +352,9 @@ async def test_presence_counts_viewers_within_window(fake_app: FakeApp, store_ur
         assert (await c.get(presence, headers=auth)).json()["online"] == 0
 
 
-async def test_presence_requires_a_verified_identity(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_presence_requires_a_verified_identity(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = config(fake_app.url, store_url, heartbeat={"presence_window": "90s"})
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         presence = f"{gw.url}/_edge/webinars/{W1}/presence"
@@ -387,8 +381,9 @@ async def test_no_presence_endpoint_without_heartbeat_routes(fake_app: FakeApp) 
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-async def test_store_down_follows_on_failure(fake_app: FakeApp, mode: str) -> None:
-    clock = Clock()
+async def test_store_down_follows_on_failure(
+    fake_app: FakeApp, mode: str, clock: FakeClock
+) -> None:
     down = "redis://127.0.0.1:1/0"
     cfg = config(fake_app.url, down, store_extra={"on_failure": mode, "timeout": "50ms"})
     path = PING.format(w=W1)
@@ -411,8 +406,7 @@ async def test_store_down_follows_on_failure(fake_app: FakeApp, mode: str) -> No
     assert presence.status_code == 503
 
 
-async def test_route_on_failure_overrides_store(fake_app: FakeApp) -> None:
-    clock = Clock()
+async def test_route_on_failure_overrides_store(fake_app: FakeApp, clock: FakeClock) -> None:
     cfg = config(
         fake_app.url,
         "redis://127.0.0.1:1/0",
@@ -459,9 +453,10 @@ def flusher(gw: Running) -> Flusher:
 
 
 async def test_batch_mode_one_request_per_webinar_per_flush(
-    fake_app: FakeApp, store_url: str
+    fake_app: FakeApp,
+    store_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = batch_cfg(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         for _ in range(3):
@@ -504,9 +499,10 @@ async def test_batch_mode_one_request_per_webinar_per_flush(
 
 
 async def test_batch_flush_lock_lets_one_flush_per_interval(
-    fake_app: FakeApp, store_url: str
+    fake_app: FakeApp,
+    store_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = batch_cfg(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         await ping(c, gw, W1, user(1), clock)
@@ -520,9 +516,10 @@ async def test_batch_flush_lock_lets_one_flush_per_interval(
 
 
 async def test_failed_flush_is_retried_and_nothing_dropped(
-    fake_app: FakeApp, store_url: str
+    fake_app: FakeApp,
+    store_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = batch_cfg(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         for i in range(4):
@@ -548,8 +545,9 @@ async def test_failed_flush_is_retried_and_nothing_dropped(
         assert (await flusher(gw).flush(force=True)).requests == 0
 
 
-async def test_batch_flushes_on_shutdown(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_batch_flushes_on_shutdown(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = batch_cfg(fake_app.url, store_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         for i in range(3):
@@ -561,8 +559,9 @@ async def test_batch_flushes_on_shutdown(fake_app: FakeApp, store_url: str) -> N
     assert set(payload(flushes(fake_app)[0])[1]) == {user(i) for i in range(3)}
 
 
-async def test_batch_negative_viewer_is_not_flushed(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_batch_negative_viewer_is_not_flushed(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = batch_cfg(fake_app.url, store_url)
     fake_app.status_override[PING.format(w=W1)] = (403, {"error": "not_registered"})
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
@@ -694,8 +693,9 @@ async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> Non
     assert [set(payload(r)[1]) for r in flushes(fake_app)] == [{user(i) for i in range(3)}]
 
 
-async def test_large_negative_body_is_not_cached(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_large_negative_body_is_not_cached(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     cfg = config(fake_app.url, store_url)
     path = PING.format(w=W1)
     fake_app.status_override[path] = (404, {"error": "not_registered", "pad": "x" * 5000})
@@ -707,9 +707,10 @@ async def test_large_negative_body_is_not_cached(fake_app: FakeApp, store_url: s
 
 
 async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
-    fake_app: FakeApp, redis_url: str
+    fake_app: FakeApp,
+    redis_url: str,
+    clock: FakeClock,
 ) -> None:
-    clock = Clock()
     cfg = config(fake_app.url, redis_url)
     path = PING.format(w=W1)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:

@@ -16,8 +16,9 @@ import pytest
 from gateway.config import ConfigError, GatewayConfig
 from gateway.policies.heartbeat.policy import FLUSHERS, Flusher
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FakeClock
 from tests.helpers import Running, run_gateway
-from tests.test_heartbeat import PING, TRACK, W1, W2, Clock, config, counter, token, user
+from tests.test_heartbeat import PING, TRACK, W1, W2, config, counter, token, user
 
 ACCESS_URL = "/rest/v1/rpc/edge_access_batch"
 
@@ -69,7 +70,7 @@ def sent(fake_app: FakeApp) -> list[tuple[str, dict[str, bool]]]:
 
 
 async def heartbeat(
-    c: httpx.AsyncClient, gw: Running, path: str, webinar: str, sub: str, clock: Clock
+    c: httpx.AsyncClient, gw: Running, path: str, webinar: str, sub: str, clock: FakeClock
 ) -> httpx.Response:
     return await c.post(
         gw.url + path.format(w=webinar),
@@ -78,8 +79,9 @@ async def heartbeat(
     )
 
 
-async def test_first_heartbeats_are_flushed_as_joins(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_first_heartbeats_are_flushed_as_joins(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     async with run_gateway(join_cfg(fake_app.url, store_url), clock=clock) as gw:
         async with httpx.AsyncClient() as c:
             for i in range(3):
@@ -108,8 +110,9 @@ async def test_first_heartbeats_are_flushed_as_joins(fake_app: FakeApp, store_ur
         assert flushers(gw)[route].last["joins"] == 0
 
 
-async def test_refused_viewers_get_the_refused_response(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_refused_viewers_get_the_refused_response(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     # The flush target (edge_access_batch) registers user 1 and refuses user 2.
     fake_app.status_override[ACCESS_URL] = (200, {"written": 1, "refused": [user(2)]})
     cfg = join_cfg(
@@ -145,8 +148,9 @@ async def test_refused_viewers_get_the_refused_response(fake_app: FakeApp, store
         assert counter(gw, "edge_heartbeats_total", route="access_track", outcome="refused") == 1
 
 
-async def test_failed_flush_keeps_every_entry_and_join(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_failed_flush_keeps_every_entry_and_join(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     async with run_gateway(join_cfg(fake_app.url, store_url), clock=clock) as gw:
         async with httpx.AsyncClient() as c:
             for i in range(3):
@@ -167,8 +171,9 @@ async def test_failed_flush_keeps_every_entry_and_join(fake_app: FakeApp, store_
             assert (await flushers(gw)["access_track"].flush(force=True)).requests == 0
 
 
-async def test_shutdown_flushes_the_joins(fake_app: FakeApp, store_url: str) -> None:
-    clock = Clock()
+async def test_shutdown_flushes_the_joins(
+    fake_app: FakeApp, store_url: str, clock: FakeClock
+) -> None:
     async with run_gateway(join_cfg(fake_app.url, store_url), clock=clock) as gw:
         async with httpx.AsyncClient() as c:
             for i in range(2):
@@ -178,11 +183,12 @@ async def test_shutdown_flushes_the_joins(fake_app: FakeApp, store_url: str) -> 
 
 
 async def test_another_replica_flushes_what_a_gone_one_recorded(
-    fake_app: FakeApp, redis_url: str
+    fake_app: FakeApp,
+    redis_url: str,
+    clock: FakeClock,
 ) -> None:
     """Replica A records joins and goes away while the target is down (its final flush
     fails too); replica B, on the same Redis, sends them with their join flags."""
-    clock = Clock()
     fake_app.status_override[ACCESS_URL] = (500, {"message": "db down"})
     async with run_gateway(join_cfg(fake_app.url, redis_url), clock=clock) as a:
         async with httpx.AsyncClient() as c:

@@ -23,6 +23,7 @@ from gateway.store import Store
 from gateway.store.base import ScriptArg
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from tests.fakes.clock import FakeClock
 
 T0 = 1_800_000_000_000  # ms
 INTERVAL = 300_000
@@ -31,19 +32,11 @@ GC = 3_600_000
 REINDEX = 30_000
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0 / 1000
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Store]:
     s: Store
     if request.param == "memory":
-        s = MemoryStore("t:", clock=Clock())
+        s = MemoryStore("t:", clock=FakeClock(T0 / 1000))
     else:
         s = RedisStore(redis_url, "t:", timeout=1.0)
     await s.start()

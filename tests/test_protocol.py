@@ -19,7 +19,7 @@ from gateway.protocol import (
     HeadLimits,
     sweep_heads,
 )
-from tests.fakes.jwks import FakeClock
+from tests.fakes.clock import FakeClock
 from tests.fakes.transport import FakeTransport
 
 LIMIT = 4096

@@ -17,20 +17,12 @@ import redis.asyncio as aioredis
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig
-from gateway.http import Identity, Receive, RequestContext, Send
 from gateway.policies.ratelimit.policy import hash_value
 from tests.conftest import PrivateRedis
 from tests.fakes.app import FakeApp
+from tests.fakes.clock import FIXED_NOW, FakeClock
+from tests.fakes.identity import AUTH, bearer
 from tests.helpers import make_config, run_gateway
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
 
 HOUR = "1/h"
 
@@ -54,6 +46,8 @@ def config(
         upstream,
         routes=[*routes, {**default, "auth": "off"}],
         store=store or {"url": "memory://"},
+        # Verifies the tests' tokens on routes with `auth` on (tests/fakes/identity.py).
+        auth=AUTH,
     )
 
 
@@ -73,23 +67,6 @@ def counter(gw: Any, name: str, **labels: str) -> float:
     return float(value or 0.0)
 
 
-def as_user(gw: Any, route_name: str) -> None:
-    """Stand-in for the auth policy (tested on its own): the `X-Test-Sub` header becomes
-    the verified identity, so `by: user` can be exercised independently of token checks."""
-    # The route table lives on the gateway's current state (swapped on reload).
-    table = getattr(gw.app, "state", gw.app).table
-    (r,) = [r for r in table.routes if r.name == route_name]
-    inner = r.handler
-
-    async def handler(ctx: RequestContext, receive: Receive, send: Send) -> None:
-        sub = ctx.header(b"x-test-sub")
-        if sub is not None:
-            ctx.identity = Identity(sub.decode(), "authenticated", None, {}, 0.0)
-        await inner(ctx, receive, send)
-
-    r.handler = handler
-
-
 # --------------------------------------------------------------------------- burst + headers
 
 
@@ -102,7 +79,7 @@ async def test_burst_then_refused_with_headers(
         [route("limited", "/limited", [{"by": "ip", "rate": HOUR, "burst": 3}])],
         store_for(backend, redis_url),
     )
-    clock = Clock()
+    clock = FakeClock(FIXED_NOW)
     kwargs = {"clock": clock} if backend == "memory" else {}
     async with run_gateway(cfg, **kwargs) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         seen = []
@@ -136,7 +113,7 @@ async def test_burst_then_refused_with_headers(
 async def test_steady_rate_after_the_burst_memory(fake_app: FakeApp) -> None:
     # 2/s burst 2: after the burst, one request every 500 ms.
     cfg = config(fake_app.url, [route("r", "/r", [{"by": "ip", "rate": "2/s", "burst": 2}])])
-    clock = Clock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         assert [(await c.get("/r")).status_code for _ in range(3)] == [200, 200, 429]
         r = await c.get("/r")
@@ -144,11 +121,11 @@ async def test_steady_rate_after_the_burst_memory(fake_app: FakeApp) -> None:
         assert r.headers["retry-after"] == "1"  # 500 ms, rounded up
         assert r.headers["ratelimit"] == '"ip";r=0;t=1'
         for _ in range(4):
-            clock.t += 0.5
+            clock.advance(0.5)
             assert (await c.get("/r")).status_code == 200
             assert (await c.get("/r")).status_code == 429
         # Idle for long enough, the whole burst is back (and no more than the burst).
-        clock.t += 10
+        clock.advance(10)
         assert [(await c.get("/r")).status_code for _ in range(3)] == [200, 200, 429]
         assert fake_app.hits["/r"] == 2 + 4 + 2
 
@@ -161,7 +138,7 @@ async def test_steady_rate_after_the_burst_redis(fake_app: FakeApp, redis_url: s
         [route("r", "/r", [{"by": "ip", "rate": HOUR, "burst": 2}])],
         store_for("redis", redis_url),
     )
-    clock = Clock()  # only drives the local blocked-until cache
+    clock = FakeClock(FIXED_NOW)  # only drives the local blocked-until cache
     client = aioredis.from_url(redis_url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         assert [(await c.get("/r")).status_code for _ in range(3)] == [200, 200, 429]
@@ -170,7 +147,7 @@ async def test_steady_rate_after_the_burst_redis(fake_app: FakeApp, redis_url: s
         for _ in range(3):
             tat = int(await client.get(key)) - 3_600_000_000  # one interval, in µs
             await client.set(key, str(tat), keepttl=True)
-            clock.t += 3600  # and let the local "blocked until" entry lapse
+            clock.advance(3600)  # and let the local "blocked until" entry lapse
             assert (await c.get("/r")).status_code == 200
             r = await c.get("/r")
             assert r.status_code == 429
@@ -197,7 +174,10 @@ async def test_keys_are_independent(fake_app: FakeApp, backend: str, redis_url: 
         ],
         store_for(backend, redis_url),
     )
-    async with run_gateway(cfg, clock=Clock()) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+    async with (
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
 
         async def codes(path: str, **headers: str) -> list[int]:
             return [(await c.get(path, headers=headers)).status_code for _ in range(2)]
@@ -222,13 +202,15 @@ async def test_keys_are_independent(fake_app: FakeApp, backend: str, redis_url: 
 async def test_user_key_falls_back_to_ip(fake_app: FakeApp, backend: str, redis_url: str) -> None:
     cfg = config(
         fake_app.url,
-        [route("chat", "/chat", [{"by": "user", "rate": HOUR, "burst": 2}])],
+        [route("chat", "/chat", [{"by": "user", "rate": HOUR, "burst": 2}], auth="optional")],
         store_for(backend, redis_url),
     )
-    async with run_gateway(cfg, clock=Clock()) as gw, httpx.AsyncClient(base_url=gw.url) as c:
-        as_user(gw, "chat")
-        alice = {"x-test-sub": "alice"}
-        bob = {"x-test-sub": "bob"}
+    async with (
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
+        alice = bearer("alice")
+        bob = bearer("bob")
         assert [(await c.get("/chat", headers=alice)).status_code for _ in range(3)] == [
             200,
             200,
@@ -253,7 +235,10 @@ async def test_header_rule_and_skipped_when_absent(
         [route("api", "/api", [{"by": "header:X-Api-Key", "rate": HOUR, "burst": 1}])],
         store_for(backend, redis_url),
     )
-    async with run_gateway(cfg, clock=Clock()) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+    async with (
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
         k1 = {"x-api-key": "key-one"}
         r = await c.get("/api", headers=k1)
         assert r.status_code == 200
@@ -291,7 +276,10 @@ async def test_all_rules_in_one_decision(fake_app: FakeApp, backend: str, redis_
         ],
         store_for(backend, redis_url),
     )
-    async with run_gateway(cfg, clock=Clock()) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+    async with (
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
         r = await c.get("/api/webinars/w1/two")
         assert r.status_code == 200
         assert r.headers["ratelimit-policy"] == '"ip";q=3;w=10800, "webinar";q=1;w=3600'
@@ -353,7 +341,7 @@ async def test_blocked_key_costs_no_round_trip_redis(fake_app: FakeApp, private_
         [route("hot", "/hot", [{"by": "ip", "rate": HOUR, "burst": 2}])],
         {"url": private_redis, "timeout": "500ms"},
     )
-    clock = Clock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         # Warm up with another client: the first EVALSHA of a process meets NOSCRIPT and
         # loads the script (a one-off), which is not what this test counts.
@@ -378,7 +366,7 @@ async def test_blocked_key_costs_no_round_trip_redis(fake_app: FakeApp, private_
         assert await redis_round_trips(private_redis) - before == 4
         # Once T has passed, the store decides again (still refused: no time passed in
         # Redis, and the new refusal is cached again).
-        clock.t += 3601
+        clock.advance(3601)
         assert (await c.get("/hot")).status_code == 429
         assert await redis_round_trips(private_redis) - before == 5
         assert (await c.get("/hot")).status_code == 429
@@ -387,7 +375,7 @@ async def test_blocked_key_costs_no_round_trip_redis(fake_app: FakeApp, private_
 
 async def test_blocked_key_short_circuit_memory(fake_app: FakeApp) -> None:
     cfg = config(fake_app.url, [route("hot", "/hot", [{"by": "ip", "rate": "1/s", "burst": 1}])])
-    clock = Clock()
+    clock = FakeClock(FIXED_NOW)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         store = gw.app.rt.store
         runs = 0
@@ -401,12 +389,12 @@ async def test_blocked_key_short_circuit_memory(fake_app: FakeApp) -> None:
         store.run = counting_run  # type: ignore[method-assign]
         assert [(await c.get("/hot")).status_code for _ in range(5)] == [200, 429, 429, 429, 429]
         assert runs == 2
-        clock.t += 0.4
+        clock.advance(0.4)
         r = await c.get("/hot")
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"  # 600 ms left, rounded up
         assert runs == 2
-        clock.t += 0.7
+        clock.advance(0.7)
         assert (await c.get("/hot")).status_code == 200
         assert runs == 3
 
@@ -429,7 +417,10 @@ async def kill_mid_test(
     after_kill: Callable[[httpx.AsyncClient, Any], Awaitable[None]],
 ) -> None:
     cfg = failing_config(fake_app.url, server.url, mode)
-    async with run_gateway(cfg, clock=Clock()) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+    async with (
+        run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw,
+        httpx.AsyncClient(base_url=gw.url) as c,
+    ):
         r = await c.get("/rl")
         assert r.status_code == 200
         assert r.headers["ratelimit"] == '"ip";r=1;t=3600'
@@ -594,7 +585,7 @@ async def test_lua_and_python_twin_agree(redis_url: str) -> None:
     from gateway.store.redis import RedisStore
 
     redis_store = RedisStore(redis_url, "twin:", timeout=1)
-    memory_store = MemoryStore("twin:", clock=Clock())
+    memory_store = MemoryStore("twin:", clock=FakeClock(FIXED_NOW))
     keys = ["rl:{t}:a", "rl:{t}:b", "rl:{t}:c"]
     args = [3_600_000_000, 3, 60_000_000, 2, 1_000_000_000, 5]
     try:

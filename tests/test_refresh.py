@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from gateway.config import GatewayConfig
 from gateway.policies.refresh.policy import _keys, token_digest
 from gateway.store.memory import MemoryStore
+from tests.fakes.clock import FakeClock
 from tests.fakes.gotrue import FakeGoTrue
 from tests.helpers import Running, make_config, run_gateway
 
@@ -27,19 +28,6 @@ CLIENT_HEADERS = {
     "Authorization": "Bearer anon-key",
     "X-Supabase-Api-Version": "2024-01-01",
 }
-
-
-class Clock:
-    """Wall time that only moves when the test says so."""
-
-    def __init__(self) -> None:
-        self.t = time.time()
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -107,7 +95,7 @@ def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=200))
 
 
-async def expire_lock(gw: Running, store_url: str, token: str, clock: Clock) -> None:
+async def expire_lock(gw: Running, store_url: str, token: str, clock: FakeClock) -> None:
     """What a dead leader's lock does after lock_ttl: on memory the injected clock moves
     past it; on Redis (whose TTLs run on Redis' own clock) the key goes, as PX would."""
     if store_url.startswith("memory"):
@@ -167,7 +155,7 @@ async def test_replay_within_grace_then_upstream_after_it(
     store_url: str, gotrue: FakeGoTrue
 ) -> None:
     rt0 = gotrue.sign_in()["refresh_token"]
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with (
         run_gateway(refresh_config(gotrue.url, store_url), clock=clock) as gw,
         client() as c,
@@ -192,7 +180,7 @@ async def test_replay_never_outlives_the_new_access_token(
 ) -> None:
     gotrue.expires_in = 10
     rt0 = gotrue.sign_in()["refresh_token"]
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with (
         run_gateway(refresh_config(gotrue.url, store_url), clock=clock) as gw,
         client() as c,
@@ -253,7 +241,7 @@ async def test_reuse_refusal_for_a_cached_token_is_answered_from_the_cache(
     """Replica A leads and is slow; its lock lapses and replica B takes over; A's answer
     lands in the cache; GoTrue answers B's duplicate with 409 → B serves A's answer."""
     rt0 = gotrue.sign_in()["refresh_token"]
-    clock = Clock()
+    clock = FakeClock(time.time())
     cfg = refresh_config(gotrue.url, store_url)
     kw: dict[str, Any] = {"clock": clock}
     if store_url.startswith("memory"):
@@ -280,7 +268,7 @@ async def test_reuse_refusal_for_a_cached_token_is_answered_from_the_cache(
 
 async def test_follower_takes_over_when_the_leader_dies(store_url: str, gotrue: FakeGoTrue) -> None:
     rt0 = gotrue.sign_in()["refresh_token"]
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with (
         run_gateway(refresh_config(gotrue.url, store_url, lock_ttl="10s"), clock=clock) as gw,
         client() as c,

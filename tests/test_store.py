@@ -12,22 +12,15 @@ import pytest
 from gateway.store import Script, Store, StoreError
 from gateway.store.memory import MemoryData, MemoryStore
 from gateway.store.redis import RedisStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fakes.clock import FakeClock
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def store(
     request: pytest.FixtureRequest, redis_url: str
-) -> AsyncIterator[tuple[Store, Clock | None]]:
+) -> AsyncIterator[tuple[Store, FakeClock | None]]:
     if request.param == "memory":
-        clock = Clock()
+        clock = FakeClock(1_000_000.0)
         yield MemoryStore("t:", clock=clock), clock
         return
     s = RedisStore(redis_url, "t:", timeout=0.5)
@@ -49,7 +42,7 @@ COUNTER = Script(
 )
 
 
-async def test_get_set_delete(store: tuple[Store, Clock | None]) -> None:
+async def test_get_set_delete(store: tuple[Store, FakeClock | None]) -> None:
     s, _ = store
     assert await s.get("a") is None
     assert await s.set("a", b"\x00bytes\xff")
@@ -58,7 +51,7 @@ async def test_get_set_delete(store: tuple[Store, Clock | None]) -> None:
     assert await s.get("a") is None
 
 
-async def test_set_nx_is_a_lock(store: tuple[Store, Clock | None]) -> None:
+async def test_set_nx_is_a_lock(store: tuple[Store, FakeClock | None]) -> None:
     s, _ = store
     assert await s.set("lock", b"me", 10, nx=True)
     assert not await s.set("lock", b"you", 10, nx=True)
@@ -68,12 +61,12 @@ async def test_set_nx_is_a_lock(store: tuple[Store, Clock | None]) -> None:
     assert await s.set("lock", b"you", 10, nx=True)
 
 
-async def test_ttl_expires(store: tuple[Store, Clock | None]) -> None:
+async def test_ttl_expires(store: tuple[Store, FakeClock | None]) -> None:
     s, clock = store
     await s.set("k", b"v", ttl=0.05)
     assert await s.get("k") == b"v"
     if clock is not None:
-        clock.t += 0.06
+        clock.advance(0.06)
     else:
         # Redis keeps its own clock; ask it instead of sleeping.
         assert isinstance(s, RedisStore)
@@ -83,7 +76,7 @@ async def test_ttl_expires(store: tuple[Store, Clock | None]) -> None:
     assert await s.get("k") is None
 
 
-async def test_incr_sets_ttl_once(store: tuple[Store, Clock | None]) -> None:
+async def test_incr_sets_ttl_once(store: tuple[Store, FakeClock | None]) -> None:
     s, clock = store
     assert await s.incr("n", 2, ttl=10) == 2
     assert await s.incr("n", 3, ttl=10) == 5
@@ -91,11 +84,11 @@ async def test_incr_sets_ttl_once(store: tuple[Store, Clock | None]) -> None:
         assert 9000 < await s.client.pttl("t:n") <= 10000
     else:
         assert clock is not None
-        clock.t += 11
+        clock.advance(11)
         assert await s.incr("n", 1) == 1
 
 
-async def test_script_is_atomic_and_prefixed(store: tuple[Store, Clock | None]) -> None:
+async def test_script_is_atomic_and_prefixed(store: tuple[Store, FakeClock | None]) -> None:
     s, _ = store
     tag = Store.tag("w1")
     assert await s.run(COUNTER, [f"c:a:{tag}", f"c:b:{tag}"], [2]) == [2, 2]
@@ -105,7 +98,7 @@ async def test_script_is_atomic_and_prefixed(store: tuple[Store, Clock | None]) 
 
 
 async def test_memory_namespaces_do_not_evict_each_other() -> None:
-    s = MemoryStore("t:", max_keys=1000, clock=Clock())
+    s = MemoryStore("t:", max_keys=1000, clock=FakeClock(1_000_000.0))
     await s.set("rl:{user}", b"spent", ttl=60)
     # A flood of client-chosen keys in another namespace (made-up webinar ids)...
     for i in range(5000):

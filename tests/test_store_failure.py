@@ -22,10 +22,12 @@ from gateway.store.base import CallBudget
 from gateway.store.redis import RedisStore
 from tests.conftest import PrivateRedis
 from tests.fakes.app import FakeApp
-from tests.fakes.stats_app import FakeClock, StatsApp, install_test_identity
+from tests.fakes.clock import FIXED_NOW, FakeClock
+from tests.fakes.identity import AUTH, bearer
+from tests.fakes.stats_app import StatsApp
 from tests.helpers import Running, make_config, run_gateway
 from tests.test_cache import all_in_flight
-from tests.test_heartbeat import W1, W2, Clock, config, ping, user
+from tests.test_heartbeat import W1, W2, config, ping, user
 
 PING = "/api/webinars/{w}/presence/ping"
 
@@ -67,13 +69,14 @@ def hb_config(app_url: str, redis: str, **store: Any) -> Any:
 
 
 async def test_frozen_then_restarted_redis_costs_the_app_nothing_more(
-    fake_app: FakeApp, private_redis_server: PrivateRedis
+    fake_app: FakeApp,
+    private_redis_server: PrivateRedis,
+    clock: FakeClock,
 ) -> None:
     """The issue's fault run, small: viewers ping through a Redis that is frozen, then
     killed and restarted empty. Every answer is 2xx; each viewer reaches the app once,
     plus once for a viewer that first shows up during the outage; the restarted
     (empty) store does not send everyone to the app again."""
-    clock = Clock()
     viewers = [user(i) for i in range(6)]
     path = PING.format(w=W1)
     cfg = hb_config(fake_app.url, private_redis_server.url)
@@ -112,11 +115,12 @@ async def test_frozen_then_restarted_redis_costs_the_app_nothing_more(
 
 
 async def test_local_mode_replays_negative_answers_and_retries_failures(
-    fake_app: FakeApp, private_redis_server: PrivateRedis
+    fake_app: FakeApp,
+    private_redis_server: PrivateRedis,
+    clock: FakeClock,
 ) -> None:
     """While the store is down, a viewer the app refused (404) keeps getting the refusal
     from this process, and a viewer whose forward failed (5xx) is forwarded again."""
-    clock = Clock()
     cfg = hb_config(fake_app.url, private_redis_server.url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
         private_redis_server.stop()
@@ -138,11 +142,13 @@ async def test_local_mode_replays_negative_answers_and_retries_failures(
 
 @pytest.mark.parametrize("mode", ["closed", "local"])
 async def test_busy_loop_with_healthy_redis_is_not_a_store_failure(
-    fake_app: FakeApp, redis_url: str, mode: str
+    fake_app: FakeApp,
+    redis_url: str,
+    mode: str,
+    clock: FakeClock,
 ) -> None:
     """Heartbeats in flight while the loop is kept busy far past store.timeout: the
     store answered, only late to be read. No 503 in closed mode, no extra forward."""
-    clock = Clock()
     cfg = config(fake_app.url, redis_url, store_extra={"timeout": "20ms", "on_failure": mode})
     n = 40
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
@@ -225,7 +231,7 @@ async def _under_budget(aw: Awaitable[None]) -> None:
 async def test_backoff_probe_ends_the_outage_and_each_transition_logs_once(
     private_redis_server: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     states: list[bool] = []
     store = RedisStore(
         private_redis_server.url,
@@ -273,12 +279,13 @@ def local_cache_config(upstream: str, store_url: str) -> Any:
     return make_config(
         upstream,
         store={"url": store_url, "timeout": "200ms", "failure_threshold": 1},
+        auth=AUTH,
         routes=[
             {
                 "name": "admin_stats",
                 "match": {"methods": ["GET"], "path": "/api/webinars/{webinar_id}/stats/access"},
                 "upstream": "app",
-                "auth": "off",
+                "auth": "optional",
                 "cache": {"ttl": "10s"},
             }
         ],
@@ -290,10 +297,9 @@ async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
 ) -> None:
     cfg = local_cache_config(stats.url, private_redis_server.url)
     url = "/api/webinars/w1/stats/access"
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient(timeout=10) as c:
-            alice = {"X-Test-User": "alice"}
+            alice = bearer("alice")
             assert (await c.get(gw.url + url, headers=alice)).status_code == 200
             assert stats.calls == 1
             private_redis_server.stop()
@@ -303,9 +309,9 @@ async def test_cache_local_serves_known_callers_and_forwards_unknown_ones(
                 assert r.status_code == 200
                 assert r.headers["cache-status"].startswith("edge; hit")
             # mallory is not: her own request goes to the app, which refuses her.
-            r = await c.get(gw.url + url, headers={"X-Test-User": "mallory"})
+            r = await c.get(gw.url + url, headers=bearer("mallory"))
             assert r.status_code == 403
-            r = await c.get(gw.url + url, headers={"X-Test-User": "mallory"})
+            r = await c.get(gw.url + url, headers=bearer("mallory"))
             assert r.status_code == 403
             assert stats.calls == 2
     assert sample(gw, "edge_store_fallbacks_total", policy="cache", mode="local") >= 4
@@ -318,13 +324,12 @@ async def test_cache_local_single_flights_an_unknown_callers_first_check(
     flight holds in the process), and its answer is served to the others."""
     cfg = local_cache_config(stats.url, private_redis_server.url)
     url = "/api/webinars/w1/stats/access"
-    async with run_gateway(cfg, clock=FakeClock()) as gw:
-        install_test_identity(gw.app)
+    async with run_gateway(cfg, clock=FakeClock(FIXED_NOW)) as gw:
         private_redis_server.stop()
         stats.gate = asyncio.Event()
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [
-                asyncio.ensure_future(c.get(gw.url + url, headers={"X-Test-User": "alice"}))
+                asyncio.ensure_future(c.get(gw.url + url, headers=bearer("alice")))
                 for _ in range(10)
             ]
             await asyncio.wait_for(stats.entered.wait(), 10)
@@ -382,7 +387,7 @@ async def test_memory_store_bounds_viewers_not_just_keys() -> None:
     from gateway.policies.heartbeat.policy import RECORD, _webinar_keys
     from gateway.store.memory import MemoryStore
 
-    clock = FakeClock()
+    clock = FakeClock(FIXED_NOW)
     store = MemoryStore(max_keys=1000, clock=clock)
     for w in range(5):
         keys = _webinar_keys(f"w{w}", "presence_ping")
@@ -400,7 +405,9 @@ async def test_memory_store_bounds_viewers_not_just_keys() -> None:
 
 
 async def test_local_fallback_state_is_bounded_and_exported(
-    fake_app: FakeApp, private_redis_server: PrivateRedis
+    fake_app: FakeApp,
+    private_redis_server: PrivateRedis,
+    clock: FakeClock,
 ) -> None:
     from gateway.policies.heartbeat.policy import LocalMemory
 
@@ -411,7 +418,6 @@ async def test_local_fallback_state_is_bounded_and_exported(
     assert local.times.get(LocalMemory.key("r", "w", "u:4999")) == 4999
     assert local.times.get(LocalMemory.key("r", "w", "u:0")) is None
 
-    clock = Clock()
     cfg = hb_config(fake_app.url, private_redis_server.url)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
         for i in range(3):

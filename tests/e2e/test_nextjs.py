@@ -25,8 +25,8 @@ import pytest
 from gateway.config import parse_config
 from tests.conftest import free_port
 from tests.e2e.conftest import NextApp
+from tests.fakes.clock import FakeClock
 from tests.fakes.gotrue import sign_hs256
-from tests.fakes.stats_app import FakeClock
 from tests.helpers import Running, run_gateway
 
 SECRET = "e2e-secret-at-least-32-bytes-long-xxxx"

@@ -217,19 +217,6 @@ class FakeIssuer:
         return web.json_response({"id": "user", "aud": self.audience})
 
 
-class FakeClock:
-    """An injectable wall clock: `clock()` returns `clock.now`; tests move it forward."""
-
-    def __init__(self, now: float | None = None) -> None:
-        self.now = float(int(now if now is not None else time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def auth_routes() -> list[dict[str, Any]]:
     return [
         {"name": "req", "match": {"path": "/req/{p:path}"}, "upstream": "app", "auth": "required"},

@@ -12,9 +12,6 @@ from collections import Counter
 
 from aiohttp import web
 
-from gateway.app import Gateway
-from gateway.http import Handler, Identity, Receive, RequestContext, Send
-
 
 class StatsApp:
     def __init__(self) -> None:
@@ -83,49 +80,3 @@ class StatsApp:
             "pad": "x" * self.body_padding,
         }
         return web.json_response(payload, headers=self.extra_headers)
-
-
-class FakeClock:
-    """Injected wall clock: tests move time instead of sleeping."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def install_test_identity(gw: Gateway) -> None:
-    """Test-only stand-in for AuthPolicy on the cached routes of a running gateway: sets
-    `ctx.identity` from `X-Test-User` / `X-Test-Role` and forwards the identity headers
-    the way AuthPolicy does, then calls the route's real chain (cache → breaker → proxy).
-    Routes are built with `auth: off`, so nothing else sets the identity."""
-    # The route table lives on `gw.state` once config reload is in (on `gw` before).
-    holder = getattr(gw, "state", gw)
-    for route in holder.table.routes:
-        if route.config.cache is None or route.handler is None:
-            continue
-        route.handler = _shim(route.handler)
-
-
-def _shim(inner: Handler) -> Handler:
-    async def handler(ctx: RequestContext, receive: Receive, send: Send) -> None:
-        user = ctx.header(b"x-test-user")
-        if user:
-            role = (ctx.header(b"x-test-role") or b"").decode()
-            sub = user.decode()
-            ctx.identity = Identity(
-                sub=sub,
-                role="authenticated",
-                session_id=None,
-                claims={"sub": sub, "role": "authenticated", "app_metadata": {"role": role}},
-                exp=4_000_000_000.0,
-            )
-            ctx.upstream_headers.append((b"x-edge-user-id", user))
-            ctx.upstream_headers.append((b"x-edge-user-role", role.encode()))
-        await inner(ctx, receive, send)
-
-    return handler
