@@ -14,6 +14,9 @@ import redis.asyncio as aioredis
 
 from tests.fakes.app import FakeApp
 from tests.fakes.clock import FakeClock
+from tests.fakes.jwks import FakeIssuer
+from tests.fakes.stats_app import StatsApp
+from tests.helpers import Running, make_config, run_gateway
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -35,6 +38,36 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
+async def issuer() -> AsyncIterator[FakeIssuer]:
+    """A fake Supabase issuer publishing one ES256 key, `es-1`."""
+    iss = FakeIssuer()
+    await iss.start()
+    iss.add_key("ES256", "es-1")
+    yield iss
+    await iss.stop()
+
+
+@pytest.fixture
+async def stats() -> AsyncIterator[StatsApp]:
+    """The fake stats app of the cache tests; alice, bob, carol, dave and erin are admins."""
+    app = StatsApp()
+    await app.start()
+    app.admins = {"alice", "bob", "carol", "dave", "erin"}
+    yield app
+    if app.gate is not None:
+        app.gate.set()
+    await app.stop()
+
+
+@pytest.fixture
+async def gw(fake_app: FakeApp) -> AsyncIterator[Running]:
+    """The gateway on the default config (tests/helpers.py BASE: one catch-all route to
+    fake_app, memory store), running until the test ends."""
+    async with run_gateway(make_config(fake_app.url)) as running:
+        yield running
+
+
+@pytest.fixture
 async def redis_url() -> AsyncIterator[str]:
     """The real Redis, database 15, flushed. Under CI=true an unreachable Redis fails the
     test instead of skipping it."""
@@ -50,6 +83,16 @@ async def redis_url() -> AsyncIterator[str]:
     yield REDIS_URL
     await client.flushdb()
     await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The store a test runs on, once on each backend: the memory store, then the real
+    Redis (flushed; see redis_url)."""
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("redis_url")
+    return url
 
 
 def free_port() -> int:

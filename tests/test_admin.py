@@ -7,11 +7,11 @@ import httpx
 
 from tests.conftest import free_port
 from tests.fakes.app import FakeApp
-from tests.helpers import make_config, run_gateway
+from tests.helpers import Running, make_config, run_gateway
 
 
-async def test_health_ready_status_metrics(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_health_ready_status_metrics(gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         assert (await c.get(gw.admin_url + "/healthz")).json() == {"status": "ok"}
         r = await c.get(gw.admin_url + "/readyz")
         assert r.status_code == 200
@@ -28,8 +28,8 @@ async def test_health_ready_status_metrics(fake_app: FakeApp) -> None:
         assert "edge_requests_in_flight 0.0" in metrics
 
 
-async def test_admin_paths_are_not_served_on_public_port(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_admin_paths_are_not_served_on_public_port(fake_app: FakeApp, gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         for path in ("/metrics", "/healthz", "/readyz", "/_edge/status"):
             r = await c.get(gw.url + path)
             # Either proxied to the app (the fake echoes it) or refused: never the admin body.

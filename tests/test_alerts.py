@@ -52,14 +52,6 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
     await r.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 def alert_config(
     upstream: str,
     store_url: str,

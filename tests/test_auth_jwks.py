@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -22,16 +21,7 @@ from tests.fakes.jwks import (
     generate,
     sign_with,
 )
-from tests.helpers import make_config, run_gateway
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    iss = FakeIssuer()
-    await iss.start()
-    iss.add_key("ES256", "es-1")
-    yield iss
-    await iss.stop()
+from tests.helpers import Running, make_config, run_gateway
 
 
 def sample(gw: Any, name: str, labels: dict[str, str]) -> float:
@@ -314,8 +304,8 @@ async def test_a_shared_secret_keeps_the_process_ready_while_the_jwks_is_down(
     assert r.json()["checks"]["auth_keys"] == {"ok": True}
 
 
-async def test_no_key_check_without_a_route_that_verifies_tokens(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_no_key_check_without_a_route_that_verifies_tokens(gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         r = await readyz(gw, c)
     assert r.status_code == 200
     assert "auth_keys" not in r.json()["checks"]

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -29,15 +28,6 @@ from tests.helpers import make_config, run_gateway
 USER = "8d1c2f3e-0000-4000-8000-000000000001"
 REF = "abcdefghijklmnop"
 COOKIE = f"sb-{REF}-auth-token"
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    iss = FakeIssuer()
-    await iss.start()
-    iss.add_key("ES256", "es-1")
-    yield iss
-    await iss.stop()
 
 
 def sample(gw: Any, name: str, labels: dict[str, str]) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,25 +19,6 @@ from tests.fakes.stats_app import StatsApp
 from tests.helpers import make_config, run_gateway
 
 PATH = "/api/webinars/w1/stats/access"
-
-
-@pytest.fixture
-async def stats() -> AsyncIterator[StatsApp]:
-    app = StatsApp()
-    await app.start()
-    app.admins = {"alice", "bob", "carol", "dave", "erin"}
-    yield app
-    if app.gate is not None:
-        app.gate.set()
-    await app.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def cache_config(upstream: str, store_url: str, **cache: Any) -> Any:

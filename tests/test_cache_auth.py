@@ -64,14 +64,6 @@ def config(upstream: str, store_url: str, **cache: Any) -> Any:
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 async def test_real_tokens_default_rule(stats: StatsApp, store_url: str) -> None:
     clock = FakeClock(time.time())
     admin = token(clock, "user-admin-1", "admin")

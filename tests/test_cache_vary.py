@@ -14,9 +14,7 @@ import httpx
 from tests.fakes.clock import FIXED_NOW, FakeClock
 from tests.fakes.stats_app import StatsApp
 from tests.helpers import run_gateway
-from tests.test_cache import PATH, all_in_flight, cache_config, cs, get, stats, store_url
-
-__all__ = ["stats", "store_url"]  # the fixtures, re-exported for pytest
+from tests.test_cache import PATH, all_in_flight, cache_config, cs, get
 
 NEXT_VARY = "rsc, next-router-state-tree, next-router-prefetch, next-router-segment-prefetch"
 

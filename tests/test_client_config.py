@@ -10,7 +10,7 @@ from tests.fakes.app import FakeApp
 from tests.fakes.clock import FIXED_NOW, FakeClock
 from tests.fakes.identity import AUTH, bearer
 from tests.fakes.stats_app import StatsApp
-from tests.helpers import make_config, run_gateway
+from tests.helpers import Running, make_config, run_gateway
 
 CLIENT = {
     "presence_ping_interval": "90s",
@@ -26,8 +26,8 @@ CLIENT = {
 }
 
 
-async def test_defaults_in_ms(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_defaults_in_ms(fake_app: FakeApp, gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         r = await c.get(gw.url + "/_edge/client-config")
     assert r.status_code == 200
     assert r.json() == {
@@ -73,8 +73,8 @@ async def test_normal_and_degraded_sets(fake_app: FakeApp) -> None:
         assert back.json()["mode"] == "normal"
 
 
-async def test_head_and_wrong_method(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_head_and_wrong_method(gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         head = await c.head(gw.url + "/_edge/client-config")
         assert head.status_code == 200
         assert head.content == b""

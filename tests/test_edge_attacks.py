@@ -25,7 +25,7 @@ from gateway.store.memory import MemoryStore
 from tests.fakes.app import FakeApp
 from tests.fakes.clock import FakeClock
 from tests.fakes.gotrue import FakeGoTrue
-from tests.helpers import make_config, run_gateway
+from tests.helpers import Running, make_config, run_gateway
 from tests.test_proxy import raw_request
 from tests.test_refresh import (
     CLIENT_HEADERS,
@@ -72,28 +72,26 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 async def test_a_huge_header_streamed_is_431_and_others_are_served_meanwhile(
     fake_app: FakeApp,
+    gw: Running,
 ) -> None:
     """64 MB of one header value, written as fast as the socket takes it: the gateway
     answers 431 at 32 KiB and closes; the attacker's bytes never reach the parser beyond
     the limit, and a normal client on another connection is answered meanwhile."""
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        reader, writer = await open_raw(gw.url)
+    reader, writer = await open_raw(gw.url)
 
-        async def attack() -> None:
-            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: ")
-            chunk = b"x" * 65536
-            with contextlib.suppress(ConnectionError):
-                for _ in range(1024):  # 64 MB
-                    writer.write(chunk)
-                    await writer.drain()
+    async def attack() -> None:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1024):  # 64 MB
+                writer.write(chunk)
+                await writer.drain()
 
-        sender = asyncio.ensure_future(attack())
-        resp = await read_until_closed(reader)
-        normal = await raw_request(
-            gw.url, b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        await asyncio.wait_for(sender, EVENT_BOUND)
-        writer.close()
+    sender = asyncio.ensure_future(attack())
+    resp = await read_until_closed(reader)
+    normal = await raw_request(gw.url, b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    await asyncio.wait_for(sender, EVENT_BOUND)
+    writer.close()
     assert status_of(resp) == 431
     assert error_of(resp) == "header_too_large"
     assert status_of(normal) == 200

@@ -68,11 +68,6 @@ def user(i: int) -> str:
     return f"00000000-0000-4000-8000-{i:012d}"
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return "memory://" if request.param == "memory" else redis_url
-
-
 def config(
     upstream: str,
     store: str,

@@ -23,11 +23,6 @@ from tests.test_heartbeat import PING, TRACK, W1, W2, config, counter, token, us
 ACCESS_URL = "/rest/v1/rpc/edge_access_batch"
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return "memory://" if request.param == "memory" else redis_url
-
-
 def join_cfg(upstream: str, store: str, **extra: Any) -> GatewayConfig:
     batch = {
         "mode": "batch",

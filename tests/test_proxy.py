@@ -17,7 +17,7 @@ from gateway.http import RequestContext
 from gateway.protocol import CLIENT_LOST, ClientLost
 from gateway.proxy import DisconnectWatch
 from tests.fakes.app import FakeApp
-from tests.helpers import make_config, run_gateway
+from tests.helpers import Running, make_config, run_gateway
 
 
 def last(fake: FakeApp) -> dict[str, Any]:
@@ -55,55 +55,56 @@ async def raw_request(url: str, data: bytes) -> bytes:
     return out
 
 
-async def test_raw_path_and_query_are_forwarded_byte_for_byte(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        resp = await raw_request(
-            gw.url,
-            b"GET /a%20b/%7Euser/caf%C3%A9;p=1/x.y?x=1&y=%20&z=%2B&x=2&p=%2F HTTP/1.1\r\n"
-            b"Host: public.example\r\nConnection: close\r\n\r\n",
-        )
+async def test_raw_path_and_query_are_forwarded_byte_for_byte(
+    fake_app: FakeApp, gw: Running
+) -> None:
+    resp = await raw_request(
+        gw.url,
+        b"GET /a%20b/%7Euser/caf%C3%A9;p=1/x.y?x=1&y=%20&z=%2B&x=2&p=%2F HTTP/1.1\r\n"
+        b"Host: public.example\r\nConnection: close\r\n\r\n",
+    )
     assert resp.startswith(b"HTTP/1.1 200")
     info = last(fake_app)
     assert info["raw_path"] == "/a%20b/%7Euser/caf%C3%A9;p=1/x.y?x=1&y=%20&z=%2B&x=2&p=%2F"
 
 
-async def test_paths_the_app_would_read_differently_are_refused(fake_app: FakeApp) -> None:
+async def test_paths_the_app_would_read_differently_are_refused(
+    fake_app: FakeApp, gw: Running
+) -> None:
     # The router sees segments as written; the app's URL parser resolves dot segments and
     # treats %2F as part of a segment. Either difference could route a request past the
     # policies of the route the app will actually run.
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        for path in (
-            b"/api/w/x/../chat",
-            b"/api/w/./chat",
-            b"/api/w/%2e%2E/chat",
-            b"/api//chat",
-            b"/api/w%2Fchat",
-            b"/api/w%5cchat",
-        ):
-            resp = await raw_request(
-                gw.url, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            assert resp.startswith(b"HTTP/1.1 400"), path
-            assert b'"error": "bad_path"' in resp
+    for path in (
+        b"/api/w/x/../chat",
+        b"/api/w/./chat",
+        b"/api/w/%2e%2E/chat",
+        b"/api//chat",
+        b"/api/w%2Fchat",
+        b"/api/w%5cchat",
+    ):
+        resp = await raw_request(
+            gw.url, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert resp.startswith(b"HTTP/1.1 400"), path
+        assert b'"error": "bad_path"' in resp
     assert fake_app.requests == []
 
 
-async def test_upstream_host_never_from_request(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_upstream_host_never_from_request(fake_app: FakeApp, gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         await c.get(gw.url + "/x", headers={"Host": "evil.example"})
     h = hdrs(last(fake_app))
     assert h["host"] == fake_app.url.removeprefix("http://")
     assert h["x-forwarded-host"] == "evil.example"
 
 
-async def test_hop_by_hop_headers_are_removed_both_ways(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        resp = await raw_request(
-            gw.url,
-            b"GET /hop HTTP/1.1\r\nHost: x\r\nConnection: close, X-Drop-Me\r\n"
-            b"X-Drop-Me: secret\r\nKeep-Alive: 300\r\nTE: trailers\r\n"
-            b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Keep: yes\r\n\r\n",
-        )
+async def test_hop_by_hop_headers_are_removed_both_ways(fake_app: FakeApp, gw: Running) -> None:
+    resp = await raw_request(
+        gw.url,
+        b"GET /hop HTTP/1.1\r\nHost: x\r\nConnection: close, X-Drop-Me\r\n"
+        b"X-Drop-Me: secret\r\nKeep-Alive: 300\r\nTE: trailers\r\n"
+        b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Keep: yes\r\n\r\n",
+    )
     h = hdrs(last(fake_app))
     for gone in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
         assert gone not in h
@@ -144,7 +145,7 @@ async def test_forwarded_headers_trust_only_trusted_peers(fake_app: FakeApp) -> 
     assert hdrs(last(fake_app))["x-forwarded-for"] == "9.9.9.9, 1.2.3.4, 127.0.0.1"
 
 
-async def test_client_ip_headers_cannot_be_spoofed(fake_app: FakeApp) -> None:
+async def test_client_ip_headers_cannot_be_spoofed(fake_app: FakeApp, gw: Running) -> None:
     spoof = {
         "X-Real-IP": "6.6.6.6",
         "True-Client-IP": "6.6.6.6",
@@ -152,7 +153,7 @@ async def test_client_ip_headers_cannot_be_spoofed(fake_app: FakeApp) -> None:
         "Sb-Forwarded-For": "6.6.6.6",
         "X-Forwarded-Port": "1",
     }
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+    async with httpx.AsyncClient() as c:
         await c.get(gw.url + "/x", headers=spoof)
     h = hdrs(last(fake_app))
     assert h["x-real-ip"] == "127.0.0.1"
@@ -171,8 +172,8 @@ def test_client_ip_walks_past_trusted_hops() -> None:
     assert t.client_ip("127.0.0.1", "[2001:db8::1]:443") == "2001:db8::1"
 
 
-async def test_request_id_kept_when_sane_else_generated(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+async def test_request_id_kept_when_sane_else_generated(fake_app: FakeApp, gw: Running) -> None:
+    async with httpx.AsyncClient() as c:
         r = await c.get(gw.url + "/x", headers={"X-Request-Id": "abc-123.def"})
         assert r.headers["x-request-id"] == "abc-123.def"
         assert hdrs(last(fake_app))["x-request-id"] == "abc-123.def"
@@ -184,20 +185,19 @@ async def test_request_id_kept_when_sane_else_generated(fake_app: FakeApp) -> No
         assert len(r.headers["x-request-id"]) == 32
 
 
-async def test_inbound_identity_headers_are_stripped(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        await raw_request(
-            gw.url,
-            b"GET /x HTTP/1.1\r\nHost: x\r\nX-Edge-User-Id: admin\r\n"
-            b"X-Edge-User-Role: service_role\r\nx-edge-session-id: s\r\n"
-            b"x_edge_user_id: admin\r\nConnection: close\r\n\r\n",
-        )
+async def test_inbound_identity_headers_are_stripped(fake_app: FakeApp, gw: Running) -> None:
+    await raw_request(
+        gw.url,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Edge-User-Id: admin\r\n"
+        b"X-Edge-User-Role: service_role\r\nx-edge-session-id: s\r\n"
+        b"x_edge_user_id: admin\r\nConnection: close\r\n\r\n",
+    )
     names = [k.lower().replace("_", "-") for k, _ in last(fake_app)["headers"]]
     assert not [k for k in names if k.startswith("x-edge-")]
 
 
-async def test_sse_streams_chunk_by_chunk(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+async def test_sse_streams_chunk_by_chunk(fake_app: FakeApp, gw: Running) -> None:
+    async with aiohttp.ClientSession() as s:
         async with s.get(gw.url + "/stream") as r:
             assert r.headers["content-type"] == "text/event-stream"
             first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
@@ -208,10 +208,10 @@ async def test_sse_streams_chunk_by_chunk(fake_app: FakeApp) -> None:
             assert second == b"data: two\n\n"
 
 
-async def test_large_download_streams_without_buffering(fake_app: FakeApp) -> None:
+async def test_large_download_streams_without_buffering(gw: Running) -> None:
     import tracemalloc
 
-    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession() as s:
         tracemalloc.start()
         async with s.get(gw.url + "/big?mb=20") as r:
             assert r.headers["content-length"] == str(20 * 1024 * 1024)
@@ -225,9 +225,9 @@ async def test_large_download_streams_without_buffering(fake_app: FakeApp) -> No
     assert peak < 8 * 1024 * 1024, peak
 
 
-async def test_request_body_streams_upstream(fake_app: FakeApp) -> None:
+async def test_request_body_streams_upstream(fake_app: FakeApp, gw: Running) -> None:
     body = b"y" * (3 * 1024 * 1024)
-    async with run_gateway(make_config(fake_app.url)) as gw, httpx.AsyncClient() as c:
+    async with httpx.AsyncClient() as c:
         r = await c.post(gw.url + "/upload", content=body)
         assert r.json()["body_len"] == len(body)
 
@@ -294,21 +294,20 @@ async def test_upstream_timeout_is_504_json(fake_app: FakeApp) -> None:
     assert r.json()["error"] == "upstream_timeout"
 
 
-async def test_client_disconnect_cancels_upstream_call(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        host, port = gw.url.removeprefix("http://").split(":")
-        _reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        for _ in range(200):
-            if fake_app.hits["/hang"]:
-                break
-            await asyncio.sleep(0.01)
-        writer.close()
-        for _ in range(300):
-            if fake_app.cancelled:
-                break
-            await asyncio.sleep(0.01)
+async def test_client_disconnect_cancels_upstream_call(fake_app: FakeApp, gw: Running) -> None:
+    host, port = gw.url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    for _ in range(200):
+        if fake_app.hits["/hang"]:
+            break
+        await asyncio.sleep(0.01)
+    writer.close()
+    for _ in range(300):
+        if fake_app.cancelled:
+            break
+        await asyncio.sleep(0.01)
     assert fake_app.cancelled == 1
 
 
@@ -361,13 +360,12 @@ async def test_access_log_has_no_secrets(fake_app: FakeApp) -> None:
         assert secret not in lines[0]
 
 
-async def test_unsupported_transfer_coding_is_refused(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw:
-        resp = await raw_request(
-            gw.url,
-            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
-            b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        )
+async def test_unsupported_transfer_coding_is_refused(fake_app: FakeApp, gw: Running) -> None:
+    resp = await raw_request(
+        gw.url,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
     # httptools may refuse it itself (400); the gateway must never pass it on as chunked.
     assert resp.startswith((b"HTTP/1.1 501", b"HTTP/1.1 400")), resp[:40]
     assert fake_app.requests == []

@@ -30,11 +30,6 @@ CLIENT_HEADERS = {
 }
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return "memory://" if request.param == "memory" else redis_url
-
-
 @pytest.fixture
 async def gotrue() -> AsyncIterator[FakeGoTrue]:
     fake = FakeGoTrue(latency=0.05)

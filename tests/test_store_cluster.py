@@ -36,7 +36,6 @@ from tests.redis_cluster import RedisClusterServers, SentinelServers
 
 # The shared tests, collected again in this module (see the module docstring).
 from tests.test_cache import (
-    stats,
     test_cache_status_and_age,
     test_other_replica_waits_for_the_refresh,
     test_stale_while_revalidate,
@@ -82,7 +81,6 @@ from tests.test_store import (
 )
 
 REUSED = [
-    stats,
     test_cache_status_and_age,
     test_negative_answer_is_cached_per_viewer,
     test_other_replica_waits_for_the_refresh,

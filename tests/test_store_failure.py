@@ -366,17 +366,6 @@ async def test_rate_limit_local_applies_this_processes_share(
     assert sample(gw, "edge_ratelimit_decisions_total", route="rl", result="limited_cached") == 1
 
 
-@pytest.fixture
-async def stats() -> Any:
-    app = StatsApp()
-    await app.start()
-    app.admins = {"alice"}
-    yield app
-    if app.gate is not None:
-        app.gate.set()
-    await app.stop()
-
-
 # --------------------------------------------------------------------------- memory bounds
 
 

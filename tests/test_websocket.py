@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.app import FakeApp
-from tests.helpers import make_config, run_gateway
+from tests.helpers import Running, make_config, run_gateway
 
 
 async def wait_metric(s: aiohttp.ClientSession, admin_url: str, line: str) -> None:
@@ -28,8 +28,8 @@ def ws_url(http_url: str, path: str) -> str:
     return http_url.replace("http://", "ws://") + path
 
 
-async def test_frames_both_ways_and_subprotocol(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+async def test_frames_both_ways_and_subprotocol(gw: Running) -> None:
+    async with aiohttp.ClientSession() as s:
         async with s.ws_connect(
             ws_url(gw.url, "/realtime/v1/websocket?apikey=k&vsn=1.0.0"),
             protocols=("chat.v1",),
@@ -44,8 +44,8 @@ async def test_frames_both_ways_and_subprotocol(fake_app: FakeApp) -> None:
         )
 
 
-async def test_upstream_close_code_reaches_client(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+async def test_upstream_close_code_reaches_client(gw: Running) -> None:
+    async with aiohttp.ClientSession() as s:
         async with s.ws_connect(ws_url(gw.url, "/ws")) as ws:
             await ws.send_str("close:4001")
             msg = await ws.receive(timeout=5)
@@ -56,8 +56,8 @@ async def test_upstream_close_code_reaches_client(fake_app: FakeApp) -> None:
         )
 
 
-async def test_client_close_code_reaches_upstream(fake_app: FakeApp) -> None:
-    async with run_gateway(make_config(fake_app.url)) as gw, aiohttp.ClientSession() as s:
+async def test_client_close_code_reaches_upstream(fake_app: FakeApp, gw: Running) -> None:
+    async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(ws_url(gw.url, "/ws"))
         await ws.send_str("x")
         await ws.receive(timeout=5)
