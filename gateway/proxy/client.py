@@ -134,7 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        self.loop = asyncio.get_running_loop()
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False

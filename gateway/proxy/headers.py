@@ -170,16 +170,23 @@ class HeaderRewriter:
         pairs.append((b"X-Request-Id", ctx.request_id.encode("latin-1")))
 
     def response(self, raw: Headers, scope: Scope) -> Headers:
-        """The upstream's answer headers as the client gets them."""
-        named = nominated(raw)
+        """The upstream's answer headers as the client gets them, in one pass (names a
+        Connection header nominates are taken out afterwards, when there are any)."""
         out: Headers = []
+        conn: Headers = []
         redirect = False
         for k, v in raw:
             lk = k.lower()
-            if lk in _RESPONSE_SKIP or lk in named:
+            if lk in _RESPONSE_SKIP:
+                if lk == b"connection":
+                    conn.append((lk, v))
                 continue
             redirect = redirect or lk in REWRITTEN
             out.append((lk, v))
+        if conn:
+            named = nominated(conn)
+            if named:
+                out = [(k, v) for k, v in out if k not in named]
         if redirect and self.redirects is not None:
             return self.redirects.rewrite(out, scope)
         return out

@@ -56,15 +56,17 @@ class ConnectionPool:
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.sweeper: asyncio.TimerHandle | None = None
         self.closed = False
+        # Made in the loop that uses it (Upstream.open); asking for the running loop is
+        # a getpid() per call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
 
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
         """A connection for one request: a pooled one still fit to carry it, else a new
         one (`fresh`: always a new one, for the resend of a request a reused connection
         dropped). Raises ConnectTimeout or ConnectFailed."""
-        loop = asyncio.get_running_loop()
         while True:
             if not fresh:
-                now = loop.time()
+                now = self.loop.time()
                 while self.idle:
                     conn = self.idle.pop()
                     if self._fit(conn, now):
@@ -89,10 +91,9 @@ class ConnectionPool:
     async def _connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self)
         conn.counted = True
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(
+                await self.loop.create_connection(
                     lambda: conn,
                     self.host,
                     self.port,
@@ -112,7 +113,7 @@ class ConnectionPool:
 
     async def _wait(self) -> None:
         """Wait for a connection to come back or close (bounded by pool_timeout)."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.waiters.append(waiter)
         try:
             async with asyncio.timeout(self.pool_timeout):
@@ -136,11 +137,10 @@ class ConnectionPool:
         if self.closed or conn.closed:
             conn.abort()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        conn.idle_since = self.loop.time()
         self.idle.append(conn)
         if self.sweeper is None:
-            self.sweeper = loop.call_later(self.keepalive_timeout, self._sweep)
+            self.sweeper = self.loop.call_later(self.keepalive_timeout, self._sweep)
         self._wake()
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -156,12 +156,11 @@ class ConnectionPool:
         """Close idle connections past their keep-alive (a connection that is never
         asked for again must not stay open)."""
         self.sweeper = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self.loop.time()
         for conn in [c for c in self.idle if not self._fit(c, now)]:
             conn.abort()
         if self.idle:
-            self.sweeper = loop.call_later(self.keepalive_timeout, self._sweep)
+            self.sweeper = self.loop.call_later(self.keepalive_timeout, self._sweep)
 
     def close(self) -> None:
         self.closed = True
