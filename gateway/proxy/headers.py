@@ -9,6 +9,8 @@ underscore spellings of protected names), and the response headers the client ge
 
 from __future__ import annotations
 
+import re
+
 from gateway.config import ServerConfig
 from gateway.headers import drop_underscore_name, valid_authority
 from gateway.http import Headers, RequestContext, Scope
@@ -48,6 +50,7 @@ WS_SKIP = REQUEST_REWRITTEN | {
 }
 _RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id"}
 _EDGE_PREFIX = b"x-edge-"
+_BREAKS_LINE = re.compile(rb"[\r\n\x00]")
 
 
 def nominated(headers: Headers) -> frozenset[bytes]:
@@ -129,7 +132,12 @@ class HeaderRewriter:
         if ctx.upstream_headers:
             own = {k.lower() for k, _ in ctx.upstream_headers}
             pairs = [(k, v) for k, v in pairs if k.lower() not in own]
-            pairs.extend(ctx.upstream_headers)
+            for k, v in ctx.upstream_headers:
+                # The client's lines were checked by the server's parser; these are the
+                # policies' own, written into the head as they are.
+                if _BREAKS_LINE.search(k + v):
+                    raise ValueError(f"line break in upstream header {k!r}")
+                pairs.append((k, v))
         return pairs
 
     def _forwarded(
