@@ -8,25 +8,18 @@ metrics.py: `edge_auth_*`, `edge_jwks_fetches_total`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.auth.policy import AuthPolicy
 
-    return AuthPolicy(next_handler, route, rt)
+    return AuthPolicy
 
 
 SPEC = PolicySpec(
     key="auth",
     enabled=lambda route: route.auth.mode != "off",
-    build=_build,
+    load=_load,
     websocket=True,
 )

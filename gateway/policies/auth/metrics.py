@@ -1,6 +1,4 @@
-"""Metric families of the auth policy. Names, labels and help text are what dashboards and
-alerts read: change none. `Metrics` (gateway/observability/metrics.py) builds one per
-registry."""
+"""The auth policy's metric families (composed by observability.metrics.Metrics)."""
 
 from __future__ import annotations
 

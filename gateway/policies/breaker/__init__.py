@@ -8,24 +8,17 @@ metrics.py: `edge_breaker_*`, `edge_negative_cache_hits_total`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.breaker.policy import BreakerPolicy
 
-    return BreakerPolicy(next_handler, route, rt)
+    return BreakerPolicy
 
 
 SPEC = PolicySpec(
     key="breaker",
     enabled=lambda route: route.breaker is not None,
-    build=_build,
+    load=_load,
 )

@@ -9,26 +9,19 @@ metrics.py: `edge_cache_*`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.policies.cache import config
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.cache.policy import CachePolicy
 
-    return CachePolicy(next_handler, route, rt)
+    return CachePolicy
 
 
 SPEC = PolicySpec(
     key="cache",
     enabled=lambda route: route.cache is not None,
-    build=_build,
+    load=_load,
     route_issues=config.route_issues,
 )

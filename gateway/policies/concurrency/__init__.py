@@ -7,26 +7,19 @@ metrics.py: `edge_concurrency_rejections_total`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.policies.concurrency import config
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.concurrency.policy import ConcurrencyPolicy
 
-    return ConcurrencyPolicy(next_handler, route, rt)
+    return ConcurrencyPolicy
 
 
 SPEC = PolicySpec(
     key="concurrency",
     enabled=lambda route: route.concurrency is not None,
-    build=_build,
+    load=_load,
     route_issues=config.route_issues,
 )

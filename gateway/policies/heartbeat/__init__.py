@@ -10,26 +10,19 @@ metrics.py: `edge_heartbeat*`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.policies.heartbeat import config
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.heartbeat.policy import HeartbeatPolicy
 
-    return HeartbeatPolicy(next_handler, route, rt)
+    return HeartbeatPolicy
 
 
 SPEC = PolicySpec(
     key="heartbeat",
     enabled=lambda route: route.heartbeat is not None,
-    build=_build,
+    load=_load,
     upstream_refs=config.UPSTREAM_REFS,
 )

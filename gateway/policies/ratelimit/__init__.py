@@ -8,26 +8,19 @@ metrics.py: `edge_ratelimit_decisions_total`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.policies.ratelimit import config
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.ratelimit.policy import RateLimitPolicy
 
-    return RateLimitPolicy(next_handler, route, rt)
+    return RateLimitPolicy
 
 
 SPEC = PolicySpec(
     key="rate_limit",
     enabled=lambda route: bool(route.rate_limit),
-    build=_build,
+    load=_load,
     route_issues=config.route_issues,
 )

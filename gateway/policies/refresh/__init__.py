@@ -9,26 +9,19 @@ metrics.py: `edge_refresh_*`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from gateway.policies.refresh import config
-from gateway.policies.spec import PolicySpec
-
-if TYPE_CHECKING:
-    from gateway.config import Route
-    from gateway.http import Handler
-    from gateway.runtime import Runtime
+from gateway.policies.spec import PolicyFactory, PolicySpec
 
 
-def _build(next_handler: Handler, route: Route, rt: Runtime) -> Handler:
+def _load() -> PolicyFactory:
     from gateway.policies.refresh.policy import RefreshPolicy
 
-    return RefreshPolicy(next_handler, route, rt)
+    return RefreshPolicy
 
 
 SPEC = PolicySpec(
     key="refresh",
     enabled=lambda route: route.refresh is not None,
-    build=_build,
+    load=_load,
     route_issues=config.route_issues,
 )
