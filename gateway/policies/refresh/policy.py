@@ -107,8 +107,11 @@ def _s(v: Any) -> bytes:
     return v if isinstance(v, bytes) else str(v).encode()
 
 
-def _py_begin(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
-    res, lock = keys
+def _replay_or_lead(
+    data: MemoryData, res: str, lock: str, args: list[Any], busy: bytes
+) -> list[bytes]:
+    """What begin and poll share: the cached answer, else the lock (leader), else `busy`
+    and the lock's owner."""
     owner, ttl_ms, use_res = _s(args[0]), int(args[1]), _s(args[2])
     if use_res == b"1":
         cached = data.get(res)
@@ -118,24 +121,20 @@ def _py_begin(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> 
     if current is None:
         data.set(lock, owner, ttl_ms / 1000)
         return [b"leader", owner]
-    return [b"follower", _s(current)]
+    return [busy, _s(current)]
+
+
+def _py_begin(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
+    res, lock = keys
+    return _replay_or_lead(data, res, lock, args, b"follower")
 
 
 def _py_poll(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
     res, lock, done = keys
-    owner, ttl_ms, use_res = _s(args[0]), int(args[1]), _s(args[2])
     finished = data.get(done)
     if finished is not None:
         return [b"done", _s(finished)]
-    if use_res == b"1":
-        cached = data.get(res)
-        if cached is not None:
-            return [b"replay", _s(cached)]
-    current = data.get(lock)
-    if current is None:
-        data.set(lock, owner, ttl_ms / 1000)
-        return [b"leader", owner]
-    return [b"wait", _s(current)]
+    return _replay_or_lead(data, res, lock, args, b"wait")
 
 
 def _py_commit(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> int:
