@@ -49,8 +49,7 @@ from gateway.http import RequestContext
 from gateway.runtime import Runtime
 from gateway.services import ServiceKey
 from gateway.store import Store
-from gateway.store.base import Script, ScriptArg, StoreError
-from gateway.store.memory import MemoryData
+from gateway.store.base import KeySpace, Script, ScriptArg, StoreError
 
 log = logging.getLogger("gateway")
 
@@ -92,7 +91,7 @@ def _b(v: Any) -> bytes:
     return v if isinstance(v, bytes) else str(v).encode()
 
 
-def _tick_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+def _tick_py(data: KeySpace, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
     """Memory twin of alerts_tick.lua."""
     a = [_b(x) for x in args]
     i = 6

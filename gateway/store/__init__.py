@@ -1,5 +1,6 @@
-"""Store factory: picks the backend from `store.url` (memory://, or RedisStore for
-redis://, rediss://, unix://, redis+cluster:// and redis+sentinel://)."""
+"""Store factory: picks the backend class from the scheme of `store.url` (memory://, or
+the RedisStore subclass for redis://, rediss://, unix://, redis+cluster:// and
+redis+sentinel://; see gateway/store/redis/)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ def create_store(
     cfg: StoreConfig,
     *,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     on_error: Callable[[str, str], None] | None = None,
     on_state: Callable[[bool], None] | None = None,
     lag: Callable[[], float] = lambda: 0.0,
 ) -> Store:
+    """`clock` (wall time) times memory:// expiry; `monotonic` times a networked store's
+    back-off, probes and rediscovery."""
     if cfg.is_memory:
         return MemoryStore(cfg.key_prefix, max_keys=cfg.memory_max_keys, clock=clock)
-    from gateway.store.redis import RedisStore
+    # Imported here: a memory:// gateway never loads redis-py.
+    from gateway.store.redis import store_class
 
-    return RedisStore(
+    return store_class(cfg.url)(
         cfg.url,
         cfg.key_prefix,
         timeout=cfg.timeout,
@@ -33,6 +38,7 @@ def create_store(
         failure_threshold=cfg.failure_threshold,
         backoff=cfg.backoff,
         probe_interval=cfg.probe_interval,
+        clock=monotonic,
         on_error=on_error,
         on_state=on_state,
         lag=lag,

@@ -1,31 +1,63 @@
 """The store interface every policy talks to, and the one error type it raises.
 
-Owns: the async operations (get/set/incr/locks and named scripts), key building with
+Owns: the backend-free `Store` base (async get/set/incr/locks and named scripts, batches
+of script calls with `run_many`, and the capabilities a caller may ask about instead of
+naming a backend: `batches`, `fails`, `fail_fast`, `queue_budget`), key building with
 Redis Cluster hash tags, and what networked backends share: the per-call time budget
 that a busy event loop does not break (`CallBudget`), and the failure guard
 (consecutive-failure back-off with probes, the unavailable/recovered log lines, health
 for /readyz). A multi-step operation is a `Script`: one Lua source for Redis (one round
-trip, atomic) plus a Python twin that runs on the memory backend, so both backends obey
-one contract.
+trip, atomic) plus a Python twin run against a `KeySpace` (the in-process keyspace of
+the memory backend, or a policy's local fallback), so every backend obeys one contract.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gateway.store.memory import MemoryData
+from typing import Any, Protocol
 
 Clock = Callable[[], float]
 ScriptArg = str | bytes | int | float
-PyScript = Callable[["MemoryData", list[str], list[ScriptArg], int], Any]
+
+
+class KeySpace(Protocol):
+    """The Redis-shaped key operations a Python twin may use (what its Lua does with
+    `redis.call`): strings and integers with TTLs (seconds), hashes and sorted sets as
+    live dicts. `grew` tells a bounded keyspace that a script added members to the
+    container at `key`. Implemented by `gateway.store.memory.MemoryData`."""
+
+    def get(self, key: str) -> Any: ...
+
+    def set(
+        self, key: str, value: Any, ttl: float | None = None, keep_ttl: bool = False
+    ) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> int: ...
+
+    def expire(self, key: str, ttl: float) -> None: ...
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int: ...
+
+    def hash(self, key: str, create: bool = False) -> dict[bytes, bytes] | None: ...
+
+    def zset(self, key: str, create: bool = False) -> dict[bytes, float] | None: ...
+
+    def grew(self, key: str) -> None: ...
+
+
+PyScript = Callable[[KeySpace, list[str], list[ScriptArg], int], Any]
+# One call of a batch: (keys, args), keys unprefixed.
+Call = tuple[Sequence[str], Sequence[ScriptArg]]
 
 log = logging.getLogger("gateway.store")
 
@@ -42,7 +74,7 @@ class StoreError(Exception):
 @dataclass(frozen=True)
 class Script:
     """A named atomic operation. `lua` runs on Redis with KEYS/ARGV (and must take the time
-    from `redis.call('TIME')` if it needs one); `py` runs on the memory backend and gets
+    from `redis.call('TIME')` if it needs one); `py` runs against a KeySpace and gets
     `now_ms` from the injected clock. Both return Redis-shaped values: int, bytes, list."""
 
     name: str
@@ -66,12 +98,20 @@ class StoreHealth:
 
 class Store(ABC):
     """Async key/value store with TTLs, locks and scripts. Keys passed in are *unprefixed*;
-    the store adds `key_prefix`. Values are bytes."""
+    the store adds `key_prefix`. Values are bytes.
+
+    Callers ask the capabilities below, never which backend they hold."""
 
     backend: str = "abstract"
+    # run_many costs less than the same calls one by one (one round trip for many):
+    # worth coalescing concurrent calls into batches.
+    batches: bool = False
+    # Calls can fail (a network in between): worth keeping a local fallback copy.
+    fails: bool = True
 
-    def __init__(self, key_prefix: str) -> None:
+    def __init__(self, key_prefix: str, clock: Clock = time.time) -> None:
         self.prefix = key_prefix
+        self.clock = clock
 
     def k(self, key: str) -> str:
         return self.prefix + key
@@ -112,6 +152,33 @@ class Store(ABC):
     @abstractmethod
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """Run a Script atomically in one round trip. Keys are unprefixed."""
+
+    async def run_many(self, script: Script, calls: Sequence[Call]) -> list[Any]:
+        """Run `script` once per (keys, args) in `calls`. Each call is its own atomic run;
+        nothing is atomic *across* calls. Returns one entry per call, in order: the reply,
+        or a StoreError for that call alone. Raises StoreError when the batch as a whole
+        failed. This default runs them one by one; a backend with round trips to save
+        overrides it (and sets `batches`)."""
+        out: list[Any] = []
+        for keys, args in calls:
+            try:
+                out.append(await self.run(script, keys, args))
+            except StoreError as exc:
+                out.append(exc)
+        # No call answered, and not for a fault of its own: the store failed the batch.
+        if out and all(isinstance(r, StoreError) and r.kind != "response" for r in out):
+            raise out[0]
+        return out
+
+    def fail_fast(self, op: str) -> None:  # noqa: B027 - optional hook
+        """Raise StoreError('backoff') now if a call made now would be refused without
+        reaching the backend (backing off, no probe due); spends no probe, queues nothing.
+        For a caller about to queue work for a later call (a coalescer)."""
+
+    def queue_budget(self) -> AbstractAsyncContextManager[Any]:
+        """The deadline for waiting on a call queued behind one batch already out: a
+        context manager that raises TimeoutError when it passes. No deadline here."""
+        return contextlib.nullcontext()
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections, load scripts. Errors are not fatal: the store may come up later."""
@@ -254,7 +321,7 @@ class FailureGuard:
         if now >= self._next_probe:
             self._next_probe = now + self.probe_interval
             return  # this call is the probe
-        self._count(op, "backoff")
+        self.count(op, "backoff")
         raise StoreError("backoff", "store unavailable (backing off after failures)")
 
     def success(self) -> None:
@@ -277,7 +344,7 @@ class FailureGuard:
             self._next_probe = now + self.probe_interval
             if self.down_since is None:
                 self._transition(True, f"{op} {h.last_error}")
-        self._count(op, kind)
+        self.count(op, kind)
         return StoreError(kind, message)
 
     def _transition(self, down: bool, reason: str) -> None:
@@ -312,7 +379,8 @@ class FailureGuard:
         if self.on_state is not None:
             self.on_state(not down)
 
-    def _count(self, op: str, kind: str) -> None:
+    def count(self, op: str, kind: str) -> None:
+        """Count a failure of `op` (metrics, health counters) without a back-off step."""
         key = f"{op}:{kind}"
         self.health.counters[key] = self.health.counters.get(key, 0) + 1
         if self.on_error:

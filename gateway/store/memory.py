@@ -3,8 +3,10 @@
 Owns: an in-process, size-bounded (cachetools TLRU) keyspace with per-key expiry and the
 few Redis data types the scripts need (strings, integers, hashes, sorted sets); members
 of hashes and sorted sets count against the bound, so per-viewer state is bounded too. Scripts
-run their Python twin against `MemoryData`; there is no await inside, so each one is
-atomic on the event loop exactly as a Lua script is atomic on Redis.
+run their Python twin against `MemoryData` (the `KeySpace` twins are typed against); there
+is no await inside, so each one is atomic on the event loop exactly as a Lua script is
+atomic on Redis. Batches (`run_many`) take the base's one-by-one default: there is no
+round trip to save.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ def _size(entry: _Entry) -> int:
 
 
 class MemoryData:
-    """A tiny Redis-shaped keyspace. Times are seconds from the injected clock."""
+    """A tiny Redis-shaped keyspace (a `KeySpace`). Times are seconds from the injected
+    clock. Also usable on its own, as a policy's in-process fallback keyspace."""
 
     def __init__(self, max_keys: int, clock: Clock) -> None:
         self.clock = clock
         self._data: TLRUCache[str, _Entry] = TLRUCache(
             maxsize=max_keys, ttu=_ttu, timer=clock, getsizeof=_size
         )
+
+    def __len__(self) -> int:
+        """Keys held (live or not yet evicted)."""
+        return len(self._data)
 
     @property
     def size(self) -> int:
@@ -150,12 +157,12 @@ class MemoryStore(Store):
     attack."""
 
     backend = "memory"
+    fails = False
 
     def __init__(
         self, key_prefix: str = "edge:", *, max_keys: int = 1_000_000, clock: Clock = time.time
     ) -> None:
-        super().__init__(key_prefix)
-        self.clock = clock
+        super().__init__(key_prefix, clock)
         self.max_keys = max_keys
         self.spaces: dict[str, MemoryData] = {}
         self._health = StoreHealth(backend="memory")

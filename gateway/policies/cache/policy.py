@@ -58,16 +58,16 @@ if TYPE_CHECKING:
     from gateway.config import Route
     from gateway.policies.cache.config import CacheConfig
     from gateway.runtime import Runtime
-    from gateway.store.memory import MemoryData
+    from gateway.store.base import KeySpace
 
 # --------------------------------------------------------------------------- scripts
 
 
-def _mget_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+def _mget_py(data: KeySpace, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
     return [data.get(k) for k in keys]
 
 
-def _fill_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+def _fill_py(data: KeySpace, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
     entry, entry_ms, user, user_ms, token = args[:5]
     if entry != b"":
         data.set(keys[0], entry, int(entry_ms) / 1000)
@@ -80,7 +80,7 @@ def _fill_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: i
     return 1
 
 
-def _lock_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
+def _lock_py(data: KeySpace, keys: list[str], args: list[ScriptArg], now_ms: int) -> Any:
     token, px = args
     taken = 0
     if not data.exists(keys[0]):

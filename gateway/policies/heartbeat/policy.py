@@ -63,8 +63,7 @@ from gateway.http import (
 )
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
-from gateway.store.base import ScriptArg
-from gateway.store.memory import MemoryData
+from gateway.store.base import KeySpace, ScriptArg
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -117,7 +116,7 @@ def _score(v: float) -> bytes:
     return str(int(v)).encode()
 
 
-def _gc_due(data: MemoryData, mark: str, now: int, gc: float) -> bool:
+def _gc_due(data: KeySpace, mark: str, now: int, gc: float) -> bool:
     """True at most once a second per webinar: then the twin prunes its sets and renews
     their idle expiry (Redis does both on every call; here every keyspace touch costs a
     TLRU lookup, and the pruned entries are garbage either way, since every read compares
@@ -135,7 +134,7 @@ def _prune(z: dict[bytes, float], cut: int) -> None:
 
 
 def _mark_dirty(
-    data: MemoryData, dirty_k: str, join_k: str, v: bytes, score: float, join: bool
+    data: KeySpace, dirty_k: str, join_k: str, v: bytes, score: float, join: bool
 ) -> tuple[bool, bool]:
     """Batch mode: the viewer's entry for the next flush, and its join if it is one.
     Returns whether each was new (for the memory bound)."""
@@ -152,7 +151,7 @@ def _mark_dirty(
     return new, new_join
 
 
-def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     seen_k, fwd_k, neg_k, dirty_k, ix_k, join_k = keys
     now = int(args[0])
     interval = int(args[1])
@@ -213,7 +212,7 @@ def _record_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: i
     return out
 
 
-def _outcome_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+def _outcome_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     seen_k, fwd_k, neg_k, dirty_k, join_k = keys
     v = _b(args[1])
     if _b(args[0]) == b"neg":
@@ -231,7 +230,7 @@ def _outcome_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: 
     return 1
 
 
-def _flush_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+def _flush_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     dirty_k, ix_k, join_k = keys
     dirty = data.zset(dirty_k)
     joins = data.zset(join_k)
@@ -258,7 +257,7 @@ def _flush_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: in
     return left
 
 
-def _index_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+def _index_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     index_k, seq_k = keys
     op = _b(args[0])
     if op == b"add":
@@ -280,7 +279,7 @@ def _index_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: in
     return 0
 
 
-def _presence_py(data: MemoryData, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
+def _presence_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     seen = data.zset(keys[0])
     if not seen:
         return 0

@@ -37,7 +37,7 @@ from cachetools import TLRUCache
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
-from gateway.store.base import CallBudget
+from gateway.store.base import CallBudget, KeySpace
 from gateway.store.memory import MemoryData
 from gateway.store.redis import RedisStore
 
@@ -71,7 +71,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gcra_py(data: MemoryData, keys: list[str], args: list[ScriptArg], now_ms: int) -> list[int]:
+def gcra_py(data: KeySpace, keys: list[str], args: list[ScriptArg], now_ms: int) -> list[int]:
     """Python twin of lua/gcra.lua (same arguments, same reply); see the Lua for the
     contract. Times in microseconds, TATs stored as integer strings."""
     now = now_ms * 1000
@@ -141,7 +141,7 @@ class GcraBatcher:
             # Backing off with no probe due: fail at once, queue nothing. (Not check():
             # that would spend the probe here, and the batch's own call would then be
             # refused.)
-            self.store.guard._count(GCRA.name, "backoff")
+            self.store.guard.count(GCRA.name, "backoff")
             raise StoreError("backoff", "store unavailable (backing off after failures)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()

@@ -73,7 +73,7 @@ from gateway.proxy import BodyTooLarge, TruncatedResponse, read_body
 from gateway.runtime import Runtime
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, StoreError
-from gateway.store.memory import MemoryData
+from gateway.store.base import KeySpace
 
 log = logging.getLogger("gateway.refresh")
 
@@ -108,7 +108,7 @@ def _s(v: Any) -> bytes:
 
 
 def _replay_or_lead(
-    data: MemoryData, res: str, lock: str, args: list[Any], busy: bytes
+    data: KeySpace, res: str, lock: str, args: list[Any], busy: bytes
 ) -> list[bytes]:
     """What begin and poll share: the cached answer, else the lock (leader), else `busy`
     and the lock's owner."""
@@ -124,12 +124,12 @@ def _replay_or_lead(
     return [busy, _s(current)]
 
 
-def _py_begin(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
+def _py_begin(data: KeySpace, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
     res, lock = keys
     return _replay_or_lead(data, res, lock, args, b"follower")
 
 
-def _py_poll(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
+def _py_poll(data: KeySpace, keys: list[str], args: list[Any], _now: int) -> list[bytes]:
     res, lock, done = keys
     finished = data.get(done)
     if finished is not None:
@@ -137,7 +137,7 @@ def _py_poll(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> l
     return _replay_or_lead(data, res, lock, args, b"wait")
 
 
-def _py_commit(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> int:
+def _py_commit(data: KeySpace, keys: list[str], args: list[Any], _now: int) -> int:
     res, lock, done = keys
     owner, blob, res_ms, done_ms = _s(args[0]), _s(args[1]), int(args[2]), int(args[3])
     if res_ms > 0:
@@ -148,7 +148,7 @@ def _py_commit(data: MemoryData, keys: list[str], args: list[Any], _now: int) ->
     return 1
 
 
-def _py_renew(data: MemoryData, keys: list[str], args: list[Any], _now: int) -> int:
+def _py_renew(data: KeySpace, keys: list[str], args: list[Any], _now: int) -> int:
     (lock,) = keys
     if data.get(lock) == _s(args[0]):
         data.expire(lock, int(args[1]) / 1000)
