@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,7 @@ from gateway.http import (
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import KeySpace, ScriptArg
+from gateway.store.coalesce import Coalescer
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -509,8 +510,8 @@ class HeartbeatPolicy:
         self.negative_statuses = frozenset(hb.negative_statuses)
         self.negative_ttl_ms = int(hb.negative_ttl * 1000)
         self.failure_mode = hb.on_failure or rt.config.store.on_failure
-        # memory:// never fails: it needs no second copy.
-        keep_copy = self.failure_mode == "local" and self.store.backend != "memory"
+        # A store that never fails (memory://) needs no second copy.
+        keep_copy = self.failure_mode == "local" and self.store.fails
         self.local = _local_memory(rt) if keep_copy else None
         # When a store call of this route last failed (seconds, runtime clock).
         self.failed_at = float("-inf")
@@ -536,8 +537,8 @@ class HeartbeatPolicy:
             (b"content-length", str(len(local)).encode()),
             (b"cache-control", b"no-store"),
         ]
-        # Networked stores: heartbeats of one webinar arriving together share one call.
-        self.recorder = Recorder(self) if self.store.backend != "memory" else None
+        # Stores that batch: heartbeats of one webinar arriving together share one call.
+        self.recorder = Recorder(self) if self.store.batches else None
         self.flusher: Flusher | None = None
         if self.batch:
             self.flusher = Flusher(rt, self.route, hb, self.gc_ms)
@@ -767,70 +768,33 @@ class Recorder:
     event-loop turn into one `heartbeat_record` call (up to MAX_COALESCE): the script
     handles them in arrival order, exactly as one call each would, and each request
     still waits for its own decision. On Redis the client's per-call cost, not Redis,
-    bounds the shed path, so this is what keeps it fast under concurrency."""
+    bounds the shed path, so this is what keeps it fast under concurrency. A request
+    whose client went away is recorded all the same; calls of one webinar are not
+    held back behind one already out (no in-flight bound, as each call has its own
+    store.timeout)."""
 
     def __init__(self, policy: HeartbeatPolicy) -> None:
         self.policy = policy
-        self.pending: dict[str, _Pending] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.calls: Coalescer[str, tuple[list[str], str, int], tuple[int, bytes]] = Coalescer(
+            self._record,
+            max_batch=MAX_COALESCE,
+            max_inflight=None,
+            keep_abandoned=True,
+            what="heartbeat record",
+            log=log,
+            extra={"route": policy.route},
+        )
 
     def submit(
         self, webinar: str, keys: list[str], viewer: str, track: int
     ) -> asyncio.Future[tuple[int, bytes]]:
-        pending = self.pending.get(webinar)
-        if pending is None:
-            # One loop lookup per batch: get_running_loop() is a getpid() syscall on 3.11.
-            loop = asyncio.get_running_loop()
-            pending = self.pending[webinar] = _Pending(keys, loop)
-            loop.call_soon(self._fire, webinar, pending)
-        fut: asyncio.Future[tuple[int, bytes]] = pending.loop.create_future()
-        pending.viewers += [viewer, track]
-        pending.futures.append(fut)
-        if len(pending.futures) >= MAX_COALESCE:
-            self._fire(webinar, pending)
-        return fut
+        return self.calls.submit(webinar, (keys, viewer, track))
 
-    def _fire(self, webinar: str, pending: _Pending) -> None:
-        if self.pending.get(webinar) is not pending:
-            return  # already sent (it filled up)
-        del self.pending[webinar]
-        task = asyncio.ensure_future(self._run(webinar, pending))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _run(self, webinar: str, pending: _Pending) -> None:
-        try:
-            results = await self.policy.record(webinar, pending.keys, pending.viewers)
-        except StoreError as exc:
-            self._fail(pending, exc)
-            return
-        except asyncio.CancelledError:
-            self._fail(pending, StoreError("error", "heartbeat record cancelled"))
-            raise
-        except Exception as exc:
-            # A bug, not an outage: logged, and the waiting requests follow on_failure.
-            log.exception("heartbeat record failed", extra={"route": self.policy.route})
-            self._fail(pending, StoreError("error", f"record failed: {type(exc).__name__}"))
-            return
-        for fut, result in zip(pending.futures, results, strict=True):
-            # A request whose client went away has a cancelled future: its heartbeat is
-            # recorded all the same, nobody is told.
-            if not fut.done():
-                fut.set_result(result)
-
-    @staticmethod
-    def _fail(pending: _Pending, exc: StoreError) -> None:
-        for fut in pending.futures:
-            if not fut.done():
-                fut.set_exception(exc)
-
-
-@dataclass(slots=True)
-class _Pending:
-    keys: list[str]
-    loop: asyncio.AbstractEventLoop
-    viewers: list[ScriptArg] = field(default_factory=list)
-    futures: list[asyncio.Future[tuple[int, bytes]]] = field(default_factory=list)
+    async def _record(
+        self, webinar: str, items: list[tuple[list[str], str, int]]
+    ) -> list[tuple[int, bytes]]:
+        viewers: list[ScriptArg] = [x for _, viewer, track in items for x in (viewer, track)]
+        return await self.policy.record(webinar, items[0][0], viewers)
 
 
 # --------------------------------------------------------------------------- batch flush

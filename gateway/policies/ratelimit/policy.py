@@ -11,8 +11,9 @@ Owns:
   fails, each rule's `on_failure` decides: open (skip the rule), closed (503), or local
   (the default: the same GCRA on an in-process keyspace, with this process's share of
   the rate, 1/`store.local_processes`).
-- `GcraBatcher`: on Redis, the checks of concurrent requests travel in one pipelined
-  write (still one EVALSHA per request), which saves most of redis-py's per-command CPU.
+- `gcra_coalescer`: on a store that batches (Redis), the checks of concurrent requests
+  travel in one pipelined write (still one EVALSHA per request), which saves most of
+  redis-py's per-command CPU.
 
 Keys: `rl:{rl:<route>}:<rule digest>:<blake2b(value)>`. The Redis Cluster hash tag is the
 route name, because every KEY of one script must live in one slot and the rules of one
@@ -23,7 +24,6 @@ header values) never appear in keys: they are hashed to a fixed 24 hex character
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -37,9 +37,9 @@ from cachetools import TLRUCache
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
-from gateway.store.base import CallBudget, KeySpace
+from gateway.store.base import KeySpace
+from gateway.store.coalesce import Coalescer
 from gateway.store.memory import MemoryData
-from gateway.store.redis import RedisStore
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -109,95 +109,36 @@ _LUA = Path(__file__).parent / "lua"
 GCRA = Script.from_file("gcra", gcra_py, directory=_LUA)
 
 
-class GcraBatcher:
-    """Sends the GCRA checks of concurrent requests to Redis together: one pipelined write
-    of N EVALSHAs and one read of N replies, instead of N separate commands, through
-    `RedisStore.run_many` (on Redis Cluster: one pipeline per master touched, concurrently).
+GcraCall = tuple[list[str], list["ScriptArg"]]
+
+
+def gcra_coalescer(store: Store) -> Coalescer[None, GcraCall, Any]:
+    """Sends the GCRA checks of concurrent requests to the store together: one pipelined
+    write of N EVALSHAs and one read of N replies, instead of N separate commands,
+    through `Store.run_many` (on Redis Cluster: one pipeline per master touched,
+    concurrently). For a store that `batches`.
 
     Each request still costs exactly one EVALSHA (<= 1 round trip, atomic per request);
     what is shared is redis-py's per-command overhead (about 60 us of CPU per awaited
     command on the 2-core dev machine, against ~15 us per command in a batch of 10),
     which is most of what a rate-limited request costs over an unlimited one. Checks
-    made while `max_inflight` pipelines are already out wait for the next one, so the
-    batches grow with load and nothing waits at low load. The wait of each request is
-    bounded by `store.timeout`, stretched by event-loop lag (CallBudget); failures follow
+    made while 2 pipelines are already out wait for the next one, so the batches grow
+    with load and nothing waits at low load. The wait of each request is bounded by
+    `store.timeout`, stretched by event-loop lag (`Store.queue_budget`); failures follow
     the store's FailureGuard (one timeout or connection error per batch, then the
-    back-off with probes)."""
+    back-off with probes). A check whose request already gave up is not sent."""
 
-    def __init__(self, store: RedisStore, *, max_batch: int = 128, max_inflight: int = 2) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self.max_inflight = max_inflight
-        self.pending: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]] = []
-        self.inflight = 0
-        self.scheduled = False
-        self.tasks: set[asyncio.Task[None]] = set()
-        # Batch sizes, for the bench and /_edge/status (sum and count only: no growth).
-        self.batches = 0
-        self.batched = 0
+    async def send(_key: None, calls: list[GcraCall]) -> list[Any]:
+        return await store.run_many(GCRA, calls)
 
-    async def run(self, keys: list[str], args: list[ScriptArg]) -> Any:
-        if self.store.guard.blocked():
-            # Backing off with no probe due: fail at once, queue nothing. (Not check():
-            # that would spend the probe here, and the batch's own call would then be
-            # refused.)
-            self.store.guard.count(GCRA.name, "backoff")
-            raise StoreError("backoff", "store unavailable (backing off after failures)")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self.pending.append((keys, args, fut))
-        if not self.scheduled and self.inflight < self.max_inflight:
-            self.scheduled = True
-            # After the callbacks already ready in this loop iteration (other requests
-            # that are about to check too) have run.
-            loop.call_soon(self._flush)
-        try:
-            # Lag-aware like the batch's own call, and with room for one batch ahead of
-            # this one: a busy loop, or a batch queued behind another, is not a failure.
-            async with CallBudget(self.store.timeout, 2 * self.store.cap, self.store.lag):
-                return await fut
-        except TimeoutError:
-            raise StoreError("timeout", "rate-limit check exceeded store.timeout") from None
-
-    def _flush(self) -> None:
-        self.scheduled = False
-        while self.pending and self.inflight < self.max_inflight:
-            batch = self.pending[: self.max_batch]
-            del self.pending[: self.max_batch]
-            # A request that already gave up (timeout) need not be sent.
-            batch = [item for item in batch if not item[2].done()]
-            if not batch:
-                continue
-            self.inflight += 1
-            task = asyncio.ensure_future(self._send(batch))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _send(
-        self, batch: list[tuple[list[str], list[ScriptArg], asyncio.Future[Any]]]
-    ) -> None:
-        self.batches += 1
-        self.batched += len(batch)
-        try:
-            replies = await self.store.run_many(GCRA, [(keys, args) for keys, args, _ in batch])
-        except StoreError as exc:
-            replies = [exc] * len(batch)
-        except Exception as exc:  # a bug, not an outage: fail these checks now, loudly
-            log.exception("rate-limit batch failed")
-            replies = [StoreError("error", type(exc).__name__)] * len(batch)
-        finally:
-            self.inflight -= 1
-            if self.pending and not self.scheduled:
-                self.scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        for (_, _, fut), reply in zip(batch, replies, strict=True):
-            if fut.done():
-                continue
-            if isinstance(reply, Exception):
-                err = reply if isinstance(reply, StoreError) else StoreError("response", str(reply))
-                fut.set_exception(err)
-            else:
-                fut.set_result(reply)
+    return Coalescer(
+        send,
+        max_batch=128,
+        max_inflight=2,
+        budget=store.queue_budget,
+        what="rate-limit check",
+        log=log,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +260,7 @@ def _blocked_ttu(_key: str, until: float, _now: float) -> float:
 # The per-process structures shared by every route (bounded by the constants above).
 BLOCKED: ServiceKey[TLRUCache[str, float]] = ServiceKey("ratelimit.blocked")
 LOCAL: ServiceKey[MemoryData] = ServiceKey("ratelimit.local")
-BATCHER: ServiceKey[GcraBatcher | None] = ServiceKey("ratelimit.batcher")
+BATCHER: ServiceKey[Coalescer[None, GcraCall, Any] | None] = ServiceKey("ratelimit.batcher")
 
 
 class RateLimitPolicy:
@@ -343,7 +284,7 @@ class RateLimitPolicy:
                 maxsize=BLOCKED_MAX_KEYS, ttu=_blocked_ttu, timer=rt.clock
             )
             local = MemoryData(min(LOCAL_MAX_KEYS, store_cfg.memory_max_keys), rt.clock)
-            batcher = GcraBatcher(rt.store) if isinstance(rt.store, RedisStore) else None
+            batcher = gcra_coalescer(rt.store) if rt.store.batches else None
             services[BLOCKED] = blocked
             services[LOCAL] = local
             services[BATCHER] = batcher
@@ -351,7 +292,7 @@ class RateLimitPolicy:
             rt.sizes["ratelimit_local"] = lambda: local.size
 
             def status() -> dict[str, Any]:
-                out: dict[str, Any] = {"blocked_keys": len(blocked), "local_keys": len(local._data)}
+                out: dict[str, Any] = {"blocked_keys": len(blocked), "local_keys": len(local)}
                 if batcher is not None:
                     # Pipelines sent and checks they carried (mean batch = checks/batches).
                     out["redis_batches"] = batcher.batches
@@ -391,7 +332,9 @@ class RateLimitPolicy:
         local = False
         try:
             if self.batcher is not None:
-                reply = await self.batcher.run(keys, args)
+                # Backing off: fail now, queue nothing.
+                self.store.fail_fast(GCRA.name)
+                reply = await self.batcher.call(None, (keys, args))
             else:
                 reply = await self.store.run(GCRA, keys, args)
             admitted, decisions = parse_reply(reply)
