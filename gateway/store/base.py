@@ -100,7 +100,8 @@ class Store(ABC):
     """Async key/value store with TTLs, locks and scripts. Keys passed in are *unprefixed*;
     the store adds `key_prefix`. Values are bytes.
 
-    Callers ask the capabilities below, never which backend they hold."""
+    Callers ask the capabilities below, never which backend they hold. `clock` is the
+    store's own time (seconds): expiry on memory://, back-off and probes on Redis."""
 
     backend: str = "abstract"
     # run_many costs less than the same calls one by one (one round trip for many):

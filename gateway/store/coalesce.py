@@ -97,6 +97,7 @@ class Coalescer(Generic[K, Item, R]):
 
     async def call(self, key: K, item: Item) -> R:
         """Submit and wait for the reply, within `budget` if there is one."""
+        # submit() inlined, deliberately: this runs once per rate-limit check.
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(asyncio.get_running_loop())
