@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class Coalescer(Generic[K, Item, R]):
     ) -> None:
         self._send = send
         self.max_batch = max_batch
-        self.max_inflight = max_inflight if max_inflight is not None else float("inf")
+        self.max_inflight = max_inflight if max_inflight is not None else sys.maxsize
         self.keep_abandoned = keep_abandoned
         self.budget = budget
         self.what = what
@@ -167,16 +168,13 @@ class Coalescer(Generic[K, Item, R]):
                 items
             )
         finally:
-            self._done(key, group)
+            group.inflight -= 1
+            if group.items:
+                if not self._scheduled:
+                    self._schedule(group.loop)
+            elif not group.inflight and self._groups.get(key) is group:
+                del self._groups[key]
         _deliver(futures, replies)
-
-    def _done(self, key: K, group: _Group[Item, R]) -> None:
-        group.inflight -= 1
-        if group.items:
-            if not self._scheduled:
-                self._schedule(group.loop)
-        elif not group.inflight and self._groups.get(key) is group:
-            del self._groups[key]
 
 
 def _deliver(futures: list[asyncio.Future[R]], replies: Sequence[R | BaseException]) -> None:

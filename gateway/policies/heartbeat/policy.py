@@ -581,7 +581,8 @@ class HeartbeatPolicy:
         prefix = ""
         try:
             if self.recorder is not None:
-                decision, blob = await self.recorder.submit(webinar, keys, viewer, track)
+                # The coalescer directly (not Recorder.submit): one call less per heartbeat.
+                decision, blob = await self.recorder.calls.submit(webinar, (keys, viewer, track))
             else:
                 [(decision, blob)] = await self.record(webinar, keys, [viewer, track])
         except StoreError:
@@ -788,12 +789,16 @@ class Recorder:
     def submit(
         self, webinar: str, keys: list[str], viewer: str, track: int
     ) -> asyncio.Future[tuple[int, bytes]]:
+        """Queue one heartbeat; the future gets its (decision, negative blob)."""
         return self.calls.submit(webinar, (keys, viewer, track))
 
     async def _record(
         self, webinar: str, items: list[tuple[list[str], str, int]]
     ) -> list[tuple[int, bytes]]:
-        viewers: list[ScriptArg] = [x for _, viewer, track in items for x in (viewer, track)]
+        # [viewer, track, viewer, track, ...], filled by slices (this runs per batch).
+        viewers: list[ScriptArg] = [0] * (2 * len(items))
+        viewers[0::2] = [item[1] for item in items]
+        viewers[1::2] = [item[2] for item in items]
         return await self.policy.record(webinar, items[0][0], viewers)
 
 
