@@ -31,6 +31,7 @@ from gateway.http import (
     Send,
     send_error,
 )
+from gateway.observability.collectors import fast
 from gateway.policies import POLICIES
 from gateway.proxy import ClientGone, Proxy, TruncatedResponse, WebSocketProxy
 from gateway.routing import CompiledRoute, RouteTable, unsafe_path
@@ -109,7 +110,7 @@ class Gateway:
         m = self.rt.metrics
         self._requests = m.requests
         self._latency = m.latency
-        self._in_flight = m.in_flight
+        self._in_flight = fast(m.in_flight)  # lock-free: one event-loop thread
         self._retired: set[asyncio.Task[None]] = set()
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
@@ -296,8 +297,8 @@ class Gateway:
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self._requests.labels(out.route, method, str(out.status)),
-                self._latency.labels(out.route),
+                fast(self._requests.labels(out.route, method, str(out.status))),
+                fast(self._latency.labels(out.route)),
             )
         children[0].inc()
         children[1].observe(duration)

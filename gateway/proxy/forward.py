@@ -16,6 +16,7 @@ import time
 from gateway.config import ServerConfig
 from gateway.http import Receive, RequestContext, Send, send_error
 from gateway.net import TrustedProxies
+from gateway.observability.collectors import fast
 from gateway.observability.metrics import Metrics
 from gateway.proxy.body import Body, BodyStream, frame_body
 from gateway.proxy.client import UpstreamResponse, request_head
@@ -57,7 +58,7 @@ class Proxy:
         self.metrics = metrics
         self._req_counter = metrics.upstream_status
         self._err_counter = metrics.upstream_error
-        self._latency = metrics.upstream_latency.labels(upstream.name)
+        self._latency = fast(metrics.upstream_latency.labels(upstream.name))
         self._retries = metrics.upstream_retries.labels(upstream.name, "stale_connection")
 
     async def __call__(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
