@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from typing import Any
 
 import pytest
 
-from gateway.observability.logging import AccessLog
+from gateway.observability.logging import AccessLog, _ms3
 
 
 def reference(log: AccessLog, ts: float, **f: Any) -> str:
@@ -38,7 +39,7 @@ def reference(log: AccessLog, ts: float, **f: Any) -> str:
     ("path", "notes", "upstream"),
     [
         ("/api/webinars/1/presence/ping", [], None),
-        ("/a b/\"quoted\"/back\\slash", ["auth=anonymous"], 0.0123456),
+        ('/a b/"quoted"/back\\slash', ["auth=anonymous"], 0.0123456),
         ("/caf\u00e9/\u2603/\U0001f600", ["hb=absorbed", "client_gone"], 1e-7),
         ("/ctl\x00\x1f\x7f\n\t", ['x"y'], 12.5),
         ("", [], 0.0),
@@ -65,3 +66,12 @@ def test_the_line_is_what_json_dumps_writes(
     line = sink.getvalue().rstrip("\n")
     assert line == reference(log, 1764600000.123456, **fields)
     assert json.loads(line)["path"] == path
+
+
+def test_durations_and_timestamps_are_written_as_round_3_would() -> None:
+    rng = random.Random(20)
+    values = [0.0, 1e-7, 0.0005, 0.0015, 2.675, 12500.0, 1764600000.0005, 1e12, 1e20]
+    values += [rng.random() * 10 ** rng.randint(-6, 11) for _ in range(20000)]
+    values += [rng.randint(0, 10**7) / 1000 for _ in range(20000)]
+    for v in values:
+        assert _ms3(v) == repr(round(v, 3)), v
