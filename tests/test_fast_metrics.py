@@ -4,6 +4,10 @@ prometheus_client's own inc/dec/observe would."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -50,3 +54,21 @@ def test_anything_else_is_left_as_it_is() -> None:
 
     o = Other()
     assert fast(o) is o
+
+
+def test_multiprocess_values_are_left_to_prometheus_client(tmp_path: Path) -> None:
+    """With server.workers > 1 values live in mmap files other processes read: no fast path."""
+    code = (
+        "from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram\n"
+        "from gateway.observability.collectors import fast\n"
+        "r = CollectorRegistry()\n"
+        "c = Counter('a_total', 'h', ['x'], registry=r).labels('1')\n"
+        "h = Histogram('b_seconds', 'h', ['x'], registry=r).labels('1')\n"
+        "g = Gauge('g', 'h', registry=r, multiprocess_mode='livesum')\n"
+        "print(fast(c) is c, fast(h) is h, fast(g) is g)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True", "True", "True"]

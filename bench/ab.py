@@ -1,0 +1,87 @@
+"""Interleaved A/B of the gateway against a baseline checkout and nginx, for a busy machine.
+
+bench/passthrough.py runs each target once, one after the other: when other processes
+come and go on the machine, one target gets a quiet minute and another a loaded one.
+This script starts all three at once (the static upstream, nginx `proxy_pass`, the
+gateway of this tree and the gateway of `--baseline`, each 1 worker, access log on,
+auth off) and alternates short wrk runs between them for `--rounds` rounds, so each
+target sees the same load on average. It prints, per target, the median and the spread
+of requests/s and CPU per request at 50 connections and of p50 at 1 connection, and
+the ratios to nginx computed within each round.
+
+    .venv/bin/python bench/ab.py --baseline /path/to/older/checkout   # ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    free_port,
+    gateway,
+    gateway_config,
+    nginx_proxy,
+    require_tools,
+    run_wrk,
+    static_upstream,
+    uptime,
+)
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):9.3f}  [{min(xs):.3f} .. {max(xs):.3f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--baseline", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=3)
+    p.add_argument("--access-log", choices=("on", "off"), default="on")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+    require_tools()
+    print(f"ab bench — {uptime()}", flush=True)
+    log_on = args.access_log == "on"
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(static_upstream())
+        px = stack.enter_context(nginx_proxy(up.url))
+        targets = {"nginx": (px.url, px.proc.pid)}
+        for name, cwd in (("gateway", None), ("baseline", args.baseline.resolve())):
+            cfg = gateway_config(up.url, free_port(), free_port(), access_log=log_on)
+            gw = stack.enter_context(gateway(cfg, python=args.python, cwd=cwd))
+            targets[name] = (gw.url, gw.proc.pid)
+        for url, _ in targets.values():
+            run_wrk(url + "/bench/item", 50, 2, 1)
+        rows: dict[str, dict[str, list[float]]] = {k: {} for k in targets}
+        for r in range(args.rounds):
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
+            for name in order:
+                url, pid = targets[name]
+                c50 = run_wrk(url + "/bench/item", 50, 2, args.seconds, cpu_pid=pid)
+                c1 = run_wrk(url + "/bench/item", 1, 1, max(1, args.seconds - 1))
+                row = rows[name]
+                row.setdefault("rps_c50", []).append(c50.rps)
+                row.setdefault("cpu_us_c50", []).append(c50.cpu_us_per_request or 0.0)
+                row.setdefault("p50_ms_c1", []).append(c1.latency_ms["p50"])
+            for name in ("gateway", "baseline"):
+                row, ng = rows[name], rows["nginx"]
+                row.setdefault("ratio", []).append(row["rps_c50"][-1] / ng["rps_c50"][-1])
+                row.setdefault("cpu_ratio", []).append(ng["cpu_us_c50"][-1] / row["cpu_us_c50"][-1])
+                added = row["p50_ms_c1"][-1] - ng["p50_ms_c1"][-1]
+                row.setdefault("added_p50_ms", []).append(added)
+    print(f"after — {uptime()}  ({args.rounds} rounds, access log {args.access_log})")
+    for name, row in rows.items():
+        for k, xs in row.items():
+            print(f"  {name:9s} {k:13s} {_spread(xs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
