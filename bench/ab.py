@@ -4,10 +4,10 @@ bench/passthrough.py runs each target once, one after the other: when other proc
 come and go on the machine, one target gets a quiet minute and another a loaded one.
 This script starts all three at once (the static upstream, nginx `proxy_pass`, the
 gateway of this tree and the gateway of `--baseline`, each 1 worker, access log on,
-auth off) and alternates short wrk runs between them for `--rounds` rounds, so each
-target sees the same load on average. It prints, per target, the median and the spread
-of requests/s and CPU per request at 50 connections and of p50 at 1 connection, and
-the ratios to nginx computed within each round.
+`--auth` as in bench/passthrough.py) and alternates short wrk runs between them for
+`--rounds` rounds, so each target sees the same load on average. It prints, per target,
+the median and the spread of requests/s and CPU per request at 50 connections and of
+p50 at 1 connection, and the ratios to nginx computed within each round.
 
     .venv/bin/python bench/ab.py --baseline /path/to/older/checkout   # ~2 min
 """
@@ -23,15 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    free_port,
     gateway,
-    gateway_config,
     nginx_proxy,
     require_tools,
     run_wrk,
     static_upstream,
     uptime,
 )
+from passthrough import _config as passthrough_config
 
 
 def _spread(xs: list[float]) -> str:
@@ -44,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--access-log", choices=("on", "off"), default="on")
+    p.add_argument("--auth", choices=("off", "optional"), default="off")
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
     require_tools()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         px = stack.enter_context(nginx_proxy(up.url))
         targets = {"nginx": (px.url, px.proc.pid)}
         for name, cwd in (("gateway", None), ("baseline", args.baseline.resolve())):
-            cfg = gateway_config(up.url, free_port(), free_port(), access_log=log_on)
+            cfg = passthrough_config(up.url, log_on, args.auth)
             gw = stack.enter_context(gateway(cfg, python=args.python, cwd=cwd))
             targets[name] = (gw.url, gw.proc.pid)
         for url, _ in targets.values():
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.setdefault("cpu_ratio", []).append(ng["cpu_us_c50"][-1] / row["cpu_us_c50"][-1])
                 added = row["p50_ms_c1"][-1] - ng["p50_ms_c1"][-1]
                 row.setdefault("added_p50_ms", []).append(added)
-    print(f"after — {uptime()}  ({args.rounds} rounds, access log {args.access_log})")
+    setup = f"{args.rounds} rounds, access log {args.access_log}, auth {args.auth}"
+    print(f"after — {uptime()}  ({setup})")
     for name, row in rows.items():
         for k, xs in row.items():
             print(f"  {name:9s} {k:13s} {_spread(xs)}")
