@@ -341,12 +341,7 @@ class RateLimitPolicy:
         except StoreError:
             fallback = self._fallback(rules, keys)
             if fallback is None:
-                await send_json(
-                    send,
-                    503,
-                    error_body("store_unavailable", "rate limiter unavailable, retry shortly"),
-                    [(b"retry-after", self.closed_retry), *ctx.response_headers],
-                )
+                await self._store_closed(ctx, send)
                 return
             rules, keys, args = fallback
             if not rules:
@@ -366,6 +361,15 @@ class RateLimitPolicy:
             if d.retry_ms > 0:
                 self.blocked[key] = now + d.retry_ms / 1000
         await self._reject(ctx, send, rules, decisions)
+
+    async def _store_closed(self, ctx: RequestContext, send: Send) -> None:
+        """`on_failure: closed` while the store is down: 503, retry after the back-off."""
+        await send_json(
+            send,
+            503,
+            error_body("store_unavailable", "rate limiter unavailable, retry shortly"),
+            [(b"retry-after", self.closed_retry), *ctx.response_headers],
+        )
 
     def _fallback(
         self, rules: list[CompiledRule], keys: list[str]
