@@ -151,29 +151,6 @@ class CapturedResponse:
         return [v for k, v in self.headers if k.lower() == name]
 
 
-def capture_send(limit: int = 10 * 1024 * 1024) -> tuple[Send, CapturedResponse]:
-    """A send that records the response instead of sending it. Past `limit` bytes the body
-    is dropped and `too_large` is set (the caller should then not keep it)."""
-    resp = CapturedResponse()
-
-    async def send(msg: Message) -> None:
-        if msg["type"] == "http.response.start":
-            resp.status = msg["status"]
-            resp.headers = [(bytes(k).lower(), bytes(v)) for k, v in msg.get("headers", ())]
-        elif msg["type"] == "http.response.body":
-            body = msg.get("body", b"")
-            if body and not resp.too_large:
-                if len(resp.body) + len(body) > limit:
-                    resp.too_large = True
-                    resp.body.clear()
-                else:
-                    resp.body.extend(body)
-            if not msg.get("more_body", False):
-                resp.complete = True
-
-    return send, resp
-
-
 async def send_captured(
     send: Send,
     resp: CapturedResponse,

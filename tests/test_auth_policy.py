@@ -17,9 +17,9 @@ import aiohttp
 import httpx
 import pytest
 
-from gateway.http import capture_send
 from gateway.policies.auth.policy import VERIFIER, get_verifier, require_identity
 from gateway.runtime import Runtime
+from gateway.tap import capture_send
 from tests.fakes.app import FakeApp
 from tests.fakes.clock import FakeClock
 from tests.fakes.jwks import FakeIssuer, auth_routes, auth_settings

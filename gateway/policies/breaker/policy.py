@@ -35,7 +35,6 @@ from gateway.config import Route
 from gateway.http import (
     Handler,
     Headers,
-    Message,
     Receive,
     RequestContext,
     Send,
@@ -47,6 +46,7 @@ from gateway.policies.breaker.config import BreakerConfig
 from gateway.proxy import ClientGone
 from gateway.runtime import Runtime
 from gateway.services import ServiceKey
+from gateway.tap import Tap
 
 log = logging.getLogger("gateway")
 
@@ -468,41 +468,40 @@ class BreakerPolicy:
             await self._shed(ctx, send)
             return
 
-        recorded = False
         keep: _Negative | None = None
-        kept_body = bytearray()
 
-        async def observe(msg: Message) -> None:
-            nonlocal recorded, keep
-            if msg["type"] == "http.response.start":
-                # Judged at the headers: a long stream must not hold a probe slot.
-                recorded = True
-                keep = self._judge(ticket, msg, neg_key)
-            elif msg["type"] == "http.response.body" and keep is not None:
-                assert neg_key is not None
-                keep = self._keep_body(keep, kept_body, msg, neg_key)
-            await send(msg)
+        def judge(tap: Tap) -> bool:
+            # Judged at the headers: a long stream must not hold a probe slot.
+            nonlocal keep
+            keep = self._judge(ticket, tap.resp.status, tap.resp.headers, neg_key)
+            return keep is not None
 
+        async def store(tap: Tap) -> None:
+            if keep is not None and neg_key is not None and self.negative is not None:
+                keep.body = bytes(tap.resp.body)
+                self.negative[neg_key] = keep
+
+        tap = Tap(send, _NEGATIVE_BODY_LIMIT, on_start=judge, on_complete=store)
         try:
-            await self.next(ctx, receive, observe)
+            await self.next(ctx, receive, tap)
         except (ClientGone, asyncio.CancelledError):
-            if not recorded:
+            if not tap.resp.status:
                 breaker.abandon(ticket)
             raise
         except Exception:
             # Failed before any answer (or mid-stream): an upstream-side failure.
-            if not recorded:
+            if not tap.resp.status:
                 breaker.record(ticket, 502, None)
             raise
         else:
-            if not recorded:
+            if not tap.resp.status:
                 breaker.abandon(ticket)
 
-    def _judge(self, ticket: Ticket, msg: Message, neg_key: bytes | None) -> _Negative | None:
+    def _judge(
+        self, ticket: Ticket, status: int, headers: Headers, neg_key: bytes | None
+    ) -> _Negative | None:
         """Record the answer's status on the breaker; the negative entry to fill from the
         body if the answer is one the route replays."""
-        status: int = msg["status"]
-        headers = msg.get("headers", ())
         ra = None
         if status in (429, 503):
             for k, v in headers:
@@ -516,20 +515,6 @@ class BreakerPolicy:
         if any(k == b"cache-control" and b"no-store" in v.lower() for k, v in kept):
             return None
         return _Negative(status, [(k, v) for k, v in kept if k in _NEGATIVE_KEEP_HEADERS], b"")
-
-    def _keep_body(
-        self, keep: _Negative, kept_body: bytearray, msg: Message, neg_key: bytes
-    ) -> _Negative | None:
-        """Copy a body chunk (bounded); store the entry at the last one. None: stop."""
-        chunk = msg.get("body", b"")
-        if len(kept_body) + len(chunk) > _NEGATIVE_BODY_LIMIT:
-            return None
-        kept_body.extend(chunk)
-        if not msg.get("more_body", False) and self.negative is not None:
-            keep.body = bytes(kept_body)
-            self.negative[neg_key] = keep
-            return None
-        return keep
 
     async def _shed(self, ctx: RequestContext, send: Send) -> None:
         breaker = self.breaker

@@ -31,7 +31,7 @@ import math
 import secrets
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,6 @@ from gateway.http import (
     Handler,
     Headers,
     Identity,
-    Message,
     Receive,
     RequestContext,
     Send,
@@ -53,6 +52,7 @@ from gateway.http import (
 )
 from gateway.policies.cache.vary import decode_marker, encode_marker, variant_digest, vary_names
 from gateway.store.base import Script, ScriptArg, Store, StoreError
+from gateway.tap import Tap
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -329,55 +329,6 @@ _RECORD = 1  # default rule: needs an allow record for (user, key)
 _CLAIM_NO = 2  # `authorize` claim does not match: never the cached body
 
 _RESULTS = ("hit", "miss", "stale", "bypass", "denied", "error")
-
-
-class _Tee:
-    """A `send` that holds the upstream answer for the cache. Past `limit` bytes it stops
-    holding and streams the rest straight to the client (that answer is not stored)."""
-
-    __slots__ = ("late_headers", "limit", "resp", "send", "streaming")
-
-    def __init__(self, send: Send, limit: int, late_headers: Callable[[int], Headers]) -> None:
-        self.send = send
-        self.limit = limit
-        self.late_headers = late_headers
-        self.resp = CapturedResponse()
-        self.streaming = False
-
-    async def __call__(self, msg: Message) -> None:
-        if self.streaming:
-            await self.send(msg)
-            return
-        resp = self.resp
-        t = msg["type"]
-        if t == "http.response.start":
-            resp.status = msg["status"]
-            resp.headers = [(bytes(k).lower(), bytes(v)) for k, v in msg.get("headers", ())]
-        elif t == "http.response.body":
-            body = msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if len(resp.body) + len(body) > self.limit:
-                self.streaming = True
-                resp.too_large = True
-                await self.send(
-                    {
-                        "type": "http.response.start",
-                        "status": resp.status,
-                        "headers": [*resp.headers, *self.late_headers(resp.status)],
-                    }
-                )
-                await self.send(
-                    {
-                        "type": "http.response.body",
-                        "body": bytes(resp.body) + body,
-                        "more_body": more,
-                    }
-                )
-                resp.body = bytearray()
-                return
-            resp.body.extend(body)
-            if not more:
-                resp.complete = True
 
 
 class CachePolicy:
@@ -938,15 +889,19 @@ class CachePolicy:
 
     async def _call(
         self, ctx: RequestContext, receive: Receive, send: Send, fwd_b: bytes, *, timed: bool
-    ) -> _Tee:
+    ) -> Tap:
         """Call the next handler with the fill's request; the answer is held in the
         returned tee (or streamed through, past max_body_bytes)."""
 
-        def streamed(status: int) -> Headers:
+        async def overflow(tap: Tap, held: bytes, more: bool) -> None:
+            # Too big to store: what is held goes out now and the rest streams through.
+            status = tap.resp.status
             cs = b"edge; fwd=%b; fwd-status=%d; detail=too-large" % (fwd_b, status)
-            return [*ctx.response_headers, (b"cache-status", cs)]
+            start = [*tap.resp.headers, *ctx.response_headers, (b"cache-status", cs)]
+            await send({"type": "http.response.start", "status": status, "headers": start})
+            await send({"type": "http.response.body", "body": held, "more_body": more})
 
-        tee = _Tee(send, self.cfg.max_body_bytes, streamed)
+        tee = Tap(send, self.cfg.max_body_bytes, hold=True, on_overflow=overflow)
         # What goes upstream asks for the whole, unencoded representation (GET for a
         # HEAD, no conditionals, ranges or compression) so the answer can be stored and
         # served to anyone allowed, whatever their own request headers were.

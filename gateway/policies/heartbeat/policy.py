@@ -52,7 +52,6 @@ from cachetools import LRUCache
 from gateway.http import (
     Handler,
     Headers,
-    Message,
     Receive,
     RequestContext,
     Scope,
@@ -65,6 +64,7 @@ from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import KeySpace, ScriptArg
 from gateway.store.coalesce import Coalescer
+from gateway.tap import Tap
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -697,48 +697,40 @@ class HeartbeatPolicy:
         viewer: str,
         lk: int,
     ) -> None:
-        status = 0
-        ctype = b""
-        body = bytearray()
-        keep = False
         written = False
 
-        async def tee(msg: Message) -> None:
-            # Passes the app's answer through untouched; keeps a small negative body.
-            nonlocal status, ctype, keep, written
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-                keep = status in self.negative_statuses
-                for k, v in msg.get("headers", ()):
-                    if bytes(k).lower() == b"content-type":
-                        ctype = bytes(v).replace(b"|", b"")
-            elif keep and msg["type"] == "http.response.body":
-                chunk = msg.get("body", b"")
-                if len(body) + len(chunk) > NEGATIVE_BODY_LIMIT:
-                    keep = False
-                else:
-                    body.extend(chunk)
-                    if not msg.get("more_body", False):
-                        # Stored before the last chunk goes out, so the viewer's very
-                        # next heartbeat already meets the negative answer.
-                        expires = int(self.clock() * 1000) + self.negative_ttl_ms
-                        blob = b"%d|%d|%s|" % (expires, status, ctype) + bytes(body)
-                        if self.local is not None:
-                            self.local.negatives[lk] = blob
-                            self.local.forget(lk)
-                        await self._outcome(keys, "neg", viewer, blob)
-                        written = True
-            await send(msg)
+        async def keep(tap: Tap) -> None:
+            # Called before the last chunk goes out, so the viewer's very next heartbeat
+            # already meets the negative answer.
+            nonlocal written
+            resp = tap.resp
+            ctype = b""
+            for k, v in resp.headers:
+                if bytes(k).lower() == b"content-type":
+                    ctype = bytes(v).replace(b"|", b"")
+            expires = int(self.clock() * 1000) + self.negative_ttl_ms
+            blob = b"%d|%d|%s|" % (expires, resp.status, ctype) + bytes(resp.body)
+            if self.local is not None:
+                self.local.negatives[lk] = blob
+                self.local.forget(lk)
+            await self._outcome(keys, "neg", viewer, blob)
+            written = True
 
+        # Passes the app's answer through untouched; keeps a small negative body.
+        tap = Tap(send, NEGATIVE_BODY_LIMIT, on_start=self._is_negative, on_complete=keep)
         try:
-            await self.next(ctx, receive, tee)
+            await self.next(ctx, receive, tap)
         finally:
+            status = tap.resp.status
             if not written and not 200 <= status < 400:
                 # The app did not take it (5xx, timeout, client gone, or a negative too
                 # big to keep): the viewer's next heartbeat goes through, not absorbed.
                 if self.local is not None:
                     self.local.forget(lk)
                 await self._outcome(keys, "fail", viewer, b"")
+
+    def _is_negative(self, tap: Tap) -> bool:
+        return tap.resp.status in self.negative_statuses
 
     async def _outcome(self, keys: list[str], op: str, viewer: str, blob: bytes) -> None:
         with contextlib.suppress(StoreError):

@@ -63,7 +63,6 @@ from gateway.http import (
     RequestContext,
     Scope,
     Send,
-    capture_send,
     replay_receive,
     send_captured,
     send_error,
@@ -74,6 +73,7 @@ from gateway.runtime import Runtime
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, StoreError
 from gateway.store.base import KeySpace
+from gateway.tap import capture_send
 
 log = logging.getLogger("gateway.refresh")
 
