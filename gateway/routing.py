@@ -73,17 +73,13 @@ class RouteTable:
 
     def match(self, scope: Scope) -> tuple[CompiledRoute, dict[str, str]] | None:
         path: str = scope["path"]
-        # One prefix test keeps the edge entries off every other request's path.
-        if self.edge and path.startswith(EDGE_PREFIX) and scope["type"] == "http":
-            return self._first(self.edge, scope, path)
-        return self._first(self.routes, scope, path)
-
-    @staticmethod
-    def _first(
-        routes: list[CompiledRoute], scope: Scope, path: str
-    ) -> tuple[CompiledRoute, dict[str, str]] | None:
-        method: str = scope.get("method", "GET")
         is_ws = scope["type"] == "websocket"
+        routes = self.routes
+        # One prefix test keeps the edge entries off every other request's path (inline,
+        # no helper call: this runs for every request).
+        if path.startswith(EDGE_PREFIX) and self.edge and not is_ws:
+            routes = self.edge
+        method: str = scope.get("method", "GET")
         parsed_qs: dict[str, str] | None = None
         for route in routes:
             if route.methods is not None and not is_ws and method not in route.methods:
