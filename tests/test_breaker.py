@@ -693,7 +693,8 @@ async def test_metrics_follow_the_state(fake_app: FakeApp) -> None:
 async def test_state_gauge_turns_half_open_without_traffic(fake_app: FakeApp) -> None:
     """A real (short) cooldown on the real clock: the breaker's own timer moves the
     gauge to half-open when nobody asks."""
-    cfg = chat_config(fake_app.url, failure_threshold=1, cooldown="50ms")
+    # 2 s: long enough that a busy machine reads the open state before the timer fires.
+    cfg = chat_config(fake_app.url, failure_threshold=1, cooldown="2s")
     fake_app.status_override["/api/chat/r1"] = (500, {"error": "x"})
     async with (
         run_gateway(cfg) as gw,
@@ -706,10 +707,10 @@ async def test_state_gauge_turns_half_open_without_traffic(fake_app: FakeApp) ->
             return metric(text, "edge_breaker_state", group="chat")
 
         assert await gauge() == 2
-        for _ in range(100):
+        for _ in range(1000):
             if await gauge() == 1:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.02)
         assert await gauge() == 1
 
 

@@ -6,6 +6,8 @@ and each `on_failure` mode when that Redis is killed mid-test."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -661,6 +663,8 @@ async def test_hung_redis_costs_at_most_store_timeout(
     admin = aioredis.from_url(private_redis)
     async with run_gateway(cfg) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         assert "ratelimit" in (await c.get("/rl")).headers
+        # A long pause and a generous bound: a busy machine must not make a request look
+        # as if it had waited for Redis; what it must not do is wait out the pause.
         await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
         took = []
         for _ in range(5):
@@ -669,9 +673,14 @@ async def test_hung_redis_costs_at_most_store_timeout(
             took.append(time.perf_counter() - t0)
             assert r.status_code == 200
             assert "ratelimit" not in r.headers
-        assert max(took) < 0.3  # store.timeout plus the request itself
-        assert max(took[2:]) < 0.05  # backing off: Redis is not even tried
-        assert gw.app.rt.store.health.backoff_until > 0
+        assert max(took) < 2  # store.timeout plus the request, never the 3 s pause
+        health = gw.app.rt.store.health
+        # Backing off after failure_threshold timeouts: the last three requests did not
+        # even try Redis (counted as fast-fails, not as timeouts).
+        kinds = Counter(k.rsplit(":", 1)[1] for k, v in health.counters.items() for _ in range(v))
+        assert kinds["timeout"] == 2
+        assert kinds["backoff"] == 3
+        assert health.backoff_until > 0
         await admin.execute_command("CLIENT", "UNPAUSE")
     await admin.aclose()
 
