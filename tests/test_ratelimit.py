@@ -6,10 +6,9 @@ and each `on_failure` mode when that Redis is killed mid-test."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
