@@ -3,9 +3,10 @@
 Owns: the `breaker:` route policy, the per-process registry of breakers (one per `group`,
 shared by every route naming it, in `rt.services[BREAKERS]`), the closed → open →
 half-open state machine, the fast 503 answer while open (`Retry-After` with jitter so
-clients do not come back in lockstep), the per-caller negative cache of repeated 4xx, the
-breaker part of `/readyz` detail, `/_edge/status` and the degraded client intervals, and
-the `edge_breaker_*` / `edge_negative_cache_hits_total` metrics.
+clients do not come back in lockstep), the per-caller negative cache of repeated 4xx
+(what it keys, keeps and answers; the cache itself is gateway/negcache.py's
+`NegativeCache`), the breaker part of `/readyz` detail, `/_edge/status` and the degraded
+client intervals, and the `edge_breaker_*` / `edge_negative_cache_hits_total` metrics.
 
 State is per replica on purpose: each replica sees its own upstream connections fail, the
 decision must cost nothing on the hot path (no store round trip), and N replicas each
@@ -29,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cachetools import TTLCache
-
 from gateway.config import Route
 from gateway.http import (
     Handler,
@@ -41,6 +40,7 @@ from gateway.http import (
     error_body,
     send_json,
 )
+from gateway.negcache import ENTRY_OVERHEAD, NegativeCache
 from gateway.observability.metrics import Metrics
 from gateway.policies.breaker.config import BreakerConfig
 from gateway.proxy import ClientGone
@@ -58,8 +58,11 @@ STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
 _BUCKETS = 10
 # Negative answers larger than this are passed on but not kept (error bodies are small).
 _NEGATIVE_BODY_LIMIT = 16 * 1024
-# Bound on remembered (caller, request) pairs per route; cachetools evicts LRU-ish past it.
+# Bound on remembered (caller, request) pairs per route; least recently used go past it.
 _NEGATIVE_MAX_ENTRIES = 10_000
+# Bytes of one route's negative answers (bodies; the few kept headers ride in the entry
+# overhead): as many full-size entries as the entry bound allows, so it never binds first.
+_NEGATIVE_MAX_BYTES = _NEGATIVE_MAX_ENTRIES * (_NEGATIVE_BODY_LIMIT + ENTRY_OVERHEAD)
 # Which breaker currently owns each group's state gauge. Metrics outlive a config reload
 # while breakers start fresh: the retired breaker (still finishing in-flight requests)
 # must not overwrite the gauge of its successor.
@@ -387,6 +390,10 @@ class _Negative:
     body: bytes
 
 
+def _negative_size(entry: _Negative) -> int:
+    return len(entry.body)
+
+
 _NEGATIVE_KEEP_HEADERS = frozenset({b"content-type", b"cache-control", b"content-language"})
 
 
@@ -406,8 +413,15 @@ class BreakerPolicy:
         # replica (keep-alive) or spreads over a few; each replica letting one through per
         # negative_ttl is already a cut of orders of magnitude, without a store round trip
         # on the hot path or storing error bodies in Redis.
-        self.negative: TTLCache[bytes, _Negative] | None = (
-            TTLCache(_NEGATIVE_MAX_ENTRIES, self.cfg.negative_ttl, timer=rt.monotonic)
+        self.negative: NegativeCache[bytes, _Negative] | None = (
+            NegativeCache(
+                clock=rt.monotonic,
+                ttl=self.cfg.negative_ttl,
+                max_entries=_NEGATIVE_MAX_ENTRIES,
+                max_bytes=_NEGATIVE_MAX_BYTES,
+                body_limit=_NEGATIVE_BODY_LIMIT,
+                sizeof=_negative_size,
+            )
             if self.cfg.negative_ttl > 0 and self.negative_statuses
             else None
         )
@@ -479,7 +493,7 @@ class BreakerPolicy:
         async def store(tap: Tap) -> None:
             if keep is not None and neg_key is not None and self.negative is not None:
                 keep.body = bytes(tap.resp.body)
-                self.negative[neg_key] = keep
+                self.negative.put(neg_key, keep, keep.body)
 
         tap = Tap(send, _NEGATIVE_BODY_LIMIT, on_start=judge, on_complete=store)
         try:

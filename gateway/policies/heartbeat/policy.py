@@ -40,14 +40,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from cachetools import LRUCache
 
 from gateway.http import (
     Handler,
@@ -60,6 +59,7 @@ from gateway.http import (
     send_error,
     send_json,
 )
+from gateway.negcache import ENTRY_OVERHEAD, NegativeCache
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import KeySpace, ScriptArg
@@ -415,13 +415,20 @@ class LocalMemory:
     last saw it (batch mode), and the app's negative answers. Keys are 64-bit BLAKE2b
     digests and values plain ints (about 100 bytes an entry); beyond `max_keys`
     (store.memory_max_keys) the oldest entry goes, beyond LOCAL_NEGATIVE_BYTES the least
-    recently used negative answer."""
+    recently used negative answer (a `NegativeCache`, gateway/negcache.py)."""
 
-    def __init__(self, max_keys: int) -> None:
+    def __init__(self, max_keys: int, clock: Callable[[], float] = time.time) -> None:
         self.max_keys = max_keys
         self.times: dict[int, int] = {}
-        self.negatives: LRUCache[int, bytes] = LRUCache(
-            maxsize=LOCAL_NEGATIVE_BYTES, getsizeof=lambda blob: len(blob) + 100
+        # Blobs in the store's record format, each with its own deadline (the blob's
+        # expires_ms) on a millisecond clock. Bounded by bytes; the entry bound is what
+        # the bytes allow at the smallest entry, so it never binds first.
+        self.negatives: NegativeCache[int, bytes] = NegativeCache(
+            clock=lambda: int(clock() * 1000),
+            max_entries=LOCAL_NEGATIVE_BYTES // ENTRY_OVERHEAD,
+            max_bytes=LOCAL_NEGATIVE_BYTES,
+            body_limit=NEGATIVE_BODY_LIMIT,
+            sizeof=len,
         )
 
     @staticmethod
@@ -440,14 +447,12 @@ class LocalMemory:
     def forget(self, key: int) -> None:
         self.times.pop(key, None)
 
-    def negative(self, key: int, now_ms: int) -> bytes | None:
-        blob = self.negatives.get(key)
-        if blob is None:
-            return None
-        if int(blob.split(b"|", 1)[0]) > now_ms:
-            return blob
-        del self.negatives[key]
-        return None
+    def negative(self, key: int) -> bytes | None:
+        """The viewer's negative answer (a record blob) while it lasts."""
+        return self.negatives.get(key)
+
+    def keep_negative(self, key: int, blob: bytes, body: bytes | bytearray, expires: int) -> None:
+        self.negatives.put(key, blob, body, expires)
 
 
 LOCAL: ServiceKey[LocalMemory] = ServiceKey("heartbeat.local")
@@ -457,7 +462,7 @@ def _local_memory(rt: Runtime) -> LocalMemory:
     """The process's LocalMemory, shared by every heartbeat route."""
     local = rt.services.get(LOCAL)
     if local is None:
-        local = rt.services[LOCAL] = LocalMemory(rt.config.store.memory_max_keys)
+        local = rt.services[LOCAL] = LocalMemory(rt.config.store.memory_max_keys, rt.clock)
         rt.sizes["heartbeat_local"] = local.times.__len__
         rt.sizes["heartbeat_local_negatives"] = local.negatives.__len__
     return local
@@ -617,7 +622,7 @@ class HeartbeatPolicy:
         app, once; the rest are absorbed, or get their cached negative answer."""
         assert self.local is not None
         now = int(self.clock() * 1000)
-        blob = self.local.negative(lk, now)
+        blob = self.local.negative(lk)
         if blob is not None:
             return 2, blob
         last = self.local.times.get(lk)
@@ -711,7 +716,7 @@ class HeartbeatPolicy:
             expires = int(self.clock() * 1000) + self.negative_ttl_ms
             blob = b"%d|%d|%s|" % (expires, resp.status, ctype) + bytes(resp.body)
             if self.local is not None:
-                self.local.negatives[lk] = blob
+                self.local.keep_negative(lk, blob, resp.body, expires)
                 self.local.forget(lk)
             await self._outcome(keys, "neg", viewer, blob)
             written = True
