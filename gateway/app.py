@@ -148,6 +148,7 @@ class Gateway:
                 ("server.listen", old_cfg.server.listen, config.server.listen),
                 ("server.admin_listen", old_cfg.server.admin_listen, config.server.admin_listen),
                 ("server.workers", old_cfg.server.workers, config.server.workers),
+                ("server.reuse_port", old_cfg.server.reuse_port, config.server.reuse_port),
             )
             if a != b
         ]

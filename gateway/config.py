@@ -85,6 +85,10 @@ class ServerConfig(Section):
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1/32"])
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
     workers: int = Field(1, ge=1, le=64)
+    # With workers > 1 on Linux: one SO_REUSEPORT listener per worker, so the kernel
+    # spreads connections instead of the first process to wake taking them all (nginx's
+    # `reuse_port`). false = one socket shared by every worker.
+    reuse_port: bool = True
     drain_timeout: Duration = 20.0
     keep_alive_timeout: Duration = 75.0
     access_log: bool = True

@@ -4,8 +4,9 @@ Owns: the uvicorn settings that matter for a proxy (uvloop, httptools, no uvicor
 log, no proxy-header rewriting: the gateway decides who the client is itself), the
 drain sequence (readiness 503 → stop accepting → in-flight requests finish within
 `server.drain_timeout` → shutdown hooks → pools close → exit 0), and `server.workers`
-(a supervisor that binds the public socket once, forks N workers, serves the admin port
-itself with Prometheus multiprocess metrics, and forwards SIGTERM). A drain is the same
+(a supervisor that proves the public port free, hands each of N workers its own
+SO_REUSEPORT listener on it, serves the admin port itself with Prometheus multiprocess
+metrics, and forwards SIGTERM; a worker whose supervisor dies drains). A drain is the same
 whichever processes a signal reaches: a repeated SIGTERM never cuts it short, only a
 second SIGINT (Ctrl-C twice) does.
 """
@@ -21,6 +22,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Generator, Sequence
 from multiprocessing.synchronize import Event as EventType
@@ -45,6 +47,9 @@ class _Server(uvicorn.Server):
 
     # Called once the server accepts requests (lifespan startup done): the startup line.
     on_started: Callable[[], None] | None = None
+    # A worker's supervisor: when it is gone (SIGKILL, OOM kill) the worker drains too,
+    # instead of serving on as an orphan nobody signals or counts (gunicorn does the same).
+    supervisor: int | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -53,6 +58,10 @@ class _Server(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if counter % SWEEP_TICKS == 0:
             sweep_heads(self.server_state.connections)
+            if self.supervisor is not None and os.getppid() != self.supervisor:
+                self.supervisor = None
+                log.warning("supervisor gone: draining")
+                os.kill(os.getpid(), signal.SIGTERM)  # the one drain path, as if signalled
         return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -71,7 +80,9 @@ class BindError(Exception):
         self.reason = reason
 
 
-def bind(key: str, address: str, host: str, port: int) -> socket.socket:
+def bind(
+    key: str, address: str, host: str, port: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
     """A listening TCP socket, bound before any server starts: a port in use is then one
     error naming its key, instead of a failure inside uvicorn's startup while the other
     listener and the lifespan are half started (a CancelledError traceback)."""
@@ -81,13 +92,46 @@ def bind(key: str, address: str, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(2048)
+        if listen:
+            sock.listen(2048)
     except OSError as exc:
         sock.close()
         raise BindError(key, address, exc.strerror or str(exc)) from None
     sock.set_inheritable(True)
     return sock
+
+
+def reuse_port_supported() -> bool:
+    """Linux spreads connections over SO_REUSEPORT listeners by a hash of the 4-tuple;
+    elsewhere (BSD, macOS) the option exists but the last socket bound takes them all."""
+    return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
+def worker_listeners(cfg: GatewayConfig, shared: socket.socket) -> list[socket.socket]:
+    """One public listener per worker, as nginx's `listen ... reuse_port`: the kernel
+    hands each new connection to one worker's accept queue, so a busy worker cannot take
+    the burst its idle sibling would have served (with one shared socket, whichever
+    process runs first accepts everything). `shared` (the port proven free, with its
+    error naming the key) is closed and its port rebound by the group."""
+    n = cfg.server.workers
+    if n == 1 or not cfg.server.reuse_port or not reuse_port_supported():
+        return [shared] * n
+    host, port = shared.getsockname()[:2]
+    # Closing the plain socket first: SO_REUSEPORT binds only join sockets that all set
+    # it. The window is one close and N binds at startup, before /readyz says ready.
+    shared.close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            group.append(bind("server.listen", cfg.server.listen, host, port, reuse_port=True))
+    except BindError:
+        for s in group:
+            s.close()
+        raise
+    return group
 
 
 def _listeners(cfg: GatewayConfig) -> tuple[socket.socket, socket.socket]:
@@ -177,6 +221,7 @@ async def _serve_single(
     admin_sock: socket.socket | None = None,
     started: Callable[[], None] | None = None,
     early: list[signal.Signals] | None = None,
+    supervisor: int | None = None,
 ) -> None:
     """One process: the public listener on `sock`, and the admin listener on `admin_sock`
     unless a supervisor serves it (workers; `started` then tells it this worker serves)."""
@@ -193,6 +238,7 @@ async def _serve_single(
     host, port = cfg.server.listen_addr
     public = _Server(_uvicorn_config(app, host, port, cfg, lifespan="on"))
     public.on_started = started
+    public.supervisor = supervisor
     servers = [public.serve(sockets=[sock] if sock else None)]
     admin_server: _Server | None = None
     if admin_sock is not None:
@@ -270,6 +316,7 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
 
 
 def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving: EventType) -> None:
+    parent = os.getppid()
     # A signal that arrives while the worker is still starting (a group-wide SIGTERM
     # right after a restart) is kept and drained on as soon as the loop runs, instead
     # of killing the process by the default action.
@@ -280,7 +327,11 @@ def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving:
     cfg = load_config(config_path)
     setup_logging(cfg.server.log_level)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_single(cfg, config_path, sock=sock, started=serving.set, early=early))
+        runner.run(
+            _serve_single(
+                cfg, config_path, sock, started=serving.set, early=early, supervisor=parent
+            )
+        )
 
 
 def _supervise(
@@ -301,12 +352,19 @@ def _supervise(
     # Set by each worker once its public server has started: until all are, /readyz says
     # not ready (a worker still importing would leave its share of connections waiting).
     serving = [ctx.Event() for _ in range(cfg.server.workers)]
+    socks = worker_listeners(cfg, sock)
     procs = [
-        ctx.Process(target=_worker, args=(config_path, sock, env, ev), name=f"edge-worker-{i}")
-        for i, ev in enumerate(serving)
+        ctx.Process(target=_worker, args=(config_path, s, env, ev), name=f"edge-worker-{i}")
+        for i, (s, ev) in enumerate(zip(socks, serving, strict=True))
     ]
     for p in procs:
         p.start()
+    if socks[0] is not sock:
+        # Each worker got its own listener (start() handed it a duplicate): the
+        # supervisor's copies go, so a worker that dies takes its accept queue with it
+        # instead of leaving the kernel a listener nobody accepts on.
+        for s in socks:
+            s.close()
     log.debug("workers started", extra={"pids": [p.pid for p in procs]})
 
     def listening() -> bool:
@@ -316,7 +374,7 @@ def _supervise(
         runner.run(_supervisor_admin(cfg, config_path, procs, admin_sock, listening))
     for p in procs:
         p.join(timeout=1)
-    sock.close()
+    sock.close()  # closing twice is harmless (the reuse_port path closed it already)
     admin_sock.close()
     # A worker the drain signal reached before Python could install a handler (during
     # interpreter start) ended by SIGTERM with nothing in flight: a clean stop too.

@@ -62,9 +62,7 @@ async def test_ignore_vary_does_not_split(stats: StatsApp, store_url: str) -> No
             assert stats.calls == 1
 
 
-async def test_without_ignore_vary_each_value_is_a_variant(
-    stats: StatsApp, store_url: str
-) -> None:
+async def test_without_ignore_vary_each_value_is_a_variant(stats: StatsApp, store_url: str) -> None:
     stats.extra_headers = {"Vary": "X-Client-Build"}
     async with run_gateway(cache_config(stats.url, store_url), clock=FakeClock(FIXED_NOW)) as gw:
         async with httpx.AsyncClient() as c:

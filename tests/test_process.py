@@ -4,6 +4,7 @@ SIGTERM drain, and several workers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -64,9 +65,10 @@ async def gateway_process(
     try:
         yield proc, base, admin_url
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        # The whole group: a test may have killed the supervisor and left its workers.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 async def test_shipped_config_without_app_answers_502_json(tmp_path: Path) -> None:
@@ -194,6 +196,7 @@ async def test_two_workers_share_the_port(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the workers did not all start serving")
+
         # 40 concurrent requests, each on its own connection: both workers accept.
         async def one(path: str) -> int:
             async with httpx.AsyncClient(timeout=20) as client:
@@ -224,6 +227,98 @@ async def test_two_workers_share_the_port(
         if line.startswith("{") and '"gateway.access"' in line
     }
     assert len(pids) == 2
+
+
+def _listeners(port: int) -> dict[str, set[int]]:
+    """The LISTEN sockets on 127.0.0.1:`port` (by inode) and the processes holding each,
+    read from /proc as `ss -ltnp` does."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":
+            inodes.add(f[9])
+    held: dict[str, set[int]] = {i: set() for i in inodes}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in held:
+                    held[target[8:-1]].add(int(fd_dir.parent.name))
+    return held
+
+
+async def _wait_ready(c: httpx.AsyncClient, proc: asyncio.subprocess.Process, admin: str) -> None:
+    for _ in range(600):
+        if (await c.get(admin + "/readyz")).status_code == 200:
+            return
+        assert proc.returncode is None
+        await asyncio.sleep(0.05)
+    raise AssertionError("the workers did not all start serving")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+@pytest.mark.parametrize("reuse_port", [True, False])
+async def test_each_worker_listens_on_its_own_socket(
+    reuse_port: bool, fake_app: FakeApp, redis_url: str, tmp_path: Path
+) -> None:
+    config = _simple(fake_app.url, workers=2, reuse_port=reuse_port)
+    config["store"] = {"url": redis_url}
+    async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
+        await _wait_ready(c, proc, admin)
+        port = int(base.rsplit(":", 1)[1])
+        held = _listeners(port)
+    if not reuse_port:  # one socket, shared by both workers (and the supervisor)
+        assert len(held) == 1
+        return
+    # One listener per worker, held by that worker alone: not by the supervisor, so a
+    # dead worker's queue dies with it.
+    assert len(held) == 2
+    owners = [pids for pids in held.values()]
+    assert all(len(p) == 1 for p in owners)
+    assert owners[0] != owners[1]
+    assert proc.pid not in owners[0] | owners[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+async def test_a_dead_worker_leaves_no_queue_that_nobody_accepts(
+    fake_app: FakeApp, redis_url: str, tmp_path: Path
+) -> None:
+    config = _simple(fake_app.url, workers=2)
+    config["store"] = {"url": redis_url}
+    async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
+        await _wait_ready(c, proc, admin)
+        port = int(base.rsplit(":", 1)[1])
+        (victim,) = next(iter(_listeners(port).values()))
+        os.kill(victim, signal.SIGKILL)
+        while len(_listeners(port)) != 1:
+            await asyncio.sleep(0.01)
+        # Every new connection lands on the survivor: none waits in a dead queue.
+        for _ in range(20):
+            async with httpx.AsyncClient(timeout=10) as fresh:
+                assert (await fresh.get(base + "/ok")).status_code == 200
+        assert (await c.get(admin + "/readyz")).status_code == 503
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_workers_drain_when_the_supervisor_is_killed(
+    fake_app: FakeApp, redis_url: str, tmp_path: Path
+) -> None:
+    config = _simple(fake_app.url, workers=2)
+    config["store"] = {"url": redis_url}
+    async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
+        await _wait_ready(c, proc, admin)
+        port = int(base.rsplit(":", 1)[1])
+        proc.kill()  # the supervisor alone, as the OOM killer would
+        # (Not proc.wait(): asyncio waits for the pipes too, which the workers hold.)
+        while proc.returncode is None:
+            await asyncio.sleep(0.01)
+        # The orphaned workers notice within a sweep tick and drain: the port closes.
+        for _ in range(600):
+            if not _listeners(port):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("orphaned workers kept listening")
 
 
 async def test_sigterm_to_the_whole_group_drains_like_sigterm_to_the_supervisor(

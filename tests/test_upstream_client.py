@@ -20,8 +20,7 @@ ANSWERS = {
     b"/cl": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     b"/ka": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok",
     b"/chunked": (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
     ),
     b"/head": b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n",
     b"/204": b"HTTP/1.1 204 No Content\r\n\r\n",

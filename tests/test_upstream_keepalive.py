@@ -133,9 +133,7 @@ async def test_forwarded_proto_and_host_only_from_trusted_proxies(
             upstreams={"app": {"url": node_upstream.url}},
         )
         async with run_gateway(cfg) as gw, httpx.AsyncClient() as c:
-            r = await c.get(
-                gw.url + "/redirect?to=/x", headers={**fwd, "Host": "gw.internal"}
-            )
+            r = await c.get(gw.url + "/redirect?to=/x", headers={**fwd, "Host": "gw.internal"})
             assert r.headers["location"] == expected
 
 
