@@ -9,7 +9,12 @@ gateway of this tree and the gateway of `--baseline`, each 1 worker, access log 
 the median and the spread of requests/s and CPU per request at 50 connections and of
 p50 at 1 connection, and the ratios to nginx computed within each round.
 
+`--workload heartbeat` does the same for the shed path of bench/heartbeat.py (presence
+pings with verified HS256 tokens over 1,000 viewers, answered at the edge) on the store
+`--store` (default: Redis database 12); nginx proxies the same pings to the upstream.
+
     .venv/bin/python bench/ab.py --baseline /path/to/older/checkout   # ~2 min
+    .venv/bin/python bench/ab.py --baseline /path/to/older/checkout --workload heartbeat
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,11 +37,22 @@ from common import (
     static_upstream,
     uptime,
 )
+from heartbeat import PATH as PING_PATH
+from heartbeat import hb_config, wrk_script
 from passthrough import _config as passthrough_config
 
 
 def _spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):9.3f}  [{min(xs):.3f} .. {max(xs):.3f}]"
+
+
+def _target_config(args: argparse.Namespace, upstream: str, name: str) -> dict[str, Any]:
+    if args.workload == "passthrough":
+        return passthrough_config(upstream, args.access_log == "on", args.auth)
+    cfg = hb_config(upstream, args.store)
+    # Each target its own keys: both gateways start within the same second.
+    cfg["store"]["key_prefix"] = f"{cfg['store']['key_prefix']}{name}:"
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,27 +63,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", choices=("on", "off"), default="on")
     p.add_argument("--auth", choices=("off", "optional"), default="off")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--workload", choices=("passthrough", "heartbeat"), default="passthrough")
+    p.add_argument("--store", default="redis://127.0.0.1:6379/12")
     args = p.parse_args(argv)
     require_tools()
     print(f"ab bench — {uptime()}", flush=True)
-    log_on = args.access_log == "on"
     with contextlib.ExitStack() as stack:
         up = stack.enter_context(static_upstream())
         px = stack.enter_context(nginx_proxy(up.url))
         targets = {"nginx": (px.url, px.proc.pid)}
         for name, cwd in (("gateway", None), ("baseline", args.baseline.resolve())):
-            cfg = passthrough_config(up.url, log_on, args.auth)
+            cfg = _target_config(args, up.url, name)
             gw = stack.enter_context(gateway(cfg, python=args.python, cwd=cwd))
             targets[name] = (gw.url, gw.proc.pid)
+        path, script = "/bench/item", None
+        if args.workload == "heartbeat":
+            path, script = PING_PATH, Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            script = script / "ping.lua"
+            wrk_script(script)
         for url, _ in targets.values():
-            run_wrk(url + "/bench/item", 50, 2, 1)
+            run_wrk(url + path, 50, 2, 2, script=script)
         rows: dict[str, dict[str, list[float]]] = {k: {} for k in targets}
         for r in range(args.rounds):
             order = list(targets) if r % 2 == 0 else list(reversed(targets))
             for name in order:
                 url, pid = targets[name]
-                c50 = run_wrk(url + "/bench/item", 50, 2, args.seconds, cpu_pid=pid)
-                c1 = run_wrk(url + "/bench/item", 1, 1, max(1, args.seconds - 1))
+                c50 = run_wrk(url + path, 50, 2, args.seconds, cpu_pid=pid, script=script)
+                c1 = run_wrk(url + path, 1, 1, max(1, args.seconds - 1), script=script)
                 row = rows[name]
                 row.setdefault("rps_c50", []).append(c50.rps)
                 row.setdefault("cpu_us_c50", []).append(c50.cpu_us_per_request or 0.0)
@@ -77,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 added = row["p50_ms_c1"][-1] - ng["p50_ms_c1"][-1]
                 row.setdefault("added_p50_ms", []).append(added)
     setup = f"{args.rounds} rounds, access log {args.access_log}, auth {args.auth}"
+    if args.workload == "heartbeat":
+        setup = f"{args.rounds} rounds, heartbeat shed path, store {args.store}"
     print(f"after — {uptime()}  ({setup})")
     for name, row in rows.items():
         for k, xs in row.items():
