@@ -80,10 +80,7 @@ class Runtime:
         self.readiness: dict[str, Callable[[], str | None]] = {}
         # Entry counts of the bounded in-process structures (token cache, local fallback
         # state, memory store), exported as edge_state_entries{structure} every second.
-        self.sizes: dict[str, Callable[[], int]] = {}
-        memory = getattr(self.store, "spaces", None)
-        if isinstance(memory, dict):
-            self.sizes["memory_store"] = lambda: sum(d.size for d in memory.values())
+        self.sizes: dict[str, Callable[[], int]] = self.store.sizes()
         self._samples = 0
 
     def _lag_sample(self, _lag: float) -> None:

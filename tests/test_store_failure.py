@@ -416,3 +416,27 @@ async def test_local_fallback_state_is_bounded_and_exported(
         gw.app.rt.export_sizes()
     assert sample(gw, "edge_state_entries", structure="heartbeat_local") == 3
     assert sample(gw, "edge_state_entries", structure="token_cache") == 3
+
+
+async def test_memory_store_entries_are_exported(fake_app: FakeApp, clock: FakeClock) -> None:
+    cfg = hb_config(fake_app.url, "memory://")
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        for i in range(3):
+            await ping(c, gw, W1, user(i), clock)
+        gw.app.rt.export_sizes()
+        held = sum(d.size for d in gw.app.rt.store.spaces.values())  # type: ignore[attr-defined]
+    # The three viewers' presence records, their seen marks and the webinar's index.
+    assert held >= 3
+    assert sample(gw, "edge_state_entries", structure="memory_store") == held
+
+
+async def test_a_remote_store_exports_no_memory_entries(
+    fake_app: FakeApp, private_redis_server: PrivateRedis, clock: FakeClock
+) -> None:
+    cfg = hb_config(fake_app.url, private_redis_server.url)
+    async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient(timeout=10) as c:
+        await ping(c, gw, W1, user(0), clock)
+        gw.app.rt.export_sizes()
+    registry = gw.app.rt.metrics.registry
+    labels = {"structure": "memory_store"}
+    assert registry.get_sample_value("edge_state_entries", labels) is None

@@ -123,6 +123,11 @@ class Store(ABC):
         caller-supplied value can never break out of the tag."""
         return "{" + value.replace("{", "(").replace("}", ")") + "}"
 
+    def sizes(self) -> dict[str, Callable[[], int]]:
+        """Entry counts of the bounded structures this store keeps in the process, by
+        name, for edge_state_entries{structure}; a remote store keeps none."""
+        return {}
+
     @property
     @abstractmethod
     def health(self) -> StoreHealth: ...

@@ -12,7 +12,7 @@ round trip to save.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cachetools import TLRUCache
@@ -173,6 +173,10 @@ class MemoryStore(Store):
         if data is None:
             data = self.spaces[ns] = MemoryData(self.max_keys, self.clock)
         return data
+
+    def sizes(self) -> dict[str, Callable[[], int]]:
+        spaces = self.spaces
+        return {"memory_store": lambda: sum(d.size for d in spaces.values())}
 
     @property
     def health(self) -> StoreHealth:
