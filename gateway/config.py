@@ -87,7 +87,7 @@ class ServerConfig(Section):
     workers: int = Field(1, ge=1, le=64)
     # With workers > 1 on Linux: one SO_REUSEPORT listener per worker, so the kernel
     # spreads connections instead of the first process to wake taking them all (nginx's
-    # `reuse_port`). false = one socket shared by every worker.
+    # `reuse_port`). false = one socket shared by every worker. Restart to change.
     reuse_port: bool = True
     drain_timeout: Duration = 20.0
     keep_alive_timeout: Duration = 75.0

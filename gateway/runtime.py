@@ -80,7 +80,7 @@ class Runtime:
         self.readiness: dict[str, Callable[[], str | None]] = {}
         # Entry counts of the bounded in-process structures (token cache, local fallback
         # state, memory store), exported as edge_state_entries{structure} every second.
-        self.sizes: dict[str, Callable[[], int]] = self.store.sizes()
+        self.sizes: dict[str, Callable[[], int]] = dict(self.store.sizes())
         self._samples = 0
 
     def _lag_sample(self, _lag: float) -> None:

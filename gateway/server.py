@@ -113,39 +113,48 @@ def reuse_port_supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
 
 
-def worker_listeners(cfg: GatewayConfig, shared: socket.socket) -> list[socket.socket]:
-    """One public listener per worker, as nginx's `listen ... reuse_port`: the kernel
-    hands each new connection to one worker's accept queue, so a busy worker cannot take
-    the burst its idle sibling would have served (with one shared socket, whichever
-    process runs first accepts everything). `shared` (the port proven free, with its
-    error naming the key) is closed and its port rebound by the group."""
-    n = cfg.server.workers
-    if n == 1 or not cfg.server.reuse_port or not reuse_port_supported():
-        return [shared] * n
-    host, port = shared.getsockname()[:2]
-    # Closing the plain socket first: SO_REUSEPORT binds only join sockets that all set
-    # it. The window is one close and N binds at startup, before /readyz says ready.
-    shared.close()
+def _reuse_port_group(key: str, address: str, probe: socket.socket, n: int) -> list[socket.socket]:
+    """One listener per worker, as nginx's `listen ... reuse_port`: the kernel hands each
+    new connection to one worker's accept queue, so a busy worker cannot take the burst
+    its idle sibling would have served (with one shared socket, whichever process wakes
+    first accepts everything). `probe` (bound, not listening) has proven the port free
+    with the error naming its key; it is closed and the port rebound by the group."""
+    host, port = probe.getsockname()[:2]
+    # SO_REUSEPORT binds only join sockets that all set it, so the probe goes first. In
+    # the gap (one close, N binds, at startup) another SO_REUSEPORT process of the same
+    # user could join the port: inherent to the option, as it is for nginx.
+    probe.close()
     group: list[socket.socket] = []
     try:
         for _ in range(n):
-            group.append(bind("server.listen", cfg.server.listen, host, port, reuse_port=True))
+            group.append(bind(key, address, host, port, reuse_port=True))
     except BindError:
-        for s in group:
-            s.close()
+        for sock in group:
+            sock.close()
         raise
     return group
 
 
-def _listeners(cfg: GatewayConfig) -> tuple[socket.socket, socket.socket]:
+def _listeners(cfg: GatewayConfig) -> tuple[list[socket.socket], socket.socket]:
+    """The public listener of each worker (one socket shared, or one each with
+    server.reuse_port) and the admin listener; BindError names the key."""
     s = cfg.server
-    public = bind("server.listen", s.listen, *s.listen_addr)
+    group = s.workers > 1 and s.reuse_port and reuse_port_supported()
+    # With a group the first socket only proves the port free: it does not listen, so no
+    # connection is queued on a socket about to close.
+    public = bind("server.listen", s.listen, *s.listen_addr, listen=not group)
     try:
         admin = bind("server.admin_listen", s.admin_listen, *s.admin_addr)
     except BindError:
         public.close()
         raise
-    return public, admin
+    if not group:
+        return [public] * s.workers, admin
+    try:
+        return _reuse_port_group("server.listen", s.listen, public, s.workers), admin
+    except BindError:
+        admin.close()
+        raise
 
 
 def log_startup(cfg: GatewayConfig, config_path: str | None) -> None:
@@ -306,7 +315,7 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
     """Serve until drained. Exit code 0, or 1 when a listener cannot be bound."""
     setup_logging(cfg.server.log_level)
     try:
-        sock, admin_sock = _listeners(cfg)
+        socks, admin_sock = _listeners(cfg)
     except BindError as exc:
         log.error(
             "cannot listen",
@@ -315,7 +324,8 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
         return 1
     _log_warnings(cfg)
     if cfg.server.workers > 1:
-        return _supervise(cfg, config_path, sock, admin_sock)
+        return _supervise(cfg, config_path, socks, admin_sock)
+    (sock,) = socks
     with sock, admin_sock, asyncio.Runner(loop_factory=_new_loop) as runner:
         runner.run(_serve_single(cfg, config_path, sock, admin_sock))
     return 0
@@ -324,8 +334,12 @@ def run(cfg: GatewayConfig, config_path: str | None = None) -> int:
 # ------------------------------------------------------------------ multi-worker
 
 
-def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving: EventType) -> None:
-    parent = os.getppid()
+def _worker(
+    config_path: str, sock: socket.socket, env: dict[str, str], serving: EventType, parent: int
+) -> None:
+    # `parent` is the supervisor's pid as the supervisor knows it: read here with
+    # getppid(), a supervisor that died while this worker was still importing would
+    # already be gone, and the orphan would never notice.
     # A signal that arrives while the worker is still starting (a group-wide SIGTERM
     # right after a restart) is kept and drained on as soon as the loop runs, instead
     # of killing the process by the default action.
@@ -344,7 +358,10 @@ def _worker(config_path: str, sock: socket.socket, env: dict[str, str], serving:
 
 
 def _supervise(
-    cfg: GatewayConfig, config_path: str | None, sock: socket.socket, admin_sock: socket.socket
+    cfg: GatewayConfig,
+    config_path: str | None,
+    socks: list[socket.socket],
+    admin_sock: socket.socket,
 ) -> int:
     if config_path is None:
         raise RuntimeError("server.workers > 1 needs a config file path")
@@ -361,17 +378,17 @@ def _supervise(
     # Set by each worker once its public server has started: until all are, /readyz says
     # not ready (a worker still importing would leave its share of connections waiting).
     serving = [ctx.Event() for _ in range(cfg.server.workers)]
-    socks = worker_listeners(cfg, sock)
+    me = os.getpid()
     procs = [
-        ctx.Process(target=_worker, args=(config_path, s, env, ev), name=f"edge-worker-{i}")
+        ctx.Process(target=_worker, args=(config_path, s, env, ev, me), name=f"edge-worker-{i}")
         for i, (s, ev) in enumerate(zip(socks, serving, strict=True))
     ]
     for p in procs:
         p.start()
-    if socks[0] is not sock:
-        # Each worker got its own listener (start() handed it a duplicate): the
-        # supervisor's copies go, so a worker that dies takes its accept queue with it
-        # instead of leaving the kernel a listener nobody accepts on.
+    if socks[0] is not socks[-1]:
+        # Each worker got its own listener (spawn passed the fd to the child before
+        # start() returned): the supervisor's copies go, so a worker that dies takes its
+        # accept queue with it instead of leaving the kernel one nobody accepts on.
         for s in socks:
             s.close()
     log.debug("workers started", extra={"pids": [p.pid for p in procs]})
@@ -383,7 +400,8 @@ def _supervise(
         runner.run(_supervisor_admin(cfg, config_path, procs, admin_sock, listening))
     for p in procs:
         p.join(timeout=1)
-    sock.close()  # closing twice is harmless (the reuse_port path closed it already)
+    for s in socks:
+        s.close()  # closing twice is harmless (a reuse_port group is closed already)
     admin_sock.close()
     # A worker the drain signal reached before Python could install a handler (during
     # interpreter start) ended by SIGTERM with nothing in flight: a clean stop too.

@@ -162,6 +162,36 @@ def _simple(upstream: str, **server: object) -> dict[str, object]:
     }
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+def test_a_port_another_reuse_port_group_holds_is_refused(tmp_path: Path) -> None:
+    # Another process of the same user listening with SO_REUSEPORT: without the plain
+    # probe bind, the workers' SO_REUSEPORT listeners would silently share its port.
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = _simple("http://127.0.0.1:9", workers=2)
+    config["store"] = {"url": "redis://127.0.0.1:6379/15"}
+    config["server"].update(  # type: ignore[attr-defined]
+        {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{free_port()}"}
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with taken:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway", "--config", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 1
+    (line,) = [json.loads(ln) for ln in proc.stderr.splitlines()]
+    assert (line["msg"], line["key"]) == ("cannot listen", "server.listen")
+
+
 async def test_sigterm_drains_in_flight_requests(fake_app: FakeApp, tmp_path: Path) -> None:
     async with (
         gateway_process(_simple(fake_app.url), tmp_path) as (proc, base, admin),
@@ -239,11 +269,17 @@ def _listeners(port: int) -> dict[str, set[int]]:
             inodes.add(f[9])
     held: dict[str, set[int]] = {i: set() for i in inodes}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        with contextlib.suppress(OSError):
-            for fd in fd_dir.iterdir():
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # the process ended
+            continue
+        for fd in fds:
+            try:
                 target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in held:
-                    held[target[8:-1]].add(int(fd_dir.parent.name))
+            except OSError:  # the fd closed since the listing
+                continue
+            if target.startswith("socket:[") and target[8:-1] in held:
+                held[target[8:-1]].add(int(fd_dir.parent.name))
     return held
 
 
@@ -290,8 +326,12 @@ async def test_a_dead_worker_leaves_no_queue_that_nobody_accepts(
         port = int(base.rsplit(":", 1)[1])
         (victim,) = next(iter(_listeners(port).values()))
         os.kill(victim, signal.SIGKILL)
-        while len(_listeners(port)) != 1:
+        for _ in range(1000):
+            if len(_listeners(port)) == 1:
+                break
             await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the dead worker's listener stayed")
         # Every new connection lands on the survivor: none waits in a dead queue.
         for _ in range(20):
             async with httpx.AsyncClient(timeout=10) as fresh:
@@ -310,8 +350,12 @@ async def test_workers_drain_when_the_supervisor_is_killed(
         port = int(base.rsplit(":", 1)[1])
         proc.kill()  # the supervisor alone, as the OOM killer would
         # (Not proc.wait(): asyncio waits for the pipes too, which the workers hold.)
-        while proc.returncode is None:
+        for _ in range(3000):
+            if proc.returncode is not None:
+                break
             await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the supervisor did not die")
         # The orphaned workers notice within a sweep tick and drain: the port closes.
         for _ in range(600):
             if not _listeners(port):

@@ -59,9 +59,6 @@ EXTRA: dict[str, str] = {
     "ServerConfig.trusted_proxies": "CIDRs whose X-Forwarded-For is believed for the client IP.",
     "ServerConfig.max_body_bytes": "Largest request body the gateway reads (413 above).",
     "ServerConfig.workers": "Worker processes sharing the listeners (restart to change).",
-    "ServerConfig.reuse_port": "With workers > 1 on Linux, one SO_REUSEPORT listener per "
-    "worker: the kernel spreads connections over the workers (nginx reuse_port); false = "
-    "one socket shared by all (restart to change).",
     "ServerConfig.drain_timeout": "On SIGTERM, how long in-flight requests may finish.",
     "ServerConfig.keep_alive_timeout": "Idle keep-alive timeout for client connections.",
     "ServerConfig.access_log": "Write one JSON access log line per request.",
