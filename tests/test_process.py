@@ -68,7 +68,9 @@ async def gateway_process(
         # The whole group: a test may have killed the supervisor and left its workers.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        # To the pipes' end, not just the exit: workers that outlived their supervisor
+        # hold the pipes, and the transport must close before the test's loop does.
+        await asyncio.wait_for(proc.communicate(), 30)
 
 
 async def test_shipped_config_without_app_answers_502_json(tmp_path: Path) -> None:
@@ -363,6 +365,10 @@ async def test_workers_drain_when_the_supervisor_is_killed(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("orphaned workers kept listening")
+        # And they exit: their stderr (the supervisor's pipe, inherited) reaches EOF.
+        # Read to the end here, or the transport would outlive the test's loop.
+        err = await asyncio.wait_for(proc.stderr.read(), 30)  # type: ignore[union-attr]
+    assert b"supervisor gone: draining" in err
 
 
 async def test_sigterm_to_the_whole_group_drains_like_sigterm_to_the_supervisor(
