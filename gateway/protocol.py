@@ -64,11 +64,14 @@ class ClientLost:
     was not complete; `lost` tells a late registrant that it already happened. This is
     what uvicorn reports as `http.disconnect` to a pending `receive()`, without a task."""
 
-    __slots__ = ("callback", "lost")
+    __slots__ = ("callback", "loop", "lost")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.callback: Callable[[], None] | None = None
         self.lost = False
+        # The connection's loop, so the app can find its task without
+        # asyncio.get_running_loop() (on Python 3.11 a getpid() syscall per call).
+        self.loop = loop
 
     def fire(self) -> None:
         self.lost = True
@@ -314,7 +317,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._deadline = 0.0
         self._heads += 1
-        lost = self._lost = ClientLost()
+        lost = self._lost = ClientLost(self.loop)
         # uvicorn's scope is typed with the ASGI spec's extensions; this one is the edge's.
         self.scope["extensions"] = {CLIENT_LOST: lost}  # type: ignore[dict-item]
         prev = self.cycle

@@ -240,7 +240,7 @@ class CallBudget:
 
     async def __aenter__(self) -> CallBudget:
         loop = self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # with the loop: no second getpid() (3.11)
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
