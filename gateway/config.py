@@ -42,9 +42,11 @@ from gateway.units import Duration
 # RFC 9110 token: what a header name may be.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
-# Headers some hop or framework believes as the client's address or as the URL that was
-# really asked for (IIS/Symfony X-Original-URL, X-Rewrite-URL): a client must not be able
-# to set them through the gateway. X-Real-IP is then set by the gateway itself.
+# Headers some hop or framework believes as the client's address, as the URL that was
+# really asked for (IIS/Symfony X-Original-URL, X-Rewrite-URL) or as the method (Express
+# method-override, Rack, ASP.NET: a GET the gateway routed, rate-limited or cached as a
+# GET must not reach the app as a DELETE): a client must not be able to set them through
+# the gateway. X-Real-IP is then set by the gateway itself.
 STRIP_REQUEST_HEADERS = (
     "x-real-ip",
     "true-client-ip",
@@ -66,6 +68,9 @@ STRIP_REQUEST_HEADERS = (
     "x-rewrite-url",
     "x-original-host",
     "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 )
 
 

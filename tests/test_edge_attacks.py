@@ -177,6 +177,9 @@ CLIENT_IP_AND_URL_OVERRIDES = (
     "x-client-ip",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 )
 
 
@@ -298,6 +301,21 @@ CASES = [
         200,
         app_sees=having("x-forwarded-host", "a.example"),
         server={"trusted_proxies": ["10.0.0.0/8"]},
+    ),
+    # --- method overrides: the app runs the method the gateway routed, nothing else
+    Case(
+        "method-override-headers",
+        req(
+            "Host: a",
+            "X-HTTP-Method-Override: DELETE",
+            "X-HTTP-Method: DELETE",
+            "X-Method-Override: DELETE",
+        ),
+        200,
+        app_sees=all_of(
+            without("x-http-method-override", "x-http-method", "x-method-override"),
+            lambda seen: seen["method"] == "GET",
+        ),
     ),
     # --- client-IP and URL-override headers
     Case(
