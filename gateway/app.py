@@ -245,7 +245,7 @@ class Gateway:
 
         refused = _refusal(scope)
         if refused is not None:
-            await send_error(send_with_id, 400, *refused)
+            await send_error(send_with_id, *refused)
         elif ctx is None:
             await send_error(send_with_id, 404, "no_route", "no route matches this request")
         else:
@@ -338,14 +338,23 @@ class Gateway:
             self._finish(state, scope, out)
 
 
-def _refusal(scope: Scope) -> tuple[str, str] | None:
-    """(code, message) of a 400 decided before routing: a Host the app could read
-    differently, or a path its URL parser could."""
+_VERSIONS = frozenset(("1.0", "1.1"))
+
+
+def _refusal(scope: Scope) -> tuple[int, str, str] | None:
+    """(status, code, message) of an answer decided before routing: an HTTP version the
+    gateway does not speak, a Host the app could read differently, or a path its URL
+    parser could."""
+    if scope.get("http_version", "1.1") not in _VERSIONS:
+        # llhttp accepts `GET /` (HTTP/0.9: no headers, so no Host and no framing) and
+        # any `HTTP/x.y` line; the upstream call is HTTP/1.1 whatever the client said.
+        # Envoy refuses 0.9 and nginx answers 505 to 2.0 and above on this framing.
+        return 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served"
     problem = host_problem(scope)
     if problem is not None:
-        return "bad_host", problem
+        return 400, "bad_host", problem
     if unsafe_path(scope):
-        return "bad_path", "dot segments, empty segments and encoded slashes are refused"
+        return 400, "bad_path", "dot segments, empty segments and encoded slashes are refused"
     return None
 
 

@@ -259,6 +259,11 @@ CASES = [
         server=ALLOW_UNDERSCORES,
     ),
     # --- Host
+    # --- HTTP versions: llhttp parses `GET /` (0.9: no Host, no framing) and any x.y
+    Case("http-0.9-simple-request", b"GET /t\r\n\r\n", 505, "http_version_not_supported"),
+    Case("http-2.0-on-http-1", req("Host: a", version="2.0"), 505, "http_version_not_supported"),
+    # (llhttp itself refuses an unknown 1.x minor version.)
+    Case("http-1.2", req("Host: a", version="1.2"), 400, "bad_request"),
     Case("two-hosts", req("Host: a.example", "Host: evil.example"), 400, "bad_host"),
     Case("two-equal-hosts", req("Host: a.example", "Host: a.example"), 400, "bad_host"),
     Case("no-host-on-http-1.1", req(), 400, "bad_host"),
