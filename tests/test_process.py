@@ -23,6 +23,8 @@ from tests.conftest import free_port
 from tests.fakes.app import FakeApp
 
 ROOT = Path(__file__).resolve().parent.parent
+# SO_REUSEPORT spreads connections only on Linux, and the listener checks read /proc.
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 
 @asynccontextmanager
@@ -122,6 +124,20 @@ async def test_startup_logs_route_warnings(fake_app: FakeApp, tmp_path: Path) ->
     assert "never matches" in warnings[0]["detail"]
 
 
+def _run_to_exit(config: dict[str, object], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway` on `config` until it exits by itself (a startup refusal)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("busy", ["listen", "admin_listen"])
 def test_a_port_in_use_is_one_line_and_exit_1(busy: str, tmp_path: Path) -> None:
     taken = socket.socket()
@@ -134,17 +150,8 @@ def test_a_port_in_use_is_one_line_and_exit_1(busy: str, tmp_path: Path) -> None
         "admin_listen": f"127.0.0.1:{free_port()}",
         busy: f"127.0.0.1:{port}",
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
     with taken:
-        proc = subprocess.run(
-            [sys.executable, "-m", "gateway", "--config", str(path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = _run_to_exit(config, tmp_path)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
@@ -164,7 +171,7 @@ def _simple(upstream: str, **server: object) -> dict[str, object]:
     }
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+@LINUX
 def test_a_port_another_reuse_port_group_holds_is_refused(tmp_path: Path) -> None:
     # Another process of the same user listening with SO_REUSEPORT: without the plain
     # probe bind, the workers' SO_REUSEPORT listeners would silently share its port.
@@ -178,17 +185,8 @@ def test_a_port_another_reuse_port_group_holds_is_refused(tmp_path: Path) -> Non
     config["server"].update(  # type: ignore[attr-defined]
         {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{free_port()}"}
     )
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
     with taken:
-        proc = subprocess.run(
-            [sys.executable, "-m", "gateway", "--config", str(path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = _run_to_exit(config, tmp_path)
     assert proc.returncode == 1
     (line,) = [json.loads(ln) for ln in proc.stderr.splitlines()]
     assert (line["msg"], line["key"]) == ("cannot listen", "server.listen")
@@ -221,13 +219,7 @@ async def test_two_workers_share_the_port(
     async with gateway_process(config, tmp_path) as (proc, base, admin), httpx.AsyncClient() as c:
         # The supervisor's /readyz waits for every worker to serve (a worker still
         # starting on a busy machine would leave the other to accept everything).
-        for _ in range(600):
-            if (await c.get(admin + "/readyz")).status_code == 200:
-                break
-            assert proc.returncode is None
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the workers did not all start serving")
+        await _wait_ready(c, proc, admin)
 
         # 40 concurrent requests, each on its own connection: both workers accept.
         async def one(path: str) -> int:
@@ -294,7 +286,7 @@ async def _wait_ready(c: httpx.AsyncClient, proc: asyncio.subprocess.Process, ad
     raise AssertionError("the workers did not all start serving")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+@LINUX
 @pytest.mark.parametrize("reuse_port", [True, False])
 async def test_each_worker_listens_on_its_own_socket(
     reuse_port: bool, fake_app: FakeApp, redis_url: str, tmp_path: Path
@@ -317,7 +309,7 @@ async def test_each_worker_listens_on_its_own_socket(
     assert proc.pid not in owners[0] | owners[1]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing")
+@LINUX
 async def test_a_dead_worker_leaves_no_queue_that_nobody_accepts(
     fake_app: FakeApp, redis_url: str, tmp_path: Path
 ) -> None:
@@ -341,7 +333,7 @@ async def test_a_dead_worker_leaves_no_queue_that_nobody_accepts(
         assert (await c.get(admin + "/readyz")).status_code == 503
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@LINUX
 async def test_workers_drain_when_the_supervisor_is_killed(
     fake_app: FakeApp, redis_url: str, tmp_path: Path
 ) -> None:
