@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import operator
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     gateway,
+    interleave,
     nginx_proxy,
+    per_round,
+    print_spread,
     require_tools,
     run_wrk,
     static_upstream,
@@ -40,10 +43,6 @@ from common import (
 from heartbeat import PATH as PING_PATH
 from heartbeat import hb_config, wrk_script
 from passthrough import _config as passthrough_config
-
-
-def _spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):9.3f}  [{min(xs):.3f} .. {max(xs):.3f}]"
 
 
 def _target_config(args: argparse.Namespace, upstream: str, name: str) -> dict[str, Any]:
@@ -83,30 +82,28 @@ def main(argv: list[str] | None = None) -> int:
             wrk_script(script)
         for url, _ in targets.values():
             run_wrk(url + path, 50, 2, 2, script=script)
-        rows: dict[str, dict[str, list[float]]] = {k: {} for k in targets}
-        for r in range(args.rounds):
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            for name in order:
-                url, pid = targets[name]
-                c50 = run_wrk(url + path, 50, 2, args.seconds, cpu_pid=pid, script=script)
-                c1 = run_wrk(url + path, 1, 1, max(1, args.seconds - 1), script=script)
-                row = rows[name]
-                row.setdefault("rps_c50", []).append(c50.rps)
-                row.setdefault("cpu_us_c50", []).append(c50.cpu_us_per_request or 0.0)
-                row.setdefault("p50_ms_c1", []).append(c1.latency_ms["p50"])
-            for name in ("gateway", "baseline"):
-                row, ng = rows[name], rows["nginx"]
-                row.setdefault("ratio", []).append(row["rps_c50"][-1] / ng["rps_c50"][-1])
-                row.setdefault("cpu_ratio", []).append(ng["cpu_us_c50"][-1] / row["cpu_us_c50"][-1])
-                added = row["p50_ms_c1"][-1] - ng["p50_ms_c1"][-1]
-                row.setdefault("added_p50_ms", []).append(added)
+
+        def measure(url: str, pid: int) -> dict[str, float]:
+            c50 = run_wrk(url + path, 50, 2, args.seconds, cpu_pid=pid, script=script)
+            c1 = run_wrk(url + path, 1, 1, max(1, args.seconds - 1), script=script)
+            return {
+                "rps_c50": c50.rps,
+                "cpu_us_c50": c50.cpu_us_per_request or 0.0,
+                "p50_ms_c1": c1.latency_ms["p50"],
+            }
+
+        rows = interleave(targets, args.rounds, measure)
+    ng = rows["nginx"]
+    for name in ("gateway", "baseline"):
+        row = rows[name]
+        row["ratio"] = per_round(row["rps_c50"], ng["rps_c50"], operator.truediv)
+        row["cpu_ratio"] = per_round(ng["cpu_us_c50"], row["cpu_us_c50"], operator.truediv)
+        row["added_p50_ms"] = per_round(row["p50_ms_c1"], ng["p50_ms_c1"], operator.sub)
     setup = f"{args.rounds} rounds, access log {args.access_log}, auth {args.auth}"
     if args.workload == "heartbeat":
         setup = f"{args.rounds} rounds, heartbeat shed path, store {args.store}"
     print(f"after — {uptime()}  ({setup})")
-    for name, row in rows.items():
-        for k, xs in row.items():
-            print(f"  {name:9s} {k:13s} {_spread(xs)}")
+    print_spread(rows, 9, 13)
     return 0
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import operator
 import subprocess
 import sys
 import tempfile
@@ -36,7 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     ROOT,
     free_port,
+    interleave,
     nginx_proxy,
+    per_round,
+    print_spread,
     require_tools,
     run_wrk,
     static_upstream,
@@ -109,10 +112,6 @@ def target(kind: str) -> Iterator[tuple[str, int]]:
         proc.wait(10)
 
 
-def _spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):9.3f}  [{min(xs):.3f} .. {max(xs):.3f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4)
@@ -134,22 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         wrk_script(script)
         for url, _ in targets.values():
             run_wrk(url + PATH, 50, 2, 2, script=script)
-        rows: dict[str, dict[str, list[float]]] = {k: {} for k in targets}
-        for r in range(args.rounds):
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            for name in order:
-                url, pid = targets[name]
-                res = run_wrk(url + PATH, 50, 2, args.seconds, cpu_pid=pid, script=script)
-                rows[name].setdefault("rps_c50", []).append(res.rps)
-                rows[name].setdefault("cpu_us_c50", []).append(res.cpu_us_per_request or 0.0)
-            for name in targets:
-                if name != "nginx":
-                    ratio = rows[name]["rps_c50"][-1] / rows["nginx"]["rps_c50"][-1]
-                    rows[name].setdefault("ratio", []).append(ratio)
+
+        def measure(url: str, pid: int) -> dict[str, float]:
+            res = run_wrk(url + PATH, 50, 2, args.seconds, cpu_pid=pid, script=script)
+            return {"rps_c50": res.rps, "cpu_us_c50": res.cpu_us_per_request or 0.0}
+
+        rows = interleave(targets, args.rounds, measure)
+    for name in ("uvicorn", "edge-protocol"):
+        rows[name]["ratio"] = per_round(
+            rows[name]["rps_c50"], rows["nginx"]["rps_c50"], operator.truediv
+        )
     print(f"after — {uptime()}  ({args.rounds} rounds of {args.seconds:g} s, wrk -t2 -c50)")
-    for name, row in rows.items():
-        for k, xs in row.items():
-            print(f"  {name:14s} {k:11s} {_spread(xs)}")
+    print_spread(rows, 14, 11)
     return 0
 
 

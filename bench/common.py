@@ -19,13 +19,14 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -496,3 +497,38 @@ def run_header(
         "uptime_after": load_after,
         "versions": versions(python),
     }
+
+
+# Per target: figure name -> one value per round.
+Rows = dict[str, dict[str, list[float]]]
+
+
+def interleave(
+    targets: dict[str, tuple[str, int]],
+    rounds: int,
+    measure: Callable[[str, int], dict[str, float]],
+) -> Rows:
+    """`measure(url, pid)` for every target, `rounds` times, the order reversed every
+    other round, so targets started together see the same load on average when other
+    work on the machine comes and goes. Value i of every list is from round i, so
+    ratios between targets can be taken round by round."""
+    rows: Rows = {name: {} for name in targets}
+    for r in range(rounds):
+        order = list(targets) if r % 2 == 0 else list(reversed(targets))
+        for name in order:
+            for key, value in measure(*targets[name]).items():
+                rows[name].setdefault(key, []).append(value)
+    return rows
+
+
+def per_round(a: list[float], b: list[float], op: Callable[[float, float], float]) -> list[float]:
+    """`op(a[i], b[i])` for each round i."""
+    return [op(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def print_spread(rows: Rows, name_width: int, key_width: int) -> None:
+    """Each figure's median over the rounds, with its [min .. max]."""
+    for name, row in rows.items():
+        for key, xs in row.items():
+            spread = f"{statistics.median(xs):9.3f}  [{min(xs):.3f} .. {max(xs):.3f}]"
+            print(f"  {name:{name_width}s} {key:{key_width}s} {spread}")
