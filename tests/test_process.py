@@ -11,7 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -277,6 +278,16 @@ def _listeners(port: int) -> dict[str, set[int]]:
     return held
 
 
+async def _eventually(cond: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    """Poll a state another process reaches (a listener closed, an exit), within
+    `seconds`; AssertionError(`what`) after."""
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        await asyncio.sleep(0.01)
+
+
 async def _wait_ready(c: httpx.AsyncClient, proc: asyncio.subprocess.Process, admin: str) -> None:
     for _ in range(600):
         if (await c.get(admin + "/readyz")).status_code == 200:
@@ -320,12 +331,9 @@ async def test_a_dead_worker_leaves_no_queue_that_nobody_accepts(
         port = int(base.rsplit(":", 1)[1])
         (victim,) = next(iter(_listeners(port).values()))
         os.kill(victim, signal.SIGKILL)
-        for _ in range(1000):
-            if len(_listeners(port)) == 1:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the dead worker's listener stayed")
+        await _eventually(
+            lambda: len(_listeners(port)) == 1, "the dead worker's listener stayed", 10
+        )
         # Every new connection lands on the survivor: none waits in a dead queue.
         for _ in range(20):
             async with httpx.AsyncClient(timeout=10) as fresh:
@@ -344,19 +352,9 @@ async def test_workers_drain_when_the_supervisor_is_killed(
         port = int(base.rsplit(":", 1)[1])
         proc.kill()  # the supervisor alone, as the OOM killer would
         # (Not proc.wait(): asyncio waits for the pipes too, which the workers hold.)
-        for _ in range(3000):
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the supervisor did not die")
+        await _eventually(lambda: proc.returncode is not None, "the supervisor did not die")
         # The orphaned workers notice within a sweep tick and drain: the port closes.
-        for _ in range(600):
-            if not _listeners(port):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("orphaned workers kept listening")
+        await _eventually(lambda: not _listeners(port), "orphaned workers kept listening")
         # And they exit: their stderr (the supervisor's pipe, inherited) reaches EOF.
         # Read to the end here, or the transport would outlive the test's loop.
         err = await asyncio.wait_for(proc.stderr.read(), 30)  # type: ignore[union-attr]
