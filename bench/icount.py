@@ -190,7 +190,9 @@ async def _drive(args: argparse.Namespace) -> None:
     config = _uvicorn_config(app, "127.0.0.1", 8080, cfg, lifespan="off")
     config.load()
     state = ServerState()
-    drive = _Drive(lambda: EdgeHttpProtocol(config, state, {}), _requests(args.workload), 50)
+    drive = _Drive(
+        lambda: EdgeHttpProtocol(config, state, {}), _requests(args.workload), args.concurrency
+    )
     await drive.run(WARMUP)
     # As gateway/server.py does after start-up.
     gc.collect()
@@ -219,6 +221,8 @@ def _instructions(tree: Path, args: argparse.Namespace, n: int) -> int:
         args.store,
         "--upstream",
         args.upstream,
+        "--concurrency",
+        str(args.concurrency),
         "--drive",
         str(n),
     ]
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="memory://", help="shed: memory:// or a Redis URL")
     p.add_argument("--baseline", type=Path, help="also count the gateway package of this tree")
     p.add_argument("--requests", type=int, default=2000, help="requests of the short drive")
+    p.add_argument("--concurrency", type=int, default=50, help="client connections")
     p.add_argument("--runs", type=int, default=1, help="counts per tree")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--upstream", default="", help=argparse.SUPPRESS)
