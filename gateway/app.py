@@ -182,10 +182,63 @@ class Gateway:
         await old.rt.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The HTTP pipeline, inline: every suspension of a request's task passes through
+        each coroutine frame of its chain, so the hot path keeps that chain short."""
+        if scope["type"] != "http":
+            await self.other(scope, receive, send)
+            return
+        state = self.state
+        out = Outcome(time.perf_counter())
+        ctx, out.request_id, out.client_ip = self._context(state, scope, receive)
+        rid_header = (b"x-request-id", out.request_id.encode())
+
+        async def send_with_id(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                out.status = msg["status"]
+                msg["headers"] = [*msg.get("headers", ()), rid_header]
+            await send(msg)
+
+        refused = _refusal(scope)
+        if refused is not None or ctx is None:
+            await send_error(send_with_id, *(refused or _NO_ROUTE))
+            self._finish(state, scope, out)
+            return
+        route = ctx.route
+        out.route = route.name
+        handler = route.handler
+        assert handler is not None
+        self._in_flight.inc()
+        state.in_flight += 1
+        try:
+            await handler(ctx, receive, send_with_id)
+        except ClientGone:
+            out.status = 499
+            ctx.notes.append("client_gone")
+        except TruncatedResponse:
+            raise
+        except Exception:
+            log.exception(
+                "unhandled error", extra={"request_id": out.request_id, "route": route.name}
+            )
+            if out.status != 0:
+                raise
+            await send_error(
+                send_with_id, 500, "internal_error", "the gateway failed to handle this request"
+            )
+            out.status = 500
+        finally:
+            # Whatever happened, the outcome is recorded.
+            self._in_flight.dec()
+            state.leave()
+            out.status = ctx.status or out.status
+            out.upstream = ctx.upstream_seconds
+            out.notes = ctx.notes
+            self._finish(state, scope, out)
+
+    async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI scopes other than http."""
         kind = scope["type"]
-        if kind == "http":
-            await self.http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
             await self.lifespan(receive, send)
@@ -230,63 +283,6 @@ class Gateway:
         route, params = matched
         ctx = RequestContext(scope, route, params, request_id, client_ip, receive=receive)
         return ctx, request_id, client_ip
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = self.state
-        out = Outcome(time.perf_counter())
-        ctx, out.request_id, out.client_ip = self._context(state, scope, receive)
-        rid_header = (b"x-request-id", out.request_id.encode())
-
-        async def send_with_id(msg: Message) -> None:
-            if msg["type"] == "http.response.start":
-                out.status = msg["status"]
-                msg["headers"] = [*msg.get("headers", ()), rid_header]
-            await send(msg)
-
-        refused = _refusal(scope)
-        if refused is not None:
-            await send_error(send_with_id, *refused)
-        elif ctx is None:
-            await send_error(send_with_id, 404, "no_route", "no route matches this request")
-        else:
-            await self._route(state, ctx, receive, send_with_id, out)
-            return
-        self._finish(state, scope, out)
-
-    async def _route(
-        self, state: _State, ctx: RequestContext, receive: Receive, send: Send, out: Outcome
-    ) -> None:
-        """Run the route's chain; whatever happens, the outcome is recorded."""
-        route = ctx.route
-        out.route = route.name
-        handler = route.handler
-        assert handler is not None
-        self._in_flight.inc()
-        state.in_flight += 1
-        try:
-            await handler(ctx, receive, send)
-        except ClientGone:
-            out.status = 499
-            ctx.notes.append("client_gone")
-        except TruncatedResponse:
-            raise
-        except Exception:
-            log.exception(
-                "unhandled error", extra={"request_id": out.request_id, "route": route.name}
-            )
-            if out.status != 0:
-                raise
-            await send_error(
-                send, 500, "internal_error", "the gateway failed to handle this request"
-            )
-            out.status = 500
-        finally:
-            self._in_flight.dec()
-            state.leave()
-            out.status = ctx.status or out.status
-            out.upstream = ctx.upstream_seconds
-            out.notes = ctx.notes
-            self._finish(state, ctx.scope, out)
 
     def _finish(self, state: _State, scope: Scope, out: Outcome) -> None:
         duration = time.perf_counter() - out.start
@@ -339,6 +335,7 @@ class Gateway:
 
 
 _VERSIONS = frozenset(("1.0", "1.1"))
+_NO_ROUTE = (404, "no_route", "no route matches this request")
 
 
 def _refusal(scope: Scope) -> tuple[int, str, str] | None:
