@@ -26,7 +26,6 @@ from gateway.policies.heartbeat.policy import (
     MAX_COALESCE,
     Flusher,
     HeartbeatPolicy,
-    _webinar_keys,
 )
 from gateway.runtime import Runtime
 from tests.fakes.app import FakeApp
@@ -756,17 +755,15 @@ async def test_recorder_sends_one_call_for_heartbeats_of_one_turn(redis_url: str
             return await real_run(script, keys, args)
 
         rt.store.run = counting_run  # type: ignore[method-assign]
-        keys = _webinar_keys(W1, "presence_ping")
-        other = _webinar_keys(W2, "presence_ping")
-        futs = [policy.recorder.submit(W1, keys, f"u:{i % 30}", 0) for i in range(60)]
-        futs.append(policy.recorder.submit(W2, other, "u:0", 0))
+        futs = [policy.recorder.submit(W1, f"u:{i % 30}", 0) for i in range(60)]
+        futs.append(policy.recorder.submit(W2, "u:0", 0))
         results = await asyncio.gather(*futs)
         # One call per webinar; within it, arrival order: first sight forwards.
         assert sorted(calls) == [1, 60]
         assert [d for d, _ in results] == [1] * 30 + [0] * 30 + [1]
         # Past MAX_COALESCE a call is sent at once and a new group starts.
         calls.clear()
-        big = [policy.recorder.submit(W1, keys, f"u:{i}", 0) for i in range(MAX_COALESCE + 5)]
+        big = [policy.recorder.submit(W1, f"u:{i}", 0) for i in range(MAX_COALESCE + 5)]
         await asyncio.gather(*big)
         assert calls == [MAX_COALESCE, 5]
     finally:

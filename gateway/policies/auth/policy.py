@@ -801,16 +801,27 @@ VERIFIER: ServiceKey[Verifier] = ServiceKey("verifier")
 
 def bearer_token(scope: Scope) -> str | None:
     value = header_value(scope, b"authorization")
-    if value is None:
-        return None
+    return None if value is None else _bearer(value)
+
+
+def _bearer(value: bytes) -> str | None:
     scheme, _, token = value.decode("latin-1").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
 
 
-def _authorization_count(scope: Scope) -> int:
-    return sum(1 for k, _ in scope["headers"] if k == b"authorization")
+def _authorization(scope: Scope) -> tuple[int, bytes | None]:
+    """How many Authorization headers the request has, and the first one's value (one
+    pass over the headers: this runs on every request of an authenticated route)."""
+    count = 0
+    first = None
+    for k, v in scope["headers"]:
+        if k == b"authorization":
+            count += 1
+            if first is None:
+                first = v
+    return count, first
 
 
 def session_access_token(value: str) -> str | None:
@@ -877,11 +888,11 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
     no session in memory; its `iss` and `aud` are not a session's) claims no identity,
     so the session cookie is tried next."""
     metrics = verifier.metrics
-    count = _authorization_count(scope)
+    count, value = _authorization(scope)
     if count > 1:
         metrics.result("malformed").inc()
         return VerifyError("malformed", "more than one Authorization header")
-    bearer = bearer_token(scope) if count else None
+    bearer = _bearer(value) if value is not None else None
     if count and bearer is None:
         metrics.result("malformed").inc()
         return VerifyError("malformed", "the Authorization header is not a Bearer token")

@@ -50,6 +50,7 @@ from gateway.http import (
     error_body,
     send_error,
 )
+from gateway.observability.collectors import fast
 from gateway.policies.cache.vary import decode_marker, encode_marker, variant_digest, vary_names
 from gateway.store.base import Script, ScriptArg, Store, StoreError
 from gateway.tap import Tap
@@ -362,7 +363,8 @@ class CachePolicy:
         # so a request's variant key is computed before the lookup, in one round trip.
         self._vary_names: tuple[bytes, ...] = ()
         m = rt.metrics
-        self._results = {r: m.cache.results.labels(self.route, r) for r in _RESULTS}
+        # Lock-free children: one is incremented per request.
+        self._results = {r: fast(m.cache.results.labels(self.route, r)) for r in _RESULTS}
         self._refresh = m.cache.fill_latency.labels(self.route)
         self._fallback = m.store_fallbacks.labels("cache", self.on_failure)
         # Shared across requests of this process (not per-request state): the refresh in

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import TLRUCache
 
 from gateway.http import Handler, Headers, Receive, RequestContext, Send, error_body, send_json
+from gateway.observability.collectors import fast
 from gateway.services import ServiceKey, StatusFn
 from gateway.store import Script, Store, StoreError
 from gateway.store.base import KeySpace
@@ -273,7 +274,8 @@ class RateLimitPolicy:
         self.fallbacks = rt.metrics.store_fallbacks
         self.full_policy = ", ".join(r.policy_item for r in self.rules).encode()
         decisions = rt.metrics.ratelimit.decisions
-        self.count = {res: decisions.labels(self.route, res) for res in RESULTS}
+        # Lock-free children: one is incremented per request.
+        self.count = {res: fast(decisions.labels(self.route, res)) for res in RESULTS}
         self.closed_retry = str(max(1, math.ceil(rt.config.store.backoff))).encode()
         store_cfg = rt.config.store
         self.share = store_cfg.local_processes or rt.config.server.workers
