@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.convertors import Convertor
+from starlette.convertors import Convertor, PathConvertor, StringConvertor
 from starlette.routing import compile_path
 
 from gateway.config import Route
@@ -48,6 +48,9 @@ class CompiledRoute:
     methods: frozenset[str] | None
     query: tuple[tuple[str, str], ...]
     handler: Handler | None = None
+    # Every parameter is a str or path one (their convert() is the identity): the
+    # regex's groupdict is the params as is.
+    plain: bool = False
 
     @property
     def name(self) -> str:
@@ -60,7 +63,8 @@ def compile_route(route: Route) -> CompiledRoute:
     if methods and "GET" in methods:
         methods = methods | {"HEAD"}
     query = tuple(sorted((route.match.query or {}).items()))
-    return CompiledRoute(route, regex, convertors, methods, query)
+    plain = all(type(c) in (StringConvertor, PathConvertor) for c in convertors.values())
+    return CompiledRoute(route, regex, convertors, methods, query, plain=plain)
 
 
 class RouteTable:
@@ -96,6 +100,8 @@ class RouteTable:
                         parsed_qs.setdefault(k, v)
                 if any(parsed_qs.get(k) != v for k, v in route.query):
                     continue
+            if route.plain:
+                return route, m.groupdict()
             params = {k: str(route.convertors[k].convert(v)) for k, v in m.groupdict().items()}
             return route, params
         return None
