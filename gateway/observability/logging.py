@@ -133,8 +133,20 @@ class AccessLog:
         notes: list[str],
     ) -> None:
         # The notes list is the request's own; copied in case anything appends later.
-        entry = (self.clock(), request_id, route, method, path, status, duration, upstream)
-        self.entries.append((*entry, client_ip, list(notes) if notes else notes))
+        self.entries.append(
+            (
+                self.clock(),
+                request_id,
+                route,
+                method,
+                path,
+                status,
+                duration,
+                upstream,
+                client_ip,
+                list(notes) if notes else notes,
+            )
+        )
         if len(self.entries) >= self.max_lines:
             self.flush()
 
