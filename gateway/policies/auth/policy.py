@@ -517,10 +517,13 @@ class Verifier:
     _claim_names: frozenset[str] = frozenset()
     # Bound once: verify() counts on every request.
     metrics: AuthMetrics = field(init=False)
+    # The two counters a cache hit increments (the common case), looked up once.
+    _hit_counts: tuple[Any, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.metrics = self.rt.metrics.auth
+        self._hit_counts = (self.metrics.cache("hit"), self.metrics.result(RESULT_OK))
         if s.hs256_secret:
             key = OctKey.import_key(s.hs256_secret.encode())
             self.hs_key = _Key(None, "HS256", key, JWSRegistry.algorithms["HS256"])
@@ -594,8 +597,9 @@ class Verifier:
         if raw is not None:
             hit = _unpack(digest, raw)
             if now <= hit.exp + self.settings.leeway and self._key_still_trusted(hit):
-                metrics.cache("hit").inc()
-                metrics.result(RESULT_OK).inc()
+                cached, ok = self._hit_counts
+                cached.inc()
+                ok.inc()
                 return hit
             self.cache.pop(digest)
         metrics.cache("miss").inc()
