@@ -137,33 +137,8 @@ async def test_threshold_crossed_sends_one_slack_and_one_discord_post(
         (discord,) = receiver.bodies("discord")
         assert len(receiver.posts) == 2
 
-        assert slack["text"].startswith("FIRING upstream_409_per_min: 7/min > 5/min")
-        header, section, context = slack["blocks"]
-        assert header["type"] == "header"
-        assert header["text"] == {"type": "plain_text", "text": "Firing: upstream_409_per_min"}
-        assert section["type"] == "section"
-        fields = [f["text"] for f in section["fields"]]
-        assert fields == [
-            "*Observed*\n7/min",
-            "*Threshold*\n5/min",
-            "*Window*\nlast 60 s",
-            "*Top routes*\napi: 7",
-        ]
-        assert all(f["type"] == "mrkdwn" for f in section["fields"])
-        assert context["type"] == "context"
-
-        assert discord["content"] == slack["text"]
-        assert discord["allowed_mentions"] == {"parse": []}
-        (embed,) = discord["embeds"]
-        assert embed["title"] == "Firing: upstream_409_per_min"
-        assert embed["color"] == 0xE01E5A
-        assert {f["name"]: f["value"] for f in embed["fields"]} == {
-            "Observed": "7/min",
-            "Threshold": "5/min",
-            "Window": "last 60 s",
-            "Top routes": "api: 7",
-        }
-        assert embed["timestamp"].startswith("2027-01-15T08:")
+        _assert_slack_firing(slack)
+        _assert_discord_firing(discord, slack["text"])
 
         async with httpx.AsyncClient() as admin:
             text = (await admin.get(gw.admin_url + "/metrics")).text
@@ -173,6 +148,40 @@ async def test_threshold_crossed_sends_one_slack_and_one_discord_post(
         assert metric(text, "edge_alerts_firing", rule="upstream_400_per_min") == 0
         status = (await c.get(gw.admin_url + "/_edge/status")).json()
         assert "upstream_409_per_min" in str(status)
+
+
+def _assert_slack_firing(slack: dict[str, Any]) -> None:
+    """The Slack post of upstream_409_per_min firing at 7/min (Block Kit)."""
+    assert slack["text"].startswith("FIRING upstream_409_per_min: 7/min > 5/min")
+    header, section, context = slack["blocks"]
+    assert header["type"] == "header"
+    assert header["text"] == {"type": "plain_text", "text": "Firing: upstream_409_per_min"}
+    assert section["type"] == "section"
+    fields = [f["text"] for f in section["fields"]]
+    assert fields == [
+        "*Observed*\n7/min",
+        "*Threshold*\n5/min",
+        "*Window*\nlast 60 s",
+        "*Top routes*\napi: 7",
+    ]
+    assert all(f["type"] == "mrkdwn" for f in section["fields"])
+    assert context["type"] == "context"
+
+
+def _assert_discord_firing(discord: dict[str, Any], slack_text: str) -> None:
+    """The Discord post of the same alert: the same text, one embed."""
+    assert discord["content"] == slack_text
+    assert discord["allowed_mentions"] == {"parse": []}
+    (embed,) = discord["embeds"]
+    assert embed["title"] == "Firing: upstream_409_per_min"
+    assert embed["color"] == 0xE01E5A
+    assert {f["name"]: f["value"] for f in embed["fields"]} == {
+        "Observed": "7/min",
+        "Threshold": "5/min",
+        "Window": "last 60 s",
+        "Top routes": "api: 7",
+    }
+    assert embed["timestamp"].startswith("2027-01-15T08:")
 
 
 async def test_unreachable_upstream_counts_as_upstream_5xx(
@@ -568,32 +577,45 @@ async def test_realtime_disconnects_not_initiated_by_the_client(
         assert body["top"] == [{"name": "realtime", "count": 3}]
 
 
+# A refresh route (coalesced), the rest of GoTrue proxied as is, and the app.
+_AUTH_ROUTES: list[dict[str, Any]] = [
+    {
+        "name": "token_refresh",
+        "match": {
+            "methods": ["POST"],
+            "path": "/auth/v1/token",
+            "query": {"grant_type": "refresh_token"},
+        },
+        "upstream": "supabase",
+        "auth": "off",
+        "refresh": {"grace": "30s"},
+    },
+    {"name": "auth", "match": {"path": "/auth/v1/{p:path}"}, "upstream": "supabase", "auth": "off"},
+    {"name": "api", "match": {"path": "/{path:path}"}, "upstream": "app", "auth": "off"},
+]
+
+
+async def _refresh_all(c: httpx.AsyncClient, url: str, tokens: list[str]) -> list[int]:
+    """Refresh every token at once; the status of each answer."""
+    answers = await asyncio.gather(
+        *(
+            c.post(
+                url + "/auth/v1/token?grant_type=refresh_token",
+                json={"refresh_token": t},
+                timeout=30,
+            )
+            for t in tokens
+        )
+    )
+    return [a.status_code for a in answers]
+
+
 async def test_auth_p95_over_refresh_and_proxied_auth_calls(
     fake_app: FakeApp, receiver: WebhookReceiver
 ) -> None:
     gotrue = FakeGoTrue()
     await gotrue.start()
     try:
-        routes = [
-            {
-                "name": "token_refresh",
-                "match": {
-                    "methods": ["POST"],
-                    "path": "/auth/v1/token",
-                    "query": {"grant_type": "refresh_token"},
-                },
-                "upstream": "supabase",
-                "auth": "off",
-                "refresh": {"grace": "30s"},
-            },
-            {
-                "name": "auth",
-                "match": {"path": "/auth/v1/{p:path}"},
-                "upstream": "supabase",
-                "auth": "off",
-            },
-            {"name": "api", "match": {"path": "/{path:path}"}, "upstream": "app", "auth": "off"},
-        ]
         cfg = alert_config(
             fake_app.url,
             "memory://",
@@ -601,7 +623,7 @@ async def test_auth_p95_over_refresh_and_proxied_auth_calls(
             # Far above what a fast call can take on a busy machine (a loaded CI run saw a
             # no-latency call take 0.38 s), far below the slow phase's GoTrue.
             {"auth_p95": "1s"},
-            routes=routes,
+            routes=_AUTH_ROUTES,
             upstreams={"supabase": {"url": gotrue.url}},
             kinds=("generic",),
         )
@@ -621,17 +643,7 @@ async def test_auth_p95_over_refresh_and_proxied_auth_calls(
             # GoTrue slows down: refreshes take 1.5 s (> 1 s for more than 5 % of calls).
             gotrue.latency = 1.5
             tokens = [gotrue.sign_in(f"v{i}@x.io")["refresh_token"] for i in range(4)]
-            answers = await asyncio.gather(
-                *(
-                    c.post(
-                        gw.url + "/auth/v1/token?grant_type=refresh_token",
-                        json={"refresh_token": t},
-                        timeout=30,
-                    )
-                    for t in tokens
-                )
-            )
-            assert [a.status_code for a in answers] == [200] * 4
+            assert await _refresh_all(c, gw.url, tokens) == [200] * 4
             clock.advance(15)
             assert await rec.tick() is True
             await rec.drain()

@@ -824,6 +824,25 @@ def served_config(base: list[dict[str, Any]], tmp_path: Path) -> tuple[Path, int
     return path, public, admin
 
 
+async def _ready_then_get(
+    client: httpx.AsyncClient, proc: asyncio.subprocess.Process, admin: int, public_path: str
+) -> tuple[httpx.Response, httpx.Response]:
+    """Poll /readyz (bounded: 20 s, the gateway must not exit meanwhile) until 200, then
+    GET `public_path` (port/path) on the public listener: both listeners are bound before
+    either server starts, so a ready gateway accepts there too."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            r = await client.get(f"http://127.0.0.1:{admin}/readyz")
+            if r.status_code == 200:
+                return r, await client.get(f"http://127.0.0.1:{public_path}")
+        except httpx.TransportError:
+            pass
+        assert proc.returncode is None, "gateway exited during start"
+        assert time.monotonic() < deadline, "not ready within 20s"
+        await asyncio.sleep(0.05)
+
+
 async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
     base: list[dict[str, Any]],
     served_config: tuple[Path, int, int],
@@ -853,20 +872,7 @@ async def test_configmap_config_serves_on_redis_and_drains_on_sigterm(
     )
     try:
         async with httpx.AsyncClient(timeout=5) as client:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    r = await client.get(f"http://127.0.0.1:{admin}/readyz")
-                    # Ready, and the public listener accepting (both are bound before
-                    # either server starts).
-                    if r.status_code == 200:
-                        page = await client.get(f"http://127.0.0.1:{public}/webinars/42")
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.returncode is None, "gateway exited during start"
-                assert time.monotonic() < deadline, "not ready within 20s"
-                await asyncio.sleep(0.05)
+            r, page = await _ready_then_get(client, proc, admin, f"{public}/webinars/42")
             assert r.json()["checks"]["store"]["backend"].startswith("redis")
             assert (await client.get(f"http://127.0.0.1:{admin}/healthz")).status_code == 200
 

@@ -614,17 +614,16 @@ def test_config_errors_name_the_key(heartbeat: dict[str, Any], key: str, words: 
     assert words in issues[key]
 
 
-async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> None:
-    """The real process: `python -m gateway`, pings, SIGTERM; the flush arrives before
-    the process exits."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
 
-    listen, admin = port(), port()
-    doc = {
+def _batch_process_config(app_url: str, listen: int, admin: int) -> dict[str, Any]:
+    """A whole gateway config: one presence route in batch mode that never flushes on
+    its own (flush_interval 1h), so only the shutdown flush can deliver."""
+    return {
         "server": {
             "listen": f"127.0.0.1:{listen}",
             "admin_listen": f"127.0.0.1:{admin}",
@@ -632,7 +631,7 @@ async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> Non
             "drain_timeout": "2s",
         },
         "store": {"url": "memory://"},
-        "upstreams": {"app": {"url": fake_app.url}},
+        "upstreams": {"app": {"url": app_url}},
         "auth": {"issuer": ISSUER, "audience": "authenticated", "hs256_secret": SECRET},
         "routes": [
             {
@@ -649,6 +648,14 @@ async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> Non
             }
         ],
     }
+
+
+async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> None:
+    """The real process: `python -m gateway`, pings, SIGTERM; the flush arrives before
+    the process exits."""
+
+    listen, admin = _free_port(), _free_port()
+    doc = _batch_process_config(fake_app.url, listen, admin)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(doc))
     proc = await asyncio.create_subprocess_exec(
