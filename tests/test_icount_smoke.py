@@ -1,0 +1,28 @@
+"""bench/icount.py's drive (what valgrind counts) runs against the real protocol and app:
+it builds them through gateway/server.py's own helpers, so a change there that breaks
+the bench fails here rather than on the next performance session. valgrind itself is not
+needed: this runs one short drive without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_shed_drive_answers_every_request() -> None:
+    # No upstream listens on port 9: the warm-up's forwarded pings get 502 and the drive
+    # still completes, since it counts answers, not outcomes.
+    args = ["shed", "--drive", "200", "--upstream", "http://127.0.0.1:9", "--concurrency", "10"]
+    proc = subprocess.run(
+        [sys.executable, "bench/icount.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "drive: 200 requests" in proc.stdout
