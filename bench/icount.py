@@ -16,7 +16,8 @@ the warm-up cancel out. Two runs of the same tree agree within about 0.5 %.
 
 Workloads:
   shed         bench/heartbeat.py's presence ping (verified HS256 token, 1,000 viewers,
-               heartbeat absorbed), on `--store` (memory:// or a Redis URL)
+               heartbeat absorbed), on `--store` (memory:// or a Redis URL); the
+               viewers watch `--webinars` webinars (default 1)
   passthrough  bench/passthrough.py's catch-all with `--auth optional` (no token), to a
                static nginx upstream
 
@@ -136,7 +137,7 @@ class _Conn:
             self.drive.complete(self)
 
 
-def _requests(workload: str) -> list[bytes]:
+def _requests(workload: str, webinars: int) -> list[bytes]:
     if workload == "passthrough":
         return [b"GET /api/items/42 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: icount\r\n\r\n"]
     import heartbeat as hb
@@ -144,9 +145,11 @@ def _requests(workload: str) -> list[bytes]:
     out = []
     for i in range(hb.VIEWERS):
         token = hb.token(f"00000000-0000-4000-8000-{i:012d}")
+        # Viewer i watches webinar i mod `webinars` (the first is bench/heartbeat.py's).
+        path = hb.PATH.replace(hb.WEBINAR[-4:], f"{int(hb.WEBINAR[-4:], 16) + i % webinars:04x}")
         out.append(
             (
-                f"POST {hb.PATH} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
                 f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
                 "Content-Length: 2\r\n\r\n{}"
             ).encode()
@@ -191,7 +194,9 @@ async def _drive(args: argparse.Namespace) -> None:
     config.load()
     state = ServerState()
     drive = _Drive(
-        lambda: EdgeHttpProtocol(config, state, {}), _requests(args.workload), args.concurrency
+        lambda: EdgeHttpProtocol(config, state, {}),
+        _requests(args.workload, args.webinars),
+        args.concurrency,
     )
     await drive.run(WARMUP)
     # As gateway/server.py does after start-up.
@@ -223,6 +228,8 @@ def _instructions(tree: Path, args: argparse.Namespace, n: int) -> int:
         args.upstream,
         "--concurrency",
         str(args.concurrency),
+        "--webinars",
+        str(args.webinars),
         "--drive",
         str(n),
     ]
@@ -247,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, help="also count the gateway package of this tree")
     p.add_argument("--requests", type=int, default=2000, help="requests of the short drive")
     p.add_argument("--concurrency", type=int, default=50, help="client connections")
+    p.add_argument("--webinars", type=int, default=1, help="shed: webinars the viewers watch")
     p.add_argument("--runs", type=int, default=1, help="counts per tree")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--upstream", default="", help=argparse.SUPPRESS)

@@ -28,6 +28,7 @@ from gateway.policies.heartbeat.policy import (
     HeartbeatPolicy,
 )
 from gateway.runtime import Runtime
+from gateway.store import StoreError
 from tests.fakes.app import FakeApp
 from tests.fakes.clock import FakeClock
 from tests.helpers import Running, make_config, run_gateway
@@ -743,7 +744,7 @@ async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
         assert sum(calls) == 200
 
 
-async def test_recorder_sends_one_call_for_heartbeats_of_one_turn(redis_url: str) -> None:
+async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_url: str) -> None:
     cfg = config("http://127.0.0.1:9", redis_url)
     rt = Runtime(cfg)
     await rt.store.start()
@@ -754,24 +755,59 @@ async def test_recorder_sends_one_call_for_heartbeats_of_one_turn(redis_url: str
 
         policy = HeartbeatPolicy(unused, cfg.routes[0], rt)
         assert policy.recorder is not None
-        real_run = rt.store.run
-        calls: list[int] = []
+        real_run, real_run_many = rt.store.run, rt.store.run_many
+        # Each store round trip: the heartbeats carried by each of its script calls.
+        trips: list[list[int]] = []
 
         async def counting_run(script: Any, keys: Any, args: Any) -> Any:
-            calls.append((len(args) - 7) // 2)
+            trips.append([(len(args) - 7) // 2])
             return await real_run(script, keys, args)
 
+        async def counting_run_many(script: Any, calls: Any) -> Any:
+            trips.append([(len(args) - 7) // 2 for _, args in calls])
+            return await real_run_many(script, calls)
+
         rt.store.run = counting_run  # type: ignore[method-assign]
+        rt.store.run_many = counting_run_many  # type: ignore[method-assign]
         futs = [policy.recorder.submit(W1, f"u:{i % 30}", 0) for i in range(60)]
         futs.append(policy.recorder.submit(W2, "u:0", 0))
         results = await asyncio.gather(*futs)
-        # One call per webinar; within it, arrival order: first sight forwards.
-        assert sorted(calls) == [1, 60]
+        # One round trip, one script call per webinar; within a call, arrival order:
+        # first sight forwards.
+        assert trips == [[60, 1]]
         assert [d for d, _ in results] == [1] * 30 + [0] * 30 + [1]
-        # Past MAX_COALESCE a call is sent at once and a new group starts.
-        calls.clear()
+        # Past MAX_COALESCE a round trip is sent at once and a new batch starts.
+        trips.clear()
         big = [policy.recorder.submit(W1, f"u:{i}", 0) for i in range(MAX_COALESCE + 5)]
         await asyncio.gather(*big)
-        assert calls == [MAX_COALESCE, 5]
+        assert trips == [[MAX_COALESCE], [5]]
+    finally:
+        await rt.store.close()
+
+
+async def test_recorder_fails_only_the_webinar_whose_call_failed(redis_url: str) -> None:
+    """A pipelined round trip can answer one webinar's call and fail another's (a slot
+    moving mid-failover on a cluster): only that webinar's heartbeats get the error."""
+    cfg = config("http://127.0.0.1:9", redis_url)
+    rt = Runtime(cfg)
+    await rt.store.start()
+    try:
+
+        async def unused(ctx: Any, receive: Any, send: Any) -> None:
+            raise AssertionError("nothing is forwarded here")
+
+        policy = HeartbeatPolicy(unused, cfg.routes[0], rt)
+        assert policy.recorder is not None
+        real_run_many = rt.store.run_many
+
+        async def second_fails(script: Any, calls: Any) -> Any:
+            first = await real_run_many(script, calls[:1])
+            return [*first, StoreError("response", "MOVED")]
+
+        rt.store.run_many = second_fails  # type: ignore[method-assign]
+        futs = [policy.recorder.submit(w, f"u:{i}", 0) for i in range(3) for w in (W1, W2)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert [r[0] for r in results[0::2]] == [1, 1, 1]  # type: ignore[index]
+        assert all(isinstance(r, StoreError) and r.kind == "response" for r in results[1::2])
     finally:
         await rt.store.close()

@@ -46,7 +46,7 @@ from tests.test_heartbeat import (
     test_negative_answer_is_cached_per_viewer,
     test_one_forward_per_viewer_per_interval,
     test_presence_counts_viewers_within_window,
-    test_recorder_sends_one_call_for_heartbeats_of_one_turn,
+    test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn,
     test_webinars_are_separate,
 )
 from tests.test_ratelimit import (
@@ -89,7 +89,7 @@ REUSED = [
     test_batch_flushes_on_shutdown,
     test_one_forward_per_viewer_per_interval,
     test_presence_counts_viewers_within_window,
-    test_recorder_sends_one_call_for_heartbeats_of_one_turn,
+    test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn,
     test_webinars_are_separate,
     gotrue,
     test_all_rules_in_one_decision,

@@ -587,7 +587,9 @@ class HeartbeatPolicy:
         try:
             if self.recorder is not None:
                 # The coalescer directly (not Recorder.submit): one call less per heartbeat.
-                decision, blob = await self.recorder.calls.submit(webinar, (viewer, track))
+                decision, blob = await self.recorder.calls.submit(
+                    Recorder.GROUP, (webinar, viewer, track)
+                )
             else:
                 [(decision, blob)] = await self.record(webinar, [viewer, track])
         except StoreError:
@@ -657,21 +659,37 @@ class HeartbeatPolicy:
     async def record(self, webinar: str, viewers: list[ScriptArg]) -> list[tuple[int, bytes]]:
         """One store round trip for heartbeats of one webinar: `viewers` is
         [viewer, track, viewer, track, ...]; returns (decision, negative blob) for each."""
+        res = await self.store.run(RECORD, _webinar_keys(webinar, self.route), self._args(viewers))
+        return await self._decisions(webinar, res)
+
+    async def record_many(
+        self, batch: dict[str, list[ScriptArg]]
+    ) -> list[list[tuple[int, bytes]] | StoreError]:
+        """One store round trip for the heartbeats of several webinars (`batch`: webinar
+        -> its [viewer, track, ...]): one script call each, pipelined (`run_many`).
+        Returns each webinar's decisions, or the StoreError of its call alone; raises
+        StoreError when the round trip as a whole failed."""
+        calls = [(_webinar_keys(w, self.route), self._args(v)) for w, v in batch.items()]
+        replies = await self.store.run_many(RECORD, calls)
+        out: list[list[tuple[int, bytes]] | StoreError] = []
+        for webinar, res in zip(batch, replies, strict=True):
+            out.append(res if isinstance(res, StoreError) else await self._decisions(webinar, res))
+        return out
+
+    def _args(self, viewers: list[ScriptArg]) -> list[ScriptArg]:
         now = int(self.clock() * 1000)
-        res = await self.store.run(
-            RECORD,
-            _webinar_keys(webinar, self.route),
-            [
-                now,
-                self.interval_ms,
-                now - self.interval_ms,
-                now - int(self.presence.window * 1000),
-                self.mode_arg,
-                self.reindex_ms,
-                self.gc_ms,
-                *viewers,
-            ],
-        )
+        return [
+            now,
+            self.interval_ms,
+            now - self.interval_ms,
+            now - int(self.presence.window * 1000),
+            self.mode_arg,
+            self.reindex_ms,
+            self.gc_ms,
+            *viewers,
+        ]
+
+    async def _decisions(self, webinar: str, res: Any) -> list[tuple[int, bytes]]:
         if int(res[0]) and self.flusher is not None:
             await self.flusher.announce(webinar)
         return [(int(res[i]), _b(res[i + 1])) for i in range(1, len(res) - 1, 2)]
@@ -759,18 +777,22 @@ class HeartbeatPolicy:
 
 
 class Recorder:
-    """Coalesces the heartbeats of one webinar that reach the policy in the same
-    event-loop turn into one `heartbeat_record` call (up to MAX_COALESCE): the script
-    handles them in arrival order, exactly as one call each would, and each request
-    still waits for its own decision. On Redis the client's per-call cost, not Redis,
-    bounds the shed path, so this is what keeps it fast under concurrency. A request
-    whose client went away is recorded all the same; calls of one webinar are not
-    held back behind one already out (no in-flight bound, as each call has its own
-    store.timeout)."""
+    """Coalesces the heartbeats that reach the policy in the same event-loop turn into
+    one store round trip (up to MAX_COALESCE heartbeats): one `heartbeat_record` call per
+    webinar, and the calls of several webinars pipelined together (`run_many`). Each
+    script handles its webinar's heartbeats in arrival order, exactly as one call each
+    would, and each request still waits for its own decision. On Redis the client's
+    per-call cost, not Redis, bounds the shed path, so this is what keeps it fast under
+    concurrency, with one webinar or many. A request whose client went away is
+    recorded all the same; a round trip is not held back behind one already out (no
+    in-flight bound, as each has its own store.timeout)."""
+
+    # All of a route's heartbeats share one group: webinars are split per call.
+    GROUP = "all"
 
     def __init__(self, policy: HeartbeatPolicy) -> None:
         self.policy = policy
-        self.calls: Coalescer[str, tuple[str, int], tuple[int, bytes]] = Coalescer(
+        self.calls: Coalescer[str, tuple[str, str, int], tuple[int, bytes]] = Coalescer(
             self._record,
             max_batch=MAX_COALESCE,
             max_inflight=None,
@@ -782,14 +804,31 @@ class Recorder:
 
     def submit(self, webinar: str, viewer: str, track: int) -> asyncio.Future[tuple[int, bytes]]:
         """Queue one heartbeat; the future gets its (decision, negative blob)."""
-        return self.calls.submit(webinar, (viewer, track))
+        return self.calls.submit(self.GROUP, (webinar, viewer, track))
 
-    async def _record(self, webinar: str, items: list[tuple[str, int]]) -> list[tuple[int, bytes]]:
-        # [viewer, track, viewer, track, ...], filled by slices (this runs per batch).
-        viewers: list[ScriptArg] = [0] * (2 * len(items))
-        viewers[0::2] = [item[0] for item in items]
-        viewers[1::2] = [item[1] for item in items]
-        return await self.policy.record(webinar, viewers)
+    async def _record(
+        self, _group: str, items: list[tuple[str, str, int]]
+    ) -> list[tuple[int, bytes] | StoreError]:
+        # Each webinar's [viewer, track, viewer, track, ...] in arrival order, and where
+        # each of its heartbeats sits in `items`.
+        batch: dict[str, list[ScriptArg]] = {}
+        where: dict[str, list[int]] = {}
+        for i, (webinar, viewer, track) in enumerate(items):
+            viewers = batch.get(webinar)
+            if viewers is None:
+                viewers = batch[webinar] = []
+                where[webinar] = []
+            viewers += (viewer, track)
+            where[webinar].append(i)
+        if len(batch) == 1:
+            # One webinar (the usual turn): a plain script call.
+            ((webinar, viewers),) = batch.items()
+            return list(await self.policy.record(webinar, viewers))
+        out: list[tuple[int, bytes] | StoreError] = [StoreError("error", "unanswered")] * len(items)
+        for webinar, answer in zip(batch, await self.policy.record_many(batch), strict=True):
+            for n, i in enumerate(where[webinar]):
+                out[i] = answer if isinstance(answer, StoreError) else answer[n]
+        return out
 
 
 # --------------------------------------------------------------------------- batch flush
