@@ -1,10 +1,11 @@
 """One way to coalesce concurrent calls to the store into fewer, bigger ones.
 
 Owns: `Coalescer`, used by the rate limiter (GCRA checks of concurrent requests go out as
-one `run_many` batch) and the heartbeat policy (heartbeats of one webinar go out as one
-`heartbeat_record` call). On Redis the client's per-call CPU, not Redis, bounds those hot
-paths; sharing a call is what keeps them fast under concurrency, and at low load nothing
-waits (a batch goes out after the callbacks already ready in the same loop turn).
+one `run_many` batch) and the heartbeat policy (the heartbeats of one turn go out as one
+`heartbeat_record` call per webinar, pipelined together). On Redis the client's per-call
+CPU, not Redis, bounds those hot paths; sharing a call is what keeps them fast under
+concurrency, and at low load nothing waits (a batch goes out after the callbacks already
+ready in the same loop turn).
 
 The rules, the same for every user:
 - bounded: a call carries at most `max_batch` items (a group that fills up goes out at

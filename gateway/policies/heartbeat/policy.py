@@ -12,8 +12,9 @@ first heartbeat too is answered at the edge, and the flush registers the viewer 
 refuses it), or answer a cached negative (the app, or a flush, refused this viewer within
 `negative_ttl`). Times come from the gateway clock and go to the store
 as arguments, so replicas, the memory twin and tests with an injected clock all agree.
-On a networked store the heartbeats of one webinar that arrive in the same event-loop
-turn share that one call (`Recorder`), which is what keeps the shed path fast on Redis.
+On a networked store the heartbeats that arrive in the same event-loop turn share one
+round trip (`Recorder`: one call per webinar, pipelined), which is what keeps the shed
+path fast on Redis.
 When the store fails, `on_failure: local` (the default) decides from this process's own
 bounded copy (`LocalMemory`): a viewer's first heartbeat here is forwarded, the rest
 absorbed, so a store outage costs the app at most one heartbeat per viewer per process.
