@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--workload", choices=("passthrough", "heartbeat"), default="passthrough")
     p.add_argument("--store", default="redis://127.0.0.1:6379/12")
+    p.add_argument("--webinars", type=int, default=1, help="heartbeat: webinars pinged")
     args = p.parse_args(argv)
     require_tools()
     print(f"ab bench — {uptime()}", flush=True)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workload == "heartbeat":
             path, script = PING_PATH, Path(stack.enter_context(tempfile.TemporaryDirectory()))
             script = script / "ping.lua"
-            wrk_script(script)
+            wrk_script(script, args.webinars)
         for url, _ in targets.values():
             run_wrk(url + path, 50, 2, 2, script=script)
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = f"{args.rounds} rounds, access log {args.access_log}, auth {args.auth}"
     if args.workload == "heartbeat":
         setup = f"{args.rounds} rounds, heartbeat shed path, store {args.store}"
+        setup += f", {args.webinars} webinar(s)"
     print(f"after — {uptime()}  ({setup})")
     print_spread(rows, 9, 13)
     return 0

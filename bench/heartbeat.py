@@ -85,20 +85,34 @@ def token(sub: str) -> str:
     return f"{header}.{body}.{_b64(sig)}"
 
 
-def wrk_script(path: Path) -> None:
-    """A wrk Lua script: POST the ping, rotating over VIEWERS valid tokens."""
+def ping_path(viewer: int, webinars: int = 1) -> str:
+    """The ping path of viewer `viewer` when the viewers watch `webinars` webinars
+    (viewer i watches webinar i mod webinars; webinar 0 is WEBINAR)."""
+    n = int(WEBINAR[-4:], 16) + viewer % webinars
+    return PATH.replace(WEBINAR, f"{WEBINAR[:-4]}{n:04x}")
+
+
+def wrk_script(path: Path, webinars: int = 1) -> None:
+    """A wrk Lua script: POST the ping, rotating over VIEWERS valid tokens; viewer i
+    pings webinar i mod `webinars`."""
     tokens = ",\n".join(f'"{token(f"00000000-0000-4000-8000-{i:012d}")}"' for i in range(VIEWERS))
+    paths = ",\n".join(f'"{ping_path(w, webinars)}"' for w in range(webinars))
     path.write_text(
         f"""
 local tokens = {{
 {tokens}
 }}
+local paths = {{
+{paths}
+}}
 local n = #tokens
+local w = #paths
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format("POST", "{PATH}", {{
-    ["Authorization"] = "Bearer " .. tokens[(i % n) + 1],
+  local k = i % n
+  return wrk.format("POST", paths[(k % w) + 1], {{
+    ["Authorization"] = "Bearer " .. tokens[k + 1],
     ["Content-Type"] = "application/json",
   }}, "{{}}")
 end

@@ -145,8 +145,7 @@ def _requests(workload: str, webinars: int) -> list[bytes]:
     out = []
     for i in range(hb.VIEWERS):
         token = hb.token(f"00000000-0000-4000-8000-{i:012d}")
-        # Viewer i watches webinar i mod `webinars` (the first is bench/heartbeat.py's).
-        path = hb.PATH.replace(hb.WEBINAR[-4:], f"{int(hb.WEBINAR[-4:], 16) + i % webinars:04x}")
+        path = hb.ping_path(i, webinars)
         out.append(
             (
                 f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
