@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -13,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -744,7 +746,10 @@ async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
         assert sum(calls) == 200
 
 
-async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_url: str) -> None:
+@contextlib.asynccontextmanager
+async def _policy_alone(redis_url: str) -> AsyncIterator[tuple[Runtime, HeartbeatPolicy]]:
+    """The heartbeat policy on the real Redis store with nothing behind it (these tests
+    drive its Recorder directly; a forward would be a failure)."""
     cfg = config("http://127.0.0.1:9", redis_url)
     rt = Runtime(cfg)
     await rt.store.start()
@@ -754,6 +759,14 @@ async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_ur
             raise AssertionError("nothing is forwarded here")
 
         policy = HeartbeatPolicy(unused, cfg.routes[0], rt)
+        assert policy.recorder is not None
+        yield rt, policy
+    finally:
+        await rt.store.close()
+
+
+async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_url: str) -> None:
+    async with _policy_alone(redis_url) as (rt, policy):
         assert policy.recorder is not None
         real_run, real_run_many = rt.store.run, rt.store.run_many
         # Each store round trip: the heartbeats carried by each of its script calls.
@@ -781,22 +794,12 @@ async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_ur
         big = [policy.recorder.submit(W1, f"u:{i}", 0) for i in range(MAX_COALESCE + 5)]
         await asyncio.gather(*big)
         assert trips == [[MAX_COALESCE], [5]]
-    finally:
-        await rt.store.close()
 
 
 async def test_recorder_fails_only_the_webinar_whose_call_failed(redis_url: str) -> None:
     """A pipelined round trip can answer one webinar's call and fail another's (a slot
     moving mid-failover on a cluster): only that webinar's heartbeats get the error."""
-    cfg = config("http://127.0.0.1:9", redis_url)
-    rt = Runtime(cfg)
-    await rt.store.start()
-    try:
-
-        async def unused(ctx: Any, receive: Any, send: Any) -> None:
-            raise AssertionError("nothing is forwarded here")
-
-        policy = HeartbeatPolicy(unused, cfg.routes[0], rt)
+    async with _policy_alone(redis_url) as (rt, policy):
         assert policy.recorder is not None
         real_run_many = rt.store.run_many
 
@@ -809,5 +812,3 @@ async def test_recorder_fails_only_the_webinar_whose_call_failed(redis_url: str)
         results = await asyncio.gather(*futs, return_exceptions=True)
         assert [r[0] for r in results[0::2]] == [1, 1, 1]  # type: ignore[index]
         assert all(isinstance(r, StoreError) and r.kind == "response" for r in results[1::2])
-    finally:
-        await rt.store.close()
