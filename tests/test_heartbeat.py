@@ -719,15 +719,15 @@ async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
     path = PING.format(w=W1)
     async with run_gateway(cfg, clock=clock) as gw, httpx.AsyncClient() as c:
         store = gw.app.rt.store
-        real_run = store.run
+        real_run_many = store.run_many
         calls: list[int] = []
 
-        async def counting_run(script: Any, keys: Any, args: Any) -> Any:
+        async def counting_run_many(script: Any, batch: Any) -> Any:
             if script.name == "heartbeat_record":
-                calls.append((len(args) - 7) // 2)
-            return await real_run(script, keys, args)
+                calls.extend((len(args) - 7) // 2 for _, args in batch)
+            return await real_run_many(script, batch)
 
-        store.run = counting_run  # type: ignore[method-assign]
+        store.run_many = counting_run_many  # type: ignore[method-assign]
         tokens = [token(user(i), clock.now) for i in range(40)]
         for tok in tokens:  # each viewer's first ping, one at a time
             await c.post(gw.url + path, headers={"Authorization": f"Bearer {tok}"})
@@ -768,19 +768,14 @@ async def _policy_alone(redis_url: str) -> AsyncIterator[tuple[Runtime, Heartbea
 async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_url: str) -> None:
     async with _policy_alone(redis_url) as (rt, policy):
         assert policy.recorder is not None
-        real_run, real_run_many = rt.store.run, rt.store.run_many
+        real_run_many = rt.store.run_many
         # Each store round trip: the heartbeats carried by each of its script calls.
         trips: list[list[int]] = []
-
-        async def counting_run(script: Any, keys: Any, args: Any) -> Any:
-            trips.append([(len(args) - 7) // 2])
-            return await real_run(script, keys, args)
 
         async def counting_run_many(script: Any, calls: Any) -> Any:
             trips.append([(len(args) - 7) // 2 for _, args in calls])
             return await real_run_many(script, calls)
 
-        rt.store.run = counting_run  # type: ignore[method-assign]
         rt.store.run_many = counting_run_many  # type: ignore[method-assign]
         futs = [policy.recorder.submit(W1, f"u:{i % 30}", 0) for i in range(60)]
         futs.append(policy.recorder.submit(W2, "u:0", 0))

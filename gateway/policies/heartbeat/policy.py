@@ -821,10 +821,8 @@ class Recorder:
                 where[webinar] = []
             viewers += (viewer, track)
             where[webinar].append(i)
-        if len(batch) == 1:
-            # One webinar (the usual turn): a plain script call.
-            ((webinar, viewers),) = batch.items()
-            return list(await self.policy.record(webinar, viewers))
+        # One webinar (the usual turn) still goes out as a plain EVALSHA: run_many sends a
+        # batch of one call without a pipeline.
         out: list[tuple[int, bytes] | StoreError] = [StoreError("error", "unanswered")] * len(items)
         for webinar, answer in zip(batch, await self.policy.record_many(batch), strict=True):
             for n, i in enumerate(where[webinar]):
