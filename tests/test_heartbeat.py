@@ -724,7 +724,7 @@ async def test_redis_coalesces_one_webinars_concurrent_heartbeats(
 
         async def counting_run_many(script: Any, batch: Any) -> Any:
             if script.name == "heartbeat_record":
-                calls.extend((len(args) - 7) // 2 for _, args in batch)
+                calls.extend(len(args[7].split("\n")) for _, args in batch)
             return await real_run_many(script, batch)
 
         store.run_many = counting_run_many  # type: ignore[method-assign]
@@ -773,7 +773,7 @@ async def test_recorder_sends_one_round_trip_for_heartbeats_of_one_turn(redis_ur
         trips: list[list[int]] = []
 
         async def counting_run_many(script: Any, calls: Any) -> Any:
-            trips.append([(len(args) - 7) // 2 for _, args in calls])
+            trips.append([len(args[7].split("\n")) for _, args in calls])
             return await real_run_many(script, calls)
 
         rt.store.run_many = counting_run_many  # type: ignore[method-assign]
@@ -807,3 +807,29 @@ async def test_recorder_fails_only_the_webinar_whose_call_failed(redis_url: str)
         results = await asyncio.gather(*futs, return_exceptions=True)
         assert [r[0] for r in results[0::2]] == [1, 1, 1]  # type: ignore[index]
         assert all(isinstance(r, StoreError) and r.kind == "response" for r in results[1::2])
+
+
+async def test_recorder_refuses_an_answer_that_does_not_match_its_heartbeats(
+    redis_url: str,
+) -> None:
+    """The record script answers one digit per heartbeat sent: an answer with a digit
+    missing (or a negative blob for no heartbeat) is a store error for that webinar's
+    heartbeats, never a decision handed to the wrong viewer."""
+    async with _policy_alone(redis_url) as (rt, policy):
+        assert policy.recorder is not None
+        real_run_many = rt.store.run_many
+
+        async def one_digit_short(script: Any, calls: Any) -> Any:
+            first, second = await real_run_many(script, calls)
+            return [first, [second[0], second[1][:-1], *second[2:]]]
+
+        rt.store.run_many = one_digit_short  # type: ignore[method-assign]
+        futs = [policy.recorder.submit(w, f"u:{i}", 0) for i in range(3) for w in (W1, W2)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert [r[0] for r in results[0::2]] == [1, 1, 1]  # type: ignore[index]
+        assert all(isinstance(r, StoreError) and r.kind == "error" for r in results[1::2])
+        # A blob with no negative digit for it is refused the same way.
+        rt.store.run_many = real_run_many  # type: ignore[method-assign]
+        res = [0, b"00", b"1|404|text/plain|x"]
+        with pytest.raises(StoreError):
+            await policy._decisions(W1, res, 2)

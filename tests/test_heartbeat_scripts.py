@@ -56,10 +56,17 @@ def b(x: Any) -> Any:
 async def record(
     store: Store, now: int, viewers: list[ScriptArg], *, batch: bool = False, joins: bool = False
 ) -> list[Any]:
+    """Record `viewers` ([viewer, track, viewer, track, ...]); returns [reindex, decision,
+    blob, decision, blob, ...] (the blob empty unless the decision is 2)."""
     keys = _webinar_keys("w1", "r")
     mode = 2 if joins else int(batch)
-    args: list[ScriptArg] = [now, INTERVAL, now - INTERVAL, now - WINDOW, mode, REINDEX, GC]
-    out: list[Any] = b(await store.run(RECORD, keys, [*args, *viewers]))
+    items = "\n".join(str(viewers[i + 1]) + str(viewers[i]) for i in range(0, len(viewers), 2))
+    args: list[ScriptArg] = [now, INTERVAL, now - INTERVAL, now - WINDOW, mode, REINDEX, GC, items]
+    reindex, codes, *blobs = b(await store.run(RECORD, keys, args))
+    out: list[Any] = [reindex]
+    for code in codes:
+        out += [code - 48, blobs.pop(0) if code == ord("2") else b""]
+    assert not blobs, "a negative blob for no heartbeat"
     return out
 
 

@@ -115,6 +115,16 @@ def _b(v: ScriptArg) -> bytes:
     return v if isinstance(v, bytes) else str(v).encode()
 
 
+_DIGITS = b"0123"
+# A heartbeat as the record script takes it: its track-dirty flag, then the viewer id
+# (printable ASCII without spaces: `u:<sub>` with a checked `sub`, an IP or a digest).
+_TRACK = ("0", "1")
+
+
+def _item(viewer: str, track: int) -> str:
+    return _TRACK[track] + viewer
+
+
 def _score(v: float) -> bytes:
     return str(int(v)).encode()
 
@@ -166,18 +176,22 @@ def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int
     fwd = data.zset(fwd_k, create=True)
     assert seen is not None
     assert fwd is not None
-    out: list[Any] = [0]
+    out: list[Any] = [0, b""]
+    codes = bytearray()
     tracked = tracked_new = joined_new = False
     # One float for every score of this call (the sets share it), and the member bytes
     # are shared by seen/fwd/dirty: ~190 bytes a viewer instead of ~270.
     score = float(now)
     n_seen, n_fwd = len(seen), len(fwd)
-    for i in range(7, len(args) - 1, 2):
-        v = _b(args[i])
+    for item in _b(args[7]).split(b"\n"):
+        if not item:
+            continue
+        v = item[1:]
         if negs is not None and v in negs:
             blob = negs[v]
             if int(blob.split(b"|", 1)[0]) > now:
-                out += [2, blob]
+                codes.append(_DIGITS[2])
+                out.append(blob)
                 continue
             del negs[v]
         seen[v] = score
@@ -185,14 +199,15 @@ def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int
         decision = 1 if last is None or now - last >= interval else 0
         if decision == 1 or batch:
             fwd[v] = score
-        if int(args[i + 1]) == 1:
+        if item[0] == _DIGITS[1]:
             tracked = True
             if decision == 1 and joins:
                 decision = 3
             new, new_join = _mark_dirty(data, dirty_k, join_k, v, score, decision == 3)
             tracked_new = tracked_new or new
             joined_new = joined_new or new_join
-        out += [decision, b""]
+        codes.append(_DIGITS[decision])
+    out[1] = bytes(codes)
     # New viewers count against store.memory_max_keys (members, not just keys).
     if len(seen) > n_seen:
         data.grew(seen_k)
@@ -592,7 +607,7 @@ class HeartbeatPolicy:
                     Recorder.GROUP, (webinar, viewer, track)
                 )
             else:
-                [(decision, blob)] = await self.record(webinar, [viewer, track])
+                [(decision, blob)] = await self.record(webinar, [_item(viewer, track)])
         except StoreError:
             if self.local is None:
                 await self._store_failed(ctx, receive, send)
@@ -657,27 +672,32 @@ class HeartbeatPolicy:
             self.local.put(lk, now)
         return decision
 
-    async def record(self, webinar: str, viewers: list[ScriptArg]) -> list[tuple[int, bytes]]:
-        """One store round trip for heartbeats of one webinar: `viewers` is
-        [viewer, track, viewer, track, ...]; returns (decision, negative blob) for each."""
-        res = await self.store.run(RECORD, _webinar_keys(webinar, self.route), self._args(viewers))
-        return await self._decisions(webinar, res)
+    async def record(self, webinar: str, items: list[str]) -> list[tuple[int, bytes]]:
+        """One store round trip for heartbeats of one webinar (`items`: each `_item`);
+        returns (decision, negative blob) for each."""
+        res = await self.store.run(RECORD, _webinar_keys(webinar, self.route), self._args(items))
+        return await self._decisions(webinar, res, len(items))
 
     async def record_many(
-        self, batch: dict[str, list[ScriptArg]]
+        self, batch: dict[str, list[str]]
     ) -> list[list[tuple[int, bytes]] | StoreError]:
         """One store round trip for the heartbeats of several webinars (`batch`: webinar
-        -> its [viewer, track, ...]): one script call each, pipelined (`run_many`).
-        Returns each webinar's decisions, or the StoreError of its call alone; raises
-        StoreError when the round trip as a whole failed."""
+        -> its `_item`s): one script call each, pipelined (`run_many`). Returns each
+        webinar's decisions, or the StoreError of its call alone; raises StoreError when
+        the round trip as a whole failed."""
         calls = [(_webinar_keys(w, self.route), self._args(v)) for w, v in batch.items()]
         replies = await self.store.run_many(RECORD, calls)
         out: list[list[tuple[int, bytes]] | StoreError] = []
-        for webinar, res in zip(batch, replies, strict=True):
-            out.append(res if isinstance(res, StoreError) else await self._decisions(webinar, res))
+        for (webinar, items), res in zip(batch.items(), replies, strict=True):
+            try:
+                if isinstance(res, StoreError):
+                    raise res
+                out.append(await self._decisions(webinar, res, len(items)))
+            except StoreError as exc:
+                out.append(exc)
         return out
 
-    def _args(self, viewers: list[ScriptArg]) -> list[ScriptArg]:
+    def _args(self, items: list[str]) -> list[ScriptArg]:
         now = int(self.clock() * 1000)
         return [
             now,
@@ -687,13 +707,21 @@ class HeartbeatPolicy:
             self.mode_arg,
             self.reindex_ms,
             self.gc_ms,
-            *viewers,
+            "\n".join(items),
         ]
 
-    async def _decisions(self, webinar: str, res: Any) -> list[tuple[int, bytes]]:
+    async def _decisions(self, webinar: str, res: Any, n: int) -> list[tuple[int, bytes]]:
+        """The record script's answer as (decision, negative blob) per heartbeat: one
+        digit each, the blobs of the negative ones (2) after them in order."""
+        codes = _b(res[1])
+        if len(codes) != n or len(res) != 2 + codes.count(b"2"):
+            raise StoreError("error", f"heartbeat_record answered {len(codes)} of {n} heartbeats")
         if int(res[0]) and self.flusher is not None:
             await self.flusher.announce(webinar)
-        return [(int(res[i]), _b(res[i + 1])) for i in range(1, len(res) - 1, 2)]
+        if len(res) == 2:  # no negative answer in this call: the usual case
+            return [(c - 48, b"") for c in codes]
+        blobs = iter(res[2:])
+        return [(2, _b(next(blobs))) if c == 50 else (c - 48, b"") for c in codes]
 
     async def _answer(
         self, ctx: RequestContext, send: Send, status: int, headers: Headers, body: bytes
@@ -810,16 +838,16 @@ class Recorder:
     async def _record(
         self, _group: str, items: list[tuple[str, str, int]]
     ) -> list[tuple[int, bytes] | StoreError]:
-        # Each webinar's [viewer, track, viewer, track, ...] in arrival order, and where
+        # Each webinar's heartbeats (`_item`s) in arrival order, and where
         # each of its heartbeats sits in `items`.
-        batch: dict[str, list[ScriptArg]] = {}
+        batch: dict[str, list[str]] = {}
         where: dict[str, list[int]] = {}
         for i, (webinar, viewer, track) in enumerate(items):
             viewers = batch.get(webinar)
             if viewers is None:
                 viewers = batch[webinar] = []
                 where[webinar] = []
-            viewers += (viewer, track)
+            viewers.append(_item(viewer, track))
             where[webinar].append(i)
         # One webinar (the usual turn) still goes out as a plain EVALSHA: run_many sends a
         # batch of one call without a pipeline.

@@ -11,10 +11,14 @@
 --   ARGV[4] seen_cut_ms (older entries leave the presence set)
 --   ARGV[5] 0 sample, 1 batch, 2 batch with bulk joins (join: batch)
 --   ARGV[6] reindex_every_ms   ARGV[7] gc_ms (idle expiry of the per-webinar keys)
---   ARGV[8], ARGV[9], ...: viewer, track-dirty 0|1, viewer, track-dirty 0|1, ...
--- Returns {reindex, decision, negative_blob, decision, negative_blob, ...} with decision
--- 0 absorb, 1 forward, 2 negative (then the blob is the cached answer), 3 joined (answered
--- at the edge like 0; the next flush registers the viewer), per viewer.
+--   ARGV[8] the heartbeats, one per line: track-dirty 0|1 then the viewer ("1u:<sub>\n0ip:...")
+--           (viewer ids are printable ASCII without spaces: no line break inside one)
+-- Returns {reindex, decisions, negative_blob, negative_blob, ...}: `decisions` has one
+-- digit per heartbeat, in order: 0 absorb, 1 forward, 2 negative (its blob, the cached
+-- answer, is the next of the blobs), 3 joined (answered at the edge like 0; the next
+-- flush registers the viewer). One argument and one digit a heartbeat, not two of each:
+-- the client's cost grows with the arguments and reply elements (redis-py packs a
+-- command by re-joining its whole buffer once per argument).
 -- Times come from the gateway's clock (ARGV), so every replica and the memory twin agree
 -- and tests can inject it; TTLs are only garbage collection.
 local now = tonumber(ARGV[1])
@@ -22,18 +26,18 @@ local interval = tonumber(ARGV[2])
 local batch = ARGV[5] ~= '0'
 local joins = ARGV[5] == '2'
 local gc = ARGV[7]
-local out = {0}
+local out = {0, ''}
+local codes = {}
 local tracked = false
 
-for i = 8, #ARGV, 2 do
-  local v = ARGV[i]
+for item in string.gmatch(ARGV[8], '[^\n]+') do
+  local v = string.sub(item, 2)
   local decision = -1
   local neg = redis.call('HGET', KEYS[3], v)
   if neg then
     local expires = tonumber(string.match(neg, '^(%d+)|'))
     if expires and expires > now then
       decision = 2
-      out[#out + 1] = 2
       out[#out + 1] = neg
     else
       redis.call('HDEL', KEYS[3], v)
@@ -51,7 +55,7 @@ for i = 8, #ARGV, 2 do
     if decision == 1 or batch then
       redis.call('ZADD', KEYS[2], now, v)
     end
-    if ARGV[i + 1] == '1' then
+    if string.byte(item, 1) == 49 then  -- '1'
       -- Never expires: only a successful flush removes what it sent.
       redis.call('ZADD', KEYS[4], now, v)
       tracked = true
@@ -61,10 +65,10 @@ for i = 8, #ARGV, 2 do
         redis.call('ZADD', KEYS[6], now, v)
       end
     end
-    out[#out + 1] = decision
-    out[#out + 1] = ''
   end
+  codes[#codes + 1] = decision
 end
+out[2] = table.concat(codes)
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
 redis.call('PEXPIRE', KEYS[1], gc)
