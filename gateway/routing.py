@@ -32,12 +32,14 @@ _UNSAFE_PATH = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|//|%2f|%5c|\\|%00|\x0
 
 def unsafe_path(scope: Scope) -> bool:
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    path = raw.split(b"?", 1)[0]
-    # Every pattern needs one of these bytes; most paths have none, and five byte scans
-    # cost less than the regex trying each position (1.1 % of the shed path's samples).
-    if not (b"." in path or b"//" in path or b"%" in path or b"\\" in path or b"\x00" in path):
+    # Every pattern needs ".", "%", "\\", NUL or "//"; most paths have none, and these
+    # scans cost less than the regex trying each position. An int's membership is a plain
+    # byte scan, while `b"." in raw` goes through the buffer protocol (~10x the cost on
+    # CPython 3.11). "//" is looked for in the decoded path: a raw "//" is one there too
+    # (decoding only adds slashes), so the filter still lets every unsafe path through.
+    if not (46 in raw or 37 in raw or 92 in raw or 0 in raw or "//" in scope["path"]):
         return False
-    return _UNSAFE_PATH.search(path) is not None
+    return _UNSAFE_PATH.search(raw.split(b"?", 1)[0]) is not None
 
 
 @dataclass(eq=False)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 from gateway.config import parse_config
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, unsafe_path
 
 
 def _table(*paths: str) -> RouteTable:
@@ -36,3 +37,19 @@ def test_converted_params_are_normalised_strings() -> None:
     assert _match(table, "/items/0042") == ("r0", {"n": "42"})
     uid = "5B1F0C3E-0000-4000-8000-00000000BE11"
     assert _match(table, f"/w/{uid.lower()}") == ("r1", {"id": uid.lower()})
+
+
+def test_unsafe_paths_are_found_with_or_without_raw_path() -> None:
+    """The byte pre-filter lets every unsafe form through to the pattern (uvicorn's
+    `path` is the decoded `raw_path`), and paths with a dot that is not a segment stay
+    acceptable."""
+    unsafe = [b"/a/../b", b"/a/./b", b"/a/%2e%2E/b", b"/a//b", b"/a%2Fb", b"/a%5cb"]
+    unsafe += [b"/a\\b", b"/a%00b", b"/a/.."]
+    safe = [b"/api/webinars/w1/presence/ping", b"/files/a.b.txt", b"/a/...b", b"/a%20b"]
+    for raw, expected in [(p, True) for p in unsafe] + [(p, False) for p in safe]:
+        path = unquote(raw.decode("ascii"))
+        assert unsafe_path({"raw_path": raw, "path": path}) is expected, raw
+        if b"%" not in raw:
+            assert unsafe_path({"path": path}) is expected, raw
+    # What follows the path is not the path.
+    assert not unsafe_path({"raw_path": b"/a?next=../b//c", "path": "/a"})

@@ -101,9 +101,10 @@ class HeaderRewriter:
             if (
                 k in drop
                 or k.startswith(_EDGE_PREFIX)
-                # CGI-style frameworks read Transfer_Encoding as Transfer-Encoding.
+                # CGI-style frameworks read Transfer_Encoding as Transfer-Encoding. (95 is
+                # "_": an int's membership is a byte scan, b"_" in k ~10x the cost.)
                 or (
-                    b"_" in k
+                    95 in k
                     and drop_underscore_name(k, self.allow_underscore, self.underscore_forbidden)
                 )
             ):
