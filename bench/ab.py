@@ -15,6 +15,11 @@ pings with verified HS256 tokens over 1,000 viewers, answered at the edge) on th
 
     .venv/bin/python bench/ab.py --baseline /path/to/older/checkout   # ~2 min
     .venv/bin/python bench/ab.py --baseline /path/to/older/checkout --workload heartbeat
+    # one tree, two interpreters: a venv on a PGO+LTO build (as the Docker image's;
+    # Debian's /usr/bin/python3.11 is one) against .venv's
+    /usr/bin/python3.11 -m venv /tmp/venv-pgo && /tmp/venv-pgo/bin/pip install -e '.[dev]'
+    .venv/bin/python bench/ab.py --baseline . --python /tmp/venv-pgo/bin/python \
+        --baseline-python .venv/bin/python --workload heartbeat
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", choices=("on", "off"), default="on")
     p.add_argument("--auth", choices=("off", "optional"), default="off")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument(
+        "--baseline-python",
+        help="the baseline's interpreter (default --python): with --baseline . this compares"
+        " interpreters on one tree",
+    )
     p.add_argument("--workload", choices=("passthrough", "heartbeat"), default="passthrough")
     p.add_argument("--store", default="redis://127.0.0.1:6379/12")
     p.add_argument("--webinars", type=int, default=1, help="heartbeat: webinars pinged")
@@ -72,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         up = stack.enter_context(static_upstream())
         px = stack.enter_context(nginx_proxy(up.url))
         targets = {"nginx": (px.url, px.proc.pid)}
-        for name, cwd in (("gateway", None), ("baseline", args.baseline.resolve())):
+        base_python = args.baseline_python or args.python
+        for name, cwd, python in (
+            ("gateway", None, args.python),
+            ("baseline", args.baseline.resolve(), base_python),
+        ):
             cfg = _target_config(args, up.url, name)
-            gw = stack.enter_context(gateway(cfg, python=args.python, cwd=cwd))
+            gw = stack.enter_context(gateway(cfg, python=python, cwd=cwd))
             targets[name] = (gw.url, gw.proc.pid)
         path, script = "/bench/item", None
         if args.workload == "heartbeat":
