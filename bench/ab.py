@@ -44,6 +44,7 @@ from common import (
     run_wrk,
     static_upstream,
     uptime,
+    versions,
 )
 from heartbeat import PATH as PING_PATH
 from heartbeat import hb_config, wrk_script
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     require_tools()
     print(f"ab bench — {uptime()}", flush=True)
+    for name, python in (("gateway", args.python), ("baseline", args.baseline_python)):
+        v = versions(python or args.python)
+        print(f"  {name}: python {v.get('python')} ({v.get('python_executable')})", flush=True)
     with contextlib.ExitStack() as stack:
         up = stack.enter_context(static_upstream())
         px = stack.enter_context(nginx_proxy(up.url))

@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.http import RequestContext
 from gateway.protocol import CLIENT_LOST, ClientLost
 from gateway.proxy import DisconnectWatch
+from gateway.proxy.headers import nominated
 from tests.fakes.app import FakeApp
 from tests.helpers import Running, make_config, run_gateway
 
@@ -114,6 +115,17 @@ async def test_hop_by_hop_headers_are_removed_both_ways(fake_app: FakeApp, gw: R
     assert b"x-secret-hop" not in head
     assert b"keep-alive: timeout" not in head
     assert b"x-upstream: fake" in head
+
+
+def test_connection_nominates_one_name_or_a_list() -> None:
+    """Every name a Connection header lists is hop-by-hop, in its single-name form too."""
+    assert nominated([(b"Connection", b" X-Secret ")]) == {b"x-secret"}
+    assert nominated([(b"connection", b"close, X-A,,x-b ")]) == {b"close", b"x-a", b"x-b"}
+    assert nominated([(b"connection", b"keep-alive"), (b"Connection", b"X-C")]) == {
+        b"keep-alive",
+        b"x-c",
+    }
+    assert nominated([(b"connection", b"  "), (b"x-other", b"X-D")]) == frozenset()
 
 
 async def test_forwarded_headers_trust_only_trusted_peers(fake_app: FakeApp) -> None:

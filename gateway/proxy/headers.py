@@ -57,8 +57,14 @@ def nominated(headers: Headers) -> frozenset[bytes]:
     """Header names listed in Connection (RFC 9110 7.6.1) are hop-by-hop too."""
     names: set[bytes] = set()
     for k, v in headers:
-        if k.lower() == b"connection":
+        if k.lower() != b"connection":
+            continue
+        if 44 in v:  # "," (as an int: a byte scan, not the buffer protocol)
             names.update(t.strip().lower() for t in v.split(b",") if t.strip())
+        else:  # one name, the usual case (`keep-alive`, `close`, `upgrade`)
+            name = v.strip()
+            if name:
+                names.add(name.lower())
     return frozenset(names)
 
 
@@ -193,7 +199,8 @@ class HeaderRewriter:
             redirect = redirect or lk in REWRITTEN
             out.append((lk, v))
         if conn:
-            named = nominated(conn)
+            # Hop-by-hop names are out already: `Connection: keep-alive` needs no pass.
+            named = nominated(conn) - _RESPONSE_SKIP
             if named:
                 out = [(k, v) for k, v in out if k not in named]
         if redirect and self.redirects is not None:
