@@ -164,6 +164,17 @@ def _mark_dirty(
     return new, new_join
 
 
+def _live_negative(negs: dict[bytes, bytes] | None, v: bytes, now: int) -> bytes | None:
+    """The viewer's cached negative answer, unless it has expired (then it is dropped)."""
+    if negs is None or v not in negs:
+        return None
+    blob = negs[v]
+    if int(blob.split(b"|", 1)[0]) > now:
+        return blob
+    del negs[v]
+    return None
+
+
 def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int) -> Any:
     seen_k, fwd_k, neg_k, dirty_k, ix_k, join_k = keys
     now = int(args[0])
@@ -187,13 +198,11 @@ def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int
         if not item:
             continue
         v = item[1:]
-        if negs is not None and v in negs:
-            blob = negs[v]
-            if int(blob.split(b"|", 1)[0]) > now:
-                codes.append(_DIGITS[2])
-                out.append(blob)
-                continue
-            del negs[v]
+        blob = _live_negative(negs, v, now)
+        if blob is not None:
+            codes.append(_DIGITS[2])
+            out.append(blob)
+            continue
         seen[v] = score
         last = fwd.get(v)
         decision = 1 if last is None or now - last >= interval else 0
@@ -209,14 +218,10 @@ def _record_py(data: KeySpace, keys: list[str], args: list[ScriptArg], _now: int
         codes.append(_DIGITS[decision])
     out[1] = bytes(codes)
     # New viewers count against store.memory_max_keys (members, not just keys).
-    if len(seen) > n_seen:
-        data.grew(seen_k)
-    if len(fwd) > n_fwd:
-        data.grew(fwd_k)
-    if tracked_new:
-        data.grew(dirty_k)
-    if joined_new:
-        data.grew(join_k)
+    grown = (len(seen) > n_seen, len(fwd) > n_fwd, tracked_new, joined_new)
+    for key, grew in zip((seen_k, fwd_k, dirty_k, join_k), grown, strict=True):
+        if grew:
+            data.grew(key)
     if _gc_due(data, fwd_k + "#gc", now, gc):
         _prune(seen, int(args[3]))
         _prune(fwd, int(args[2]))
