@@ -580,18 +580,12 @@ class Verifier:
 
     async def verify(self, token: str) -> VerifiedToken:
         """Verify signature and claims (cached until `exp`); raises VerifyError."""
-        digest, hit = self.cached(token)
-        return hit if hit is not None else await self.verify_uncached(token, digest)
-
-    def cached(self, token: str) -> tuple[bytes, VerifiedToken | None]:
-        """(sha256 of the token, its cached verification or None). The hit path of
-        `verify` without a coroutine: it runs on every authenticated request. Raises
-        VerifyError for a token too long or not ASCII."""
+        metrics = self.metrics
         now = self.rt.clock()
         if self.jwks is not None:
             self.jwks.maybe_refresh(now)
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
-            self.metrics.result("malformed").inc()
+            metrics.result("malformed").inc()
             raise VerifyError("malformed", "the access token is malformed")
         digest = hashlib.sha256(token.encode()).digest()
         raw = self.cache.get(digest)
@@ -601,16 +595,11 @@ class Verifier:
                 cached, ok = self._hit_counts
                 cached.inc()
                 ok.inc()
-                return digest, hit
+                return hit
             self.cache.pop(digest)
-        return digest, None
-
-    async def verify_uncached(self, token: str, digest: bytes) -> VerifiedToken:
-        """Verify a token `cached` did not know (`digest` is its sha256) and cache it."""
-        metrics = self.metrics
         metrics.cache("miss").inc()
         try:
-            vt = await self._verify(token, digest, self.rt.clock())
+            vt = await self._verify(token, digest, now)
         except VerifyError as exc:
             metrics.result(exc.result).inc()
             raise
@@ -908,9 +897,7 @@ async def authenticate(verifier: Verifier, scope: Scope) -> tuple[str, VerifiedT
         return VerifyError("malformed", "the Authorization header is not a Bearer token")
     if bearer is not None:
         try:
-            digest, vt = verifier.cached(bearer)
-            if vt is None:
-                vt = await verifier.verify_uncached(bearer, digest)
+            vt = await verifier.verify(bearer)
         except VerifyError as exc:
             if exc.names_user:  # False only after the signature checked out
                 return exc
