@@ -694,12 +694,12 @@ class HeartbeatPolicy:
         replies = await self.store.run_many(RECORD, calls)
         out: list[list[tuple[int, bytes]] | StoreError] = []
         for (webinar, items), res in zip(batch.items(), replies, strict=True):
-            try:
-                if isinstance(res, StoreError):
-                    raise res
-                out.append(await self._decisions(webinar, res, len(items)))
-            except StoreError as exc:
-                out.append(exc)
+            if not isinstance(res, StoreError):
+                try:
+                    res = await self._decisions(webinar, res, len(items))
+                except StoreError as exc:  # an answer that does not match its call
+                    res = exc
+            out.append(res)
         return out
 
     def _args(self, items: list[str]) -> list[ScriptArg]:
@@ -719,14 +719,13 @@ class HeartbeatPolicy:
         """The record script's answer as (decision, negative blob) per heartbeat: one
         digit each, the blobs of the negative ones (2) after them in order."""
         codes = _b(res[1])
-        if len(codes) != n or len(res) != 2 + codes.count(b"2"):
+        negative, zero = _DIGITS[2], _DIGITS[0]
+        if len(codes) != n or len(res) != 2 + codes.count(negative):
             raise StoreError("error", f"heartbeat_record answered {len(codes)} of {n} heartbeats")
         if int(res[0]) and self.flusher is not None:
             await self.flusher.announce(webinar)
-        if len(res) == 2:  # no negative answer in this call: the usual case
-            return [(c - 48, b"") for c in codes]
         blobs = iter(res[2:])
-        return [(2, _b(next(blobs))) if c == 50 else (c - 48, b"") for c in codes]
+        return [(2, _b(next(blobs))) if c == negative else (c - zero, b"") for c in codes]
 
     async def _answer(
         self, ctx: RequestContext, send: Send, status: int, headers: Headers, body: bytes
