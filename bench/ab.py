@@ -79,20 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     require_tools()
     print(f"ab bench — {uptime()}", flush=True)
-    for name, python in (("gateway", args.python), ("baseline", args.baseline_python)):
-        v = versions(python or args.python)
+    pythons = {"gateway": args.python, "baseline": args.baseline_python or args.python}
+    for name, python in pythons.items():
+        v = versions(python)
         print(f"  {name}: python {v.get('python')} ({v.get('python_executable')})", flush=True)
     with contextlib.ExitStack() as stack:
         up = stack.enter_context(static_upstream())
         px = stack.enter_context(nginx_proxy(up.url))
         targets = {"nginx": (px.url, px.proc.pid)}
-        base_python = args.baseline_python or args.python
-        for name, cwd, python in (
-            ("gateway", None, args.python),
-            ("baseline", args.baseline.resolve(), base_python),
-        ):
+        for name, cwd in (("gateway", None), ("baseline", args.baseline.resolve())):
             cfg = _target_config(args, up.url, name)
-            gw = stack.enter_context(gateway(cfg, python=python, cwd=cwd))
+            gw = stack.enter_context(gateway(cfg, python=pythons[name], cwd=cwd))
             targets[name] = (gw.url, gw.proc.pid)
         path, script = "/bench/item", None
         if args.workload == "heartbeat":
