@@ -7,7 +7,10 @@ no auth and no store, served
 
 - `uvicorn`: by uvicorn itself (httptools, uvloop, access log off), and
 - `edge-protocol`: by the gateway's own uvicorn setup (gateway/server.py's config:
-  `EdgeHttpProtocol` with its head limits and write corking),
+  `EdgeHttpProtocol` with its head limits and write corking), and
+- `granian` (with `--granian`, when it is installed: `.venv/bin/pip install granian`, not
+  a project dependency): the Rust server's ASGI interface, one worker, uvloop, its
+  default runtime, logging off,
 
 against nginx `proxy_pass` to a static upstream, with the same wrk script as
 bench/heartbeat.py (POST pings with a bearer token, 1,000 viewers). Rounds alternate
@@ -16,6 +19,7 @@ spread of requests/s at 50 connections, CPU per request, and the ratio to nginx 
 within each round.
 
     .venv/bin/python bench/ceiling.py            # ~1 min
+    .venv/bin/python bench/ceiling.py --granian  # with granian as a third server
     .venv/bin/python bench/ceiling.py --serve PORT edge-protocol   # (internal) one target
 """
 
@@ -96,12 +100,25 @@ def serve(port: int, kind: str) -> None:
         runner.run(server.serve())
 
 
+def _command(kind: str, port: int) -> list[str]:
+    if kind != "granian":
+        return [sys.executable, __file__, "--serve", str(port), kind]
+    # One worker process with granian's default runtime (a single-threaded runtime,
+    # `--runtime-mode st --runtime-threads 1`, cost more CPU a request here, not less);
+    # the CPU per request counts all of the process's threads.
+    return [
+        *(sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop"),
+        *("--http", "1", "--workers", "1"),
+        *("--no-log", "--host", "127.0.0.1", "--port", str(port), "ceiling:bare_app"),
+    ]
+
+
 @contextlib.contextmanager
 def target(kind: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), kind],
-        cwd=ROOT,
+        _command(kind, port),
+        cwd=ROOT / "bench" if kind == "granian" else ROOT,
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4)
+    p.add_argument("--granian", action="store_true", help="also serve it with granian")
     p.add_argument("--serve", nargs=2, metavar=("PORT", "KIND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         up = stack.enter_context(static_upstream())
         px = stack.enter_context(nginx_proxy(up.url))
         targets = {"nginx": (px.url, px.proc.pid)}
-        for kind in ("uvicorn", "edge-protocol"):
+        kinds = ("uvicorn", "edge-protocol", *(("granian",) if args.granian else ()))
+        for kind in kinds:
             targets[kind] = stack.enter_context(target(kind))
         script = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ping.lua"
         wrk_script(script)
@@ -139,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"rps_c50": res.rps, "cpu_us_c50": res.cpu_us_per_request or 0.0}
 
         rows = interleave(targets, args.rounds, measure)
-    for name in ("uvicorn", "edge-protocol"):
+    for name in kinds:
         rows[name]["ratio"] = per_round(
             rows[name]["rps_c50"], rows["nginx"]["rps_c50"], operator.truediv
         )
