@@ -11,7 +11,10 @@ bench/heartbeat.py's presence ping (verified token, heartbeat absorbed) instead.
     .venv/bin/python bench/workers.py --redis redis://127.0.0.1:6379/12 --shed --quick
 
 Needs nginx and wrk. wrk, nginx and the gateway share the machine's cores, so on a
-2-core machine the ratio measures the gateway's scaling under that sharing.
+2-core machine the ratio measures the gateway's scaling under that sharing. It also
+prints the cores the gateway used in each run and, from the CPU per request, the ratio a
+core per worker would give with the load generator elsewhere (a projection, not a
+measurement: it says whether two workers cost more CPU a request than one).
 """
 
 from __future__ import annotations
@@ -57,6 +60,24 @@ def _config(upstream: str, redis: str, workers: int, shed: bool) -> dict[str, ob
     return cfg
 
 
+def scaling(one: WrkResult, two: WrkResult, cpus: int) -> list[str]:
+    """What the CPU figures say beyond the requests/s ratio: how many cores the gateway
+    used in each run, and the ratio if each worker had a core of its own and the load
+    generator were elsewhere (2 x CPU per request of one worker / of two). On a machine
+    whose cores wrk, nginx and Redis share, the measured ratio cannot reach that
+    projection once one worker saturates its core."""
+    if not one.cpu_us_per_request or not two.cpu_us_per_request:
+        return []
+    c1, c2 = one.cpu_us_per_request, two.cpu_us_per_request
+    used1, used2 = one.rps * c1 / 1e6, two.rps * c2 / 1e6
+    return [
+        f"cores the gateway used: one worker {used1:.2f}, two workers {used2:.2f} (of {cpus}, "
+        "shared with wrk, nginx and Redis)",
+        f"CPU per request, two workers / one: {c2 / c1:.3f}; a core per worker, load elsewhere "
+        f"(projection): {2 * c1 / c2:.2f} x",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--redis", default="redis://127.0.0.1:6379/12")
@@ -94,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results[2].rps / results[1].rps
     verdict = "ok" if ratio >= TARGET else "MISSED"
     print(f"\ntwo workers / one: {ratio:.3f} x requests/s (target >= {TARGET}: {verdict})")
+    for line in scaling(results[1], results[2], os.cpu_count() or 1):
+        print(line)
     print(f"load: {uptime()}")
     return 0
 
