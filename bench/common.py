@@ -468,8 +468,9 @@ def versions(python: str = sys.executable) -> dict[str, str]:
         r = subprocess.run([WRK, "-v"], capture_output=True, text=True, timeout=5, check=False)
         out["wrk"] = (r.stdout + r.stderr).split()[1]
     # The interpreter's own file too: a PGO+LTO build (the Docker image's, Debian's
-    # /usr/bin/python3.11) runs the gateway 20-35 % faster than a plain one such as
-    # pyenv's default (docs/performance.md), so a figure needs to say which it was.
+    # /usr/bin/python3.11) ran the gateway 0-35 % cheaper a request than a plain one such
+    # as pyenv's default, depending on the machine's state (docs/performance.md), so a
+    # figure needs to say which it was.
     code = (
         "import importlib.metadata as m, platform, json, os, sys;"
         "print(json.dumps({'python': platform.python_version(),"
