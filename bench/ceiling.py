@@ -100,9 +100,10 @@ def serve(port: int, kind: str) -> None:
         runner.run(server.serve())
 
 
-def _command(kind: str, port: int) -> list[str]:
+def _command(kind: str, port: int) -> tuple[list[str], Path]:
+    """How to start one target, and where (granian imports the app from bench/)."""
     if kind != "granian":
-        return [sys.executable, __file__, "--serve", str(port), kind]
+        return [sys.executable, __file__, "--serve", str(port), kind], ROOT
     # One worker process with granian's default runtime (a single-threaded runtime,
     # `--runtime-mode st --runtime-threads 1`, cost more CPU a request here, not less);
     # the CPU per request counts all of the process's threads.
@@ -110,17 +111,14 @@ def _command(kind: str, port: int) -> list[str]:
         *(sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop"),
         *("--http", "1", "--workers", "1"),
         *("--no-log", "--host", "127.0.0.1", "--port", str(port), "ceiling:bare_app"),
-    ]
+    ], ROOT / "bench"
 
 
 @contextlib.contextmanager
 def target(kind: str) -> Iterator[tuple[str, int]]:
     port = free_port()
-    proc = subprocess.Popen(
-        _command(kind, port),
-        cwd=ROOT / "bench" if kind == "granian" else ROOT,
-        stdout=subprocess.DEVNULL,
-    )
+    cmd, cwd = _command(kind, port)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL)
     try:
         wait_port(port, proc=proc)
         yield f"http://127.0.0.1:{port}", proc.pid
