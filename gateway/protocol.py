@@ -21,6 +21,11 @@ calls from its tick to expire slow heads. It adds:
   loopback each `write()` syscall costs as much as a third of the request's Python work
   (docs/performance.md). A head whose body is not sent in the same turn (SSE, a slow
   upstream) is written at the start of the next turn, so streaming is not delayed.
+- The keep-alive idle timeout (`server.keep_alive_timeout`) as a deadline checked by the
+  same sweep, not uvicorn's timer armed after every response and cancelled by the next
+  request's first read.
+- Each request's cycle is an `EdgeCycle` (gateway/cycle.py): uvicorn's, with the common
+  case cheap.
 - `scope["extensions"]["edge.client_lost"]` (`ClientLost`): the app can ask to be called
   back when the connection closes before its response is complete, instead of keeping a
   task blocked on `receive()` for that (gateway/proxy/watch.py's `DisconnectWatch`).
@@ -36,13 +41,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.cycle import EdgeCycle
 from gateway.http import Receive, Scope, Send, send_error
 
 # After a 431, how long and how much the connection keeps reading (and discarding) before
@@ -206,6 +214,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._app = self.app
         self._cork: _Cork | None = None
         self._lost: ClientLost | None = None
+        # When an idle keep-alive connection is closed (0.0: not idle).
+        self._idle_until = 0.0
 
     # ------------------------------------------------------------------ transport
 
@@ -236,6 +246,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def data_received(self, data: bytes) -> None:
+        self._idle_until = 0.0
         if self._in_head:
             if self._lingering:
                 self._linger(len(data))
@@ -246,7 +257,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 self._overflow(data)
                 return
             self._head_room -= len(data)
-        super().data_received(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's data_received, minus cancelling a keep-alive timer never armed."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
 
     def _overflow(self, data: bytes) -> None:
         """Feed only as much as the head may still use; whatever follows the end of the
@@ -255,7 +278,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         heads = self._heads
         self._head_room = 0
         if room:
-            super().data_received(data[:room])
+            self._feed(data[:room])
         if self._upgraded or self.transport.is_closing():
             return
         if self._heads == heads:
@@ -290,8 +313,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def expire(self, now: float) -> None:
-        """Close the connection if its head (or its lingering close) is overdue."""
-        if self._deadline and now >= self._deadline and not self.transport.is_closing():
+        """Close the connection if its head (or its lingering close) is overdue, or if it
+        has been idle between requests for the keep-alive timeout."""
+        overdue = (self._deadline and now >= self._deadline) or (
+            self._idle_until and now >= self._idle_until
+        )
+        if overdue and not self.transport.is_closing():
             self._flush()
             self.transport.close()
 
@@ -318,25 +345,64 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         self._heads += 1
         lost = self._lost = ClientLost(self.loop)
+        scope = self.scope
         # uvicorn's scope is typed with the ASGI spec's extensions; this one is the edge's.
-        self.scope["extensions"] = {CLIENT_LOST: lost}  # type: ignore[dict-item]
-        prev = self.cycle
-        # uvicorn starts the cycle now unless it has to queue it behind a response still
-        # being written (pipelining); only a cycle started now is corked.
-        start_now = prev is None or prev.response_complete
+        scope["extensions"] = {CLIENT_LOST: lost}  # type: ignore[dict-item]
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        self._set_path(scope)
         limit = self._limit
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            self.app = _busy
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = self._app
+        busy = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+        # uvicorn types its app with its own scope types; ours is the gateway's Scope.
+        app: Any = _busy if busy else self._app
+        prev = self.cycle
+        cycle = self.cycle = EdgeCycle(
+            scope,
+            self.transport,
+            self.flow,
+            self,
+            asyncio.Event(),
+            self.expect_100_continue,
+            http_version != "1.0" and parser.should_keep_alive(),
+            self.on_response_complete,
+        )
+        if prev is None or prev.response_complete:
+            # Only a cycle started now is corked (a pipelined one waits its turn).
+            if self._cork is not None:
+                cycle.transport = self._cork  # type: ignore[assignment]
+                self._cork.armed = True
+            self._start_asgi_task(cycle, app)
         else:
-            super().on_headers_complete()
-        cycle = self.cycle
-        if start_now and cycle is not prev and cycle is not None and self._cork is not None:
-            cycle.transport = self._cork  # type: ignore[assignment]
-            self._cork.armed = True
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
+
+    def _set_path(self, scope: Any) -> None:
+        """path, raw_path and query_string, as uvicorn sets them."""
+        parsed = httptools.parse_url(self.url)
+        raw_path = parsed.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed.query or b""
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            # Idle from now: `expire` closes the connection after the keep-alive timeout.
+            self._idle_until = self._clock() + self.timeout_keep_alive
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

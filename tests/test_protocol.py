@@ -65,6 +65,7 @@ def connect(
     limit: int = LIMIT,
     timeout: float = 10.0,
     limit_concurrency: int | None = None,
+    keep_alive: int = 75,
 ) -> tuple[EdgeHttpProtocol, FakeTransport, CountingParser, ServerState]:
     cfg = EdgeConfig(
         app or Recorder(),
@@ -73,6 +74,7 @@ def connect(
         log_config=None,
         lifespan="off",
         limit_concurrency=limit_concurrency,
+        timeout_keep_alive=keep_alive,
     )
     state = ServerState()
     proto = EdgeHttpProtocol(cfg, state, {})
@@ -192,7 +194,7 @@ async def test_keep_alive_idle_is_not_the_header_timeout_and_the_next_head_is_ti
     state.connections.add(proto)
     proto.data_received(head(200))
     await asyncio.wait_for(app.done.wait(), 5)
-    # Idle between requests: uvicorn's keep-alive timer's business, not ours.
+    # Idle between requests: the keep-alive timeout (75 s here), not the head's 10 s.
     clock.advance(60)
     sweep_heads(state.connections)
     assert not transport.closed
@@ -204,6 +206,29 @@ async def test_keep_alive_idle_is_not_the_header_timeout_and_the_next_head_is_ti
     clock.advance(2)
     sweep_heads(state.connections)
     assert transport.closed
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    clock = FakeClock()
+    app = Recorder()
+    proto, transport, _, state = connect(app, clock=clock, timeout=10, keep_alive=30)
+    state.connections.add(proto)
+    proto.data_received(head(200))
+    await asyncio.wait_for(app.done.wait(), 5)
+    clock.advance(29)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    # A new request restarts the idle clock from the end of its response.
+    app.done.clear()
+    proto.data_received(head(200))
+    await asyncio.wait_for(app.done.wait(), 5)
+    clock.advance(29)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    clock.advance(2)
+    sweep_heads(state.connections)
+    assert transport.closed
+    assert transport.written.count(b"HTTP/1.1 200") == 2
 
 
 async def test_a_request_in_progress_is_not_timed_out() -> None:
