@@ -33,8 +33,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-# Response headers the cycle itself acts on (uvicorn's framing rules).
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# Response headers besides Content-Length that uvicorn's framing rules act on.
+_FRAMING = frozenset((b"transfer-encoding", b"connection"))
 _NO_BODY = (204, 304)
 
 
@@ -92,11 +92,15 @@ class EdgeCycle(RequestResponseCycle):
         if self.default_headers:
             headers = [*self.default_headers, *headers]
         content = [STATUS_LINE[status]]
+        length = None
         framing = False
         for name, value in headers:
             name = name.lower()
             content += (name, b": ", value, b"\r\n")
-            if name in _FRAMING:
+            if name == b"content-length":
+                if length is None:
+                    length = value
+            elif name in _FRAMING:
                 framing = True
         # The same checks as uvicorn's, over all names and all values at once: a
         # forbidden byte is in the join exactly when it is in one of them.
@@ -107,6 +111,10 @@ class EdgeCycle(RequestResponseCycle):
         close = False
         if framing:
             close = self._framing(content)
+        elif length is not None:
+            # Only Content-Length (the usual answer): uvicorn's first one counts.
+            self.expected_content_length = int(length.decode())
+            self.chunked_encoding = False
         if not self.keep_alive and not close:
             content.append(b"connection: close\r\n")
         if (
@@ -121,8 +129,9 @@ class EdgeCycle(RequestResponseCycle):
         self.transport.write(b"".join(content))
 
     def _framing(self, content: list[bytes]) -> bool:
-        """uvicorn's framing rules over the head's (name, value) pairs, in order;
-        returns whether the app asked for `Connection: close`."""
+        """uvicorn's framing rules over the head's (name, value) pairs, in order, when
+        it has Transfer-Encoding or Connection; returns whether the app asked for
+        `Connection: close`."""
         close = False
         for i in range(1, len(content), 4):
             name, value = content[i], content[i + 2]

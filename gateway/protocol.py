@@ -42,12 +42,14 @@ import asyncio
 import json
 import os
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import uvicorn
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.cycle import EdgeCycle
@@ -89,17 +91,50 @@ class ClientLost:
             callback()
 
 
+class _Flusher:
+    """The event loop's corks holding a head: one callback at the start of the next turn
+    writes them all (a `call_soon` per response was a handle per request)."""
+
+    __slots__ = ("corks", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.corks: list[_Cork] = []
+
+    def add(self, cork: _Cork) -> None:
+        if not self.corks:
+            self.loop.call_soon(self.run)
+        self.corks.append(cork)
+
+    def run(self) -> None:
+        corks, self.corks = self.corks, []
+        for cork in corks:
+            cork.flush()
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher(loop)
+    return flusher
+
+
 class _Cork:
     """The transport as a request cycle sees it. Once armed (when a cycle starts), the
     next write (the response head) is held; the write after it (the body) goes out
     joined with it in one syscall. Whatever is held is written at the start of the next
     event-loop turn at the latest, or before a close."""
 
-    __slots__ = ("armed", "held", "loop", "transport")
+    __slots__ = ("armed", "flusher", "held", "transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
-        self.loop = loop
+        self.flusher = _flusher(loop)
         self.held: bytes | None = None
         self.armed = False
 
@@ -114,7 +149,7 @@ class _Cork:
         elif self.armed:
             self.armed = False
             self.held = data
-            self.loop.call_soon(self.flush)
+            self.flusher.add(self)
         else:
             self.transport.write(data)
 
@@ -216,6 +251,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._lost: ClientLost | None = None
         # When an idle keep-alive connection is closed (0.0: not idle).
         self._idle_until = 0.0
+        # The current message is a WebSocket upgrade (its body is not the cycle's).
+        self._upgrading = False
 
     # ------------------------------------------------------------------ transport
 
@@ -336,7 +373,21 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, inline (one call less a request).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
         if not self._deadline:
             self._deadline = self._clock() + self._head_timeout
 
@@ -353,7 +404,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         scope["method"] = parser.get_method().decode("ascii")
         if http_version != "1.1":
             scope["http_version"] = http_version
-        if parser.should_upgrade() and self._should_upgrade():
+        self._upgrading = parser.should_upgrade() and self._should_upgrade()
+        if self._upgrading:
             return
         self._set_path(scope)
         limit = self._limit
@@ -404,8 +456,21 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             # Idle from now: `expire` closes the connection after the keep-alive timeout.
             self._idle_until = self._clock() + self.timeout_keep_alive
 
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's, with the upgrade decided once in on_headers_complete.
+        cycle = self.cycle
+        if self._upgrading or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        cycle = self.cycle
+        if not self._upgrading and not cycle.response_complete:
+            cycle.more_body = False
+            cycle.message_event.set()
         # The next byte on this connection starts the next head.
         self._in_head = True
         self._head_room = self._max_head

@@ -111,6 +111,18 @@ CASES = {
         start(200, (b"transfer-encoding", b"chunked")),
         body(b"abc"),
     ),
+    "two content-lengths: the first counts": (
+        start(200, (b"content-length", b"2"), (b"content-length", b"5")),
+        body(b"ok"),
+    ),
+    "content-length beside connection": (
+        start(200, (b"connection", b"keep-alive"), (b"content-length", b"2")),
+        body(b"ok"),
+    ),
+    "content-length after transfer-encoding": (
+        start(200, (b"transfer-encoding", b"chunked"), (b"content-length", b"2")),
+        body(b"ok"),
+    ),
     "204 has no body": (start(204), body(b"")),
     "304 has no body": (start(304, (b"etag", b'"x"')), body(b"")),
     "app closes": (
