@@ -20,6 +20,8 @@ Workloads:
                viewers watch `--webinars` webinars (default 1)
   passthrough  bench/passthrough.py's catch-all with `--auth optional` (no token), to a
                static nginx upstream
+  asgi         the shed workload's requests answered by a do-nothing ASGI app (read the
+               body, a fixed 200) under the same protocol: the server's own share
 
     apt-get install valgrind            # not a project dependency
     .venv/bin/python bench/icount.py shed --store redis://127.0.0.1:6379/12
@@ -138,6 +140,7 @@ class _Conn:
 
 
 def _requests(workload: str, webinars: int) -> list[bytes]:
+    # asgi: the shed workload's pings, answered by a do-nothing app.
     if workload == "passthrough":
         return [b"GET /api/items/42 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: icount\r\n\r\n"]
     import heartbeat as hb
@@ -171,6 +174,18 @@ def _config(workload: str, store: str, upstream: str) -> dict[str, Any]:
     return cfg
 
 
+async def _nothing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The `asgi` workload's app: what any ASGI app must do to answer."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": _NOTHING_HEAD})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+_NOTHING_HEAD = [(b"content-type", b"application/json"), (b"content-length", b"11")]
+
+
 async def _drive(args: argparse.Namespace) -> None:
     from uvicorn.server import ServerState
 
@@ -181,14 +196,10 @@ async def _drive(args: argparse.Namespace) -> None:
 
     logging.disable(logging.CRITICAL)
     cfg = parse_config(json.dumps(_config(args.workload, args.store, args.upstream)))
-    app = create_app(cfg)
-    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    lifespan = asyncio.ensure_future(app({"type": "lifespan"}, to_app.get, from_app.put))
-    await to_app.put({"type": "lifespan.startup"})
-    started = await from_app.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise SystemExit(f"gateway did not start: {started}")
+    app: Any = _nothing
+    if args.workload != "asgi":
+        app = create_app(cfg)
+        lifespan = await _start(app)
     config = _uvicorn_config(app, "127.0.0.1", 8080, cfg, lifespan="off")
     config.load()
     state = ServerState()
@@ -206,9 +217,26 @@ async def _drive(args: argparse.Namespace) -> None:
     await drive.run(args.drive)
     cpu = time.process_time() - t0
     print(f"drive: {args.drive} requests, {1e6 * cpu / args.drive:.1f} us CPU each", flush=True)
-    await to_app.put({"type": "lifespan.shutdown"})
-    await from_app.get()
-    await lifespan
+    if args.workload != "asgi":
+        await lifespan({"type": "lifespan.shutdown"})
+
+
+async def _start(app: Any) -> Any:
+    """Run the gateway's lifespan start-up; returns the call that shuts it down."""
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan"}, to_app.get, from_app.put))
+    await to_app.put({"type": "lifespan.startup"})
+    started = await from_app.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise SystemExit(f"gateway did not start: {started}")
+
+    async def stop(msg: dict[str, Any]) -> None:
+        await to_app.put(msg)
+        await from_app.get()
+        await task
+
+    return stop
 
 
 def _instructions(tree: Path, args: argparse.Namespace, n: int) -> int:
@@ -248,7 +276,7 @@ def _per_request(tree: Path, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("workload", choices=("shed", "passthrough"))
+    p.add_argument("workload", choices=("shed", "passthrough", "asgi"))
     p.add_argument("--store", default="memory://", help="shed: memory:// or a Redis URL")
     p.add_argument("--baseline", type=Path, help="also count the gateway package of this tree")
     p.add_argument("--requests", type=int, default=2000, help="requests of the short drive")

@@ -12,11 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_shed_drive_answers_every_request() -> None:
-    # No upstream listens on port 9: the warm-up's forwarded pings get 502 and the drive
-    # still completes, since it counts answers, not outcomes.
-    args = ["shed", "--drive", "200", "--upstream", "http://127.0.0.1:9", "--concurrency", "10"]
-    proc = subprocess.run(
+def drive(workload: str) -> subprocess.CompletedProcess[str]:
+    # No upstream listens on port 9: the shed warm-up's forwarded pings get 502 and the
+    # drive still completes, since it counts answers, not outcomes.
+    args = [workload, "--drive", "200", "--upstream", "http://127.0.0.1:9", "--concurrency", "10"]
+    return subprocess.run(
         [sys.executable, "bench/icount.py", *args],
         cwd=ROOT,
         capture_output=True,
@@ -24,5 +24,16 @@ def test_the_shed_drive_answers_every_request() -> None:
         timeout=120,
         check=False,
     )
+
+
+def test_the_shed_drive_answers_every_request() -> None:
+    proc = drive("shed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "drive: 200 requests" in proc.stdout
+
+
+def test_the_asgi_drive_answers_every_request() -> None:
+    """The server's share alone: a do-nothing app under the same protocol."""
+    proc = drive("asgi")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "drive: 200 requests" in proc.stdout
