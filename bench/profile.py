@@ -61,7 +61,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("upstream client", ("aiohttp", "gateway/proxy/", "yarl", "multidict")),
     ("ASGI dispatch", ("gateway/app.py", "gateway/http.py", "gateway/headers.py", "gateway/net")),
-    ("server", ("uvicorn", "httptools", "gateway/protocol.py", "uvloop", "asyncio")),
+    (
+        "server",
+        ("uvicorn", "httptools", "gateway/protocol.py", "gateway/cycle.py", "uvloop", "asyncio"),
+    ),
 ]
 
 
