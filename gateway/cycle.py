@@ -104,10 +104,10 @@ class EdgeCycle(RequestResponseCycle):
                 framing = True
         # The same checks as uvicorn's, over all names and all values at once: a
         # forbidden byte is in the join exactly when it is in one of them.
-        if HEADER_RE.search(b"".join(content[1::4])):
-            raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(b"".join(content[3::4])):
-            raise RuntimeError("Invalid HTTP header value.")
+        if HEADER_RE.search(b"".join(content[1::4])) or HEADER_VALUE_RE.search(
+            b"".join(content[3::4])
+        ):
+            self._invalid(content)
         close = False
         if framing:
             close = self._framing(content)
@@ -127,6 +127,23 @@ class EdgeCycle(RequestResponseCycle):
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
         self.transport.write(b"".join(content))
+
+    def _invalid(self, content: list[bytes]) -> None:
+        """A head that fails validation: raise what uvicorn's in-order loop raises first
+        (the error path only, so the common case keeps its two searches)."""
+        framed = False
+        for i in range(1, len(content), 4):
+            name, value = content[i], content[i + 2]
+            if HEADER_RE.search(name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            if name == b"content-length" and not framed:
+                int(value.decode())
+                framed = True
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                framed = True
+        raise AssertionError("unreachable")
 
     def _framing(self, content: list[bytes]) -> bool:
         """uvicorn's framing rules over the head's (name, value) pairs, in order, when

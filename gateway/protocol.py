@@ -98,18 +98,26 @@ class _Flusher:
     __slots__ = ("corks", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weak: the value of a WeakKeyDictionary must not keep its key alive.
+        self.loop = weakref.ref(loop)
         self.corks: list[_Cork] = []
 
     def add(self, cork: _Cork) -> None:
         if not self.corks:
-            self.loop.call_soon(self.run)
+            self.loop().call_soon(self.run)  # type: ignore[union-attr]
         self.corks.append(cork)
 
     def run(self) -> None:
         corks, self.corks = self.corks, []
         for cork in corks:
-            cork.flush()
+            try:
+                cork.flush()
+            except Exception as exc:  # one connection's failure must not hold the others'
+                loop = self.loop()
+                if loop is not None:
+                    loop.call_exception_handler(
+                        {"message": "writing a held response head", "exception": exc}
+                    )
 
 
 _flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
@@ -301,7 +309,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.send_400_response("Invalid HTTP request received.")
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
@@ -468,9 +478,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
-        if not self._upgrading and not cycle.response_complete:
-            cycle.more_body = False
-            cycle.message_event.set()
+        if not self._upgrading:
+            if not cycle.response_complete:
+                cycle.more_body = False
+                cycle.message_event.set()
+            elif not self.pipeline:
+                # Answered before its body was all read (an early 401 or 413): the rest
+                # of the body cleared the idle deadline, so it starts again here
+                # (uvicorn's timer, cancelled by the same reads, never came back).
+                self._idle_until = self._clock() + self.timeout_keep_alive
         # The next byte on this connection starts the next head.
         self._in_head = True
         self._head_room = self._max_head

@@ -200,3 +200,33 @@ async def test_the_common_case_is_edge_cycles_own(monkeypatch: pytest.MonkeyPatc
     wire = await serve(True, app, POST, [])
     assert wire.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok"]
     assert not wire.closed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"x-a", b"1\nx"), (b"x y", b"1")],
+        [(b"x y", b"1"), (b"x-a", b"1\nx")],
+        [(b"content-length", b"abc"), (b"x-a", b"1\r\nx-b: 2")],
+        [(b"x-a", b"1\r\nx-b: 2"), (b"content-length", b"abc")],
+        [(b"content-length", b"abc")],
+    ],
+)
+async def test_an_invalid_head_raises_what_uvicorn_raises(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """The app sees the same exception from send() as under uvicorn: the first bad
+    header in order decides it, whatever the batched check found."""
+    raised: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        try:
+            await send(start(200, *headers))
+        except Exception as exc:
+            raised.append(repr(exc))
+            raise
+
+    await same(app)
+    assert len(raised) == 2
+    assert raised[0] == raised[1]

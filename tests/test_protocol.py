@@ -4,9 +4,13 @@ an injected clock (the socket-level behaviour is in tests/test_edge_attacks.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
+import weakref
 from typing import Any
 
+import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
@@ -17,6 +21,7 @@ from gateway.protocol import (
     EdgeConfig,
     EdgeHttpProtocol,
     HeadLimits,
+    _flusher,
     sweep_heads,
 )
 from tests.fakes.clock import FakeClock
@@ -244,6 +249,54 @@ async def test_a_request_in_progress_is_not_timed_out() -> None:
     proto.data_received(b"67890")
     await asyncio.wait_for(app.done.wait(), 5)
     assert transport.status() == 200
+
+
+async def test_an_early_answer_then_the_rest_of_the_body_still_times_out_idle() -> None:
+    """An app that answers before reading the body (an early 401 or 413): the rest of
+    the body arrives after the response, and the connection is then idle like any
+    other (uvicorn's own timer was cancelled by those reads and never re-armed)."""
+
+    async def early(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 401, b"{}")
+
+    clock = FakeClock()
+    proto, transport, _, state = connect(early, clock=clock, keep_alive=30)
+    state.connections.add(proto)
+    proto.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
+    for _ in range(100):
+        if transport.status() is not None:
+            break
+        await asyncio.sleep(0)  # let the answering task run (no wall-clock wait)
+    assert transport.status() == 401
+    proto.data_received(b"67890")
+    clock.advance(29)
+    sweep_heads(state.connections)
+    assert not transport.closed
+    clock.advance(2)
+    sweep_heads(state.connections)
+    assert transport.closed
+
+
+async def test_an_unparsable_request_is_logged_and_answered_400(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proto, transport, _, _ = connect()
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        proto.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+    assert transport.status() == 400
+    assert body_of(transport)["error"] == "bad_request"
+    assert transport.closed
+    assert "Invalid HTTP request received." in caplog.text
+
+
+def test_the_head_flusher_does_not_keep_a_closed_loop_alive() -> None:
+    loop = asyncio.new_event_loop()
+    _flusher(loop)
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert ref() is None
 
 
 async def test_over_limit_concurrency_is_503_json() -> None:
