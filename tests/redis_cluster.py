@@ -230,7 +230,16 @@ class RedisClusterServers(_Servers):
         def agreed() -> bool:
             return all(self.owner_of_slot(mine, via=p) == replica_port for p in self.live)
 
-        _wait(agreed, "every node sees the new owner")
+        # The new owner broadcasts once; a node whose bus link was being re-made at that
+        # moment (a loaded machine) learns it from the regular pings, which reach every
+        # node at least every node_timeout / 2 (30 s here). Seen once in CI: 15 s was not
+        # enough.
+        wait = max(15.0, self.node_timeout_ms / 2000 + 5.0)
+        try:
+            _wait(agreed, "every node sees the new owner", wait)
+        except RuntimeError as exc:
+            views = {p: self.owner_of_slot(mine, via=p) for p in self.live}
+            raise RuntimeError(f"{exc}; slot {mine} owner as each node sees it: {views}") from None
 
     def owner_of_slot(self, slot: int, *, via: int) -> int:
         """Port of the master serving `slot` as node `via` sees it (-1: none right now)."""
