@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
@@ -128,22 +128,17 @@ class EdgeCycle(RequestResponseCycle):
         content.append(b"\r\n")
         self.transport.write(b"".join(content))
 
-    def _invalid(self, content: list[bytes]) -> None:
+    def _invalid(self, content: list[bytes]) -> NoReturn:
         """A head that fails validation: raise what uvicorn's in-order loop raises first
         (the error path only, so the common case keeps its two searches)."""
-        framed = False
         for i in range(1, len(content), 4):
             name, value = content[i], content[i + 2]
             if HEADER_RE.search(name):
                 raise RuntimeError("Invalid HTTP header name.")
             if HEADER_VALUE_RE.search(value):
                 raise RuntimeError("Invalid HTTP header value.")
-            if name == b"content-length" and not framed:
-                int(value.decode())
-                framed = True
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                framed = True
-        raise AssertionError("unreachable")
+            self._frame(name, value)  # a bad Content-Length raises here, as in uvicorn
+        raise AssertionError("unreachable: one of the joined searches matched")
 
     def _framing(self, content: list[bytes]) -> bool:
         """uvicorn's framing rules over the head's (name, value) pairs, in order, when
@@ -151,19 +146,24 @@ class EdgeCycle(RequestResponseCycle):
         `Connection: close`."""
         close = False
         for i in range(1, len(content), 4):
-            name, value = content[i], content[i + 2]
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection" and b"close" in [
-                token.lower().strip() for token in value.split(b",")
-            ]:
-                self.keep_alive = False
-                close = True
+            close = self._frame(content[i], content[i + 2]) or close
         return close
+
+    def _frame(self, name: bytes, value: bytes) -> bool:
+        """uvicorn's framing rule for one (lowercased) header; True for a
+        `Connection: close`."""
+        if name == b"content-length" and self.chunked_encoding is None:
+            self.expected_content_length = int(value.decode())
+            self.chunked_encoding = False
+        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            self.expected_content_length = 0
+            self.chunked_encoding = True
+        elif name == b"connection" and b"close" in [
+            token.lower().strip() for token in value.split(b",")
+        ]:
+            self.keep_alive = False
+            return True
+        return False
 
     def _finish(self, message: Any) -> bool:
         """The one body of a Content-Length response: write it and complete the
