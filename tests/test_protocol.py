@@ -96,6 +96,12 @@ def head(size: int) -> bytes:
     return base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (size - len(base)))
 
 
+def later(clock: FakeClock, state: ServerState, seconds: float) -> None:
+    """Move the clock, then run the server's sweep of head and idle deadlines."""
+    clock.advance(seconds)
+    sweep_heads(state.connections)
+
+
 def body_of(transport: FakeTransport) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(bytes(transport.written).split(b"\r\n\r\n", 1)[1])
     return doc
@@ -171,11 +177,9 @@ async def test_an_idle_new_connection_is_closed_at_the_header_timeout() -> None:
     clock = FakeClock()
     proto, transport, _, state = connect(clock=clock, timeout=10)
     state.connections.add(proto)
-    clock.advance(9.9)
-    sweep_heads(state.connections)
+    later(clock, state, 9.9)
     assert not transport.closed
-    clock.advance(0.2)
-    sweep_heads(state.connections)
+    later(clock, state, 0.2)
     assert transport.closed
     assert transport.written == b""  # closed, not answered
 
@@ -200,16 +204,13 @@ async def test_keep_alive_idle_is_not_the_header_timeout_and_the_next_head_is_ti
     proto.data_received(head(200))
     await asyncio.wait_for(app.done.wait(), 5)
     # Idle between requests: the keep-alive timeout (75 s here), not the head's 10 s.
-    clock.advance(60)
-    sweep_heads(state.connections)
+    later(clock, state, 60)
     assert not transport.closed
     # The next head is timed from its first byte.
     proto.data_received(b"GET /y HTTP/1.1\r\nHost: a\r\n")
-    clock.advance(9)
-    sweep_heads(state.connections)
+    later(clock, state, 9)
     assert not transport.closed
-    clock.advance(2)
-    sweep_heads(state.connections)
+    later(clock, state, 2)
     assert transport.closed
 
 
@@ -220,18 +221,15 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time
     state.connections.add(proto)
     proto.data_received(head(200))
     await asyncio.wait_for(app.done.wait(), 5)
-    clock.advance(29)
-    sweep_heads(state.connections)
+    later(clock, state, 29)
     assert not transport.closed
     # A new request restarts the idle clock from the end of its response.
     app.done.clear()
     proto.data_received(head(200))
     await asyncio.wait_for(app.done.wait(), 5)
-    clock.advance(29)
-    sweep_heads(state.connections)
+    later(clock, state, 29)
     assert not transport.closed
-    clock.advance(2)
-    sweep_heads(state.connections)
+    later(clock, state, 2)
     assert transport.closed
     assert transport.written.count(b"HTTP/1.1 200") == 2
 
@@ -243,8 +241,7 @@ async def test_a_request_in_progress_is_not_timed_out() -> None:
     proto, transport, _, state = connect(app, clock=clock, timeout=10)
     state.connections.add(proto)
     proto.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345")
-    clock.advance(600)
-    sweep_heads(state.connections)
+    later(clock, state, 600)
     assert not transport.closed
     proto.data_received(b"67890")
     await asyncio.wait_for(app.done.wait(), 5)
@@ -269,11 +266,9 @@ async def test_an_early_answer_then_the_rest_of_the_body_still_times_out_idle() 
         await asyncio.sleep(0)  # let the answering task run (no wall-clock wait)
     assert transport.status() == 401
     proto.data_received(b"67890")
-    clock.advance(29)
-    sweep_heads(state.connections)
+    later(clock, state, 29)
     assert not transport.closed
-    clock.advance(2)
-    sweep_heads(state.connections)
+    later(clock, state, 2)
     assert transport.closed
 
 
