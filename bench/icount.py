@@ -20,8 +20,9 @@ Workloads:
                viewers watch `--webinars` webinars (default 1)
   passthrough  bench/passthrough.py's catch-all with `--auth optional` (no token), to a
                static nginx upstream
-  asgi         the shed workload's requests answered by a do-nothing ASGI app (read the
-               body, a fixed 200) under the same protocol: the server's own share
+  asgi         the shed workload's requests answered by bench/ceiling.py's do-nothing
+               ASGI app (read the body, a fixed 200) under the same protocol: the
+               server's own share
 
     apt-get install valgrind            # not a project dependency
     .venv/bin/python bench/icount.py shed --store redis://127.0.0.1:6379/12
@@ -174,18 +175,6 @@ def _config(workload: str, store: str, upstream: str) -> dict[str, Any]:
     return cfg
 
 
-async def _nothing(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The `asgi` workload's app: what any ASGI app must do to answer."""
-    if scope["type"] != "http":
-        return
-    await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": _NOTHING_HEAD})
-    await send({"type": "http.response.body", "body": b'{"ok":true}'})
-
-
-_NOTHING_HEAD = [(b"content-type", b"application/json"), (b"content-length", b"11")]
-
-
 async def _drive(args: argparse.Namespace) -> None:
     from uvicorn.server import ServerState
 
@@ -196,10 +185,13 @@ async def _drive(args: argparse.Namespace) -> None:
 
     logging.disable(logging.CRITICAL)
     cfg = parse_config(json.dumps(_config(args.workload, args.store, args.upstream)))
-    app: Any = _nothing
-    if args.workload != "asgi":
+    if args.workload == "asgi":
+        from ceiling import bare_app
+
+        app: Any = bare_app
+    else:
         app = create_app(cfg)
-        lifespan = await _start(app)
+        stop = await _start(app)
     config = _uvicorn_config(app, "127.0.0.1", 8080, cfg, lifespan="off")
     config.load()
     state = ServerState()
@@ -218,7 +210,7 @@ async def _drive(args: argparse.Namespace) -> None:
     cpu = time.process_time() - t0
     print(f"drive: {args.drive} requests, {1e6 * cpu / args.drive:.1f} us CPU each", flush=True)
     if args.workload != "asgi":
-        await lifespan({"type": "lifespan.shutdown"})
+        await stop()
 
 
 async def _start(app: Any) -> Any:
@@ -231,8 +223,8 @@ async def _start(app: Any) -> Any:
     if started["type"] != "lifespan.startup.complete":
         raise SystemExit(f"gateway did not start: {started}")
 
-    async def stop(msg: dict[str, Any]) -> None:
-        await to_app.put(msg)
+    async def stop() -> None:
+        await to_app.put({"type": "lifespan.shutdown"})
         await from_app.get()
         await task
 
