@@ -58,12 +58,21 @@ def require_tools() -> None:
         sys.exit(3)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on right now (the usual bind-to-0 trick; the
-    tiny race until the child binds it is acceptable for a benchmark)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    tiny race until the child binds it is acceptable for a benchmark), never one this
+    process was given before: two calls in a row can otherwise return the same port,
+    which made `listen` and `admin_listen` equal in one bench/profile.py run."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None) -> None:

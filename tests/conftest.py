@@ -95,10 +95,20 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on now, never one this process was given before:
+    two bind-to-0 calls in a row can return the same port once the first socket is
+    closed, and `listen` and `admin_listen` must then differ (seen in a bench run)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class PrivateRedis:

@@ -34,13 +34,20 @@ def _bindable(port: int) -> bool:
         return True
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(*, bus: bool = False) -> int:
-    """A free loopback port; with `bus`, port + 10000 (the cluster bus) is free too."""
+    """A free loopback port, never one this process was given before (bind-to-0 can
+    repeat itself); with `bus`, port + 10000 (the cluster bus) is free too."""
     for _ in range(200):
         with socket.socket() as sock:
             sock.bind((HOST, 0))
             port = int(sock.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
         if not bus or (port + 10000 < 65536 and _bindable(port + 10000)):
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port pair found")
 

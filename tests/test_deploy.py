@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import yaml
 from gateway.cli import _parser as cli_parser
 from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.routing import RouteTable
+from tests.conftest import free_port
 from tests.fakes.app import FakeApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -806,16 +806,10 @@ def test_gateway_check_accepts_the_configmap_and_rejects_a_broken_one(
 # --------------------------------------------------------------------------- it serves and drains
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served_config(base: list[dict[str, Any]], tmp_path: Path) -> tuple[Path, int, int]:
     """The ConfigMap's config.yaml with only the listeners moved to free loopback ports."""
-    public, admin = _free_port(), _free_port()
+    public, admin = free_port(), free_port()
     text = configmap_config(base)
     text = text.replace("listen: 0.0.0.0:8080", f"listen: 127.0.0.1:{public}")
     text = text.replace("admin_listen: 0.0.0.0:9091", f"admin_listen: 127.0.0.1:{admin}")

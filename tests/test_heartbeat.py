@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from gateway.policies.heartbeat.policy import (
 )
 from gateway.runtime import Runtime
 from gateway.store import StoreError
+from tests.conftest import free_port
 from tests.fakes.app import FakeApp
 from tests.fakes.clock import FakeClock
 from tests.helpers import Running, make_config, run_gateway
@@ -617,12 +617,6 @@ def test_config_errors_name_the_key(heartbeat: dict[str, Any], key: str, words: 
     assert words in issues[key]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _batch_process_config(app_url: str, listen: int, admin: int) -> dict[str, Any]:
     """A whole gateway config: one presence route in batch mode that never flushes on
     its own (flush_interval 1h), so only the shutdown flush can deliver."""
@@ -657,7 +651,7 @@ async def test_batch_flushes_on_sigterm(fake_app: FakeApp, tmp_path: Any) -> Non
     """The real process: `python -m gateway`, pings, SIGTERM; the flush arrives before
     the process exits."""
 
-    listen, admin = _free_port(), _free_port()
+    listen, admin = free_port(), free_port()
     doc = _batch_process_config(fake_app.url, listen, admin)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(doc))
