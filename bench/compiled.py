@@ -13,6 +13,7 @@ shipping it would take).
 
     .venv/bin/python bench/compiled.py                       # ~10 min: compile + counts
     .venv/bin/python bench/compiled.py --workloads passthrough --keep /tmp/compiled
+    .venv/bin/python bench/compiled.py --add gateway/protocol.py --add gateway/cycle.py
 
 Modules left out, and why (mypy 2.4.1, 2026-12-03):
   gateway/protocol.py, gateway/cycle.py  they compile, but compiled code checks declared
@@ -70,17 +71,17 @@ def _copy(dest: Path) -> None:
     http.write_text(text.replace(old, new))
 
 
-def _compile(dest: Path, python: str) -> None:
+def _compile(dest: Path, python: str, modules: list[str]) -> None:
     out = subprocess.run(
-        [python, "-m", "mypyc", *MODULES], cwd=dest, capture_output=True, text=True, check=False
+        [python, "-m", "mypyc", *modules], cwd=dest, capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
         errors = [line for line in out.stdout.splitlines() if ": error:" in line]
         raise SystemExit("mypyc failed:\n" + "\n".join(errors or [out.stdout[-2000:]]))
-    modules = [m[:-3].replace("/", ".") for m in MODULES]
+    names = [m[:-3].replace("/", ".") for m in modules]
     check = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     imp = subprocess.run(
-        [python, "-c", check, *modules], cwd=dest, capture_output=True, text=True, check=False
+        [python, "-c", check, *names], cwd=dest, capture_output=True, text=True, check=False
     )
     if imp.returncode != 0:
         raise SystemExit(f"the compiled copy does not import (rc {imp.returncode}):\n{imp.stderr}")
@@ -94,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="passthrough,shed", help="comma-separated")
     p.add_argument("--runs", type=int, default=2, help="counts per tree and workload")
     p.add_argument("--keep", type=Path, help="compile into this directory and keep it")
+    p.add_argument(
+        "--add", action="append", default=[], metavar="MODULE", help="compile this module too"
+    )
     args = p.parse_args(argv)
     if args.keep is not None and args.keep.exists():
         raise SystemExit(f"{args.keep} exists; give a new directory")
     dest = args.keep or Path(tempfile.mkdtemp(prefix="bench-compiled-"))
     try:
         _copy(dest)
-        _compile(dest, args.python)
+        _compile(dest, args.python, [*MODULES, *args.add])
         for workload in args.workloads.split(","):
             cmd = [
                 args.python,

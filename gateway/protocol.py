@@ -452,7 +452,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             path = urllib.parse.unquote(path)
         scope["path"] = self.root_path + path
         scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        scope["query_string"] = parsed.query or b""
+        # None without a query, whatever httptools' stub says (a compiled build checks it).
+        query: bytes | None = parsed.query
+        scope["query_string"] = query if query is not None else b""
 
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1

@@ -442,13 +442,15 @@ class JwksCache:
             self.fetched_at = now
             self.expires_at = now + ttl
             self.last_error = None
-        except _FetchFailed as exc:
-            outcome = exc.outcome
-            self.last_error = exc.detail
+        except _FetchFailed as failed:
+            outcome = failed.outcome
+            self.last_error = failed.detail
         except httpx.TimeoutException:
             outcome = "timeout"
             self.last_error = "timeout"
         except httpx.HTTPError as exc:
+            # Its own name: mypyc types a name from its first binding, and one name for
+            # both exception types raised TypeError in a compiled build (bench/compiled.py).
             outcome = "error"
             self.last_error = type(exc).__name__
         self.fetches += 1
