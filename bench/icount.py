@@ -95,6 +95,8 @@ class _Drive:
         self.loop = asyncio.get_running_loop()
         self.conns = [_Conn(self, proto_factory()) for _ in range(concurrency)]
         self.sent = self.done = self.target = 0
+        # Error answers (4xx/5xx) counted: a broken build answers fast and counts low.
+        self.errors = 0
         self.finished: asyncio.Future[None] = self.loop.create_future()
 
     async def run(self, n: int) -> None:
@@ -137,6 +139,8 @@ class _Conn:
         length = int(m.group(1)) if m else 0
         if len(rest) >= length:
             self.buf = rest[length:]
+            if head[9:10] in (b"4", b"5"):  # b"HTTP/1.1 4.."
+                self.drive.errors += 1
             self.drive.complete(self)
 
 
@@ -205,10 +209,13 @@ async def _drive(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    drive.errors = 0
     t0 = time.process_time()
     await drive.run(args.drive)
     cpu = time.process_time() - t0
     print(f"drive: {args.drive} requests, {1e6 * cpu / args.drive:.1f} us CPU each", flush=True)
+    if drive.errors and not args.allow_errors:
+        raise SystemExit(f"{drive.errors} error answers: the count would not be of the workload")
     if args.workload != "asgi":
         await stop()
 
@@ -278,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     p.add_argument("--drive", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--allow-errors", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.drive:
         import uvloop

@@ -445,16 +445,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def _set_path(self, scope: Any) -> None:
         """path, raw_path and query_string, as uvicorn sets them."""
-        parsed = httptools.parse_url(self.url)
-        raw_path = parsed.path
+        # Any: httptools' stub types `query` as bytes, and it is None without a query (a
+        # build compiled with mypyc checks declared types, and failed there).
+        parsed: Any = httptools.parse_url(self.url)
+        raw_path: bytes = parsed.path
         path = raw_path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)
         scope["path"] = self.root_path + path
         scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        # None without a query, whatever httptools' stub says (a compiled build checks it).
-        query: bytes | None = parsed.query
-        scope["query_string"] = query if query is not None else b""
+        scope["query_string"] = parsed.query or b""
 
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
