@@ -66,13 +66,14 @@ def free_port() -> int:
     tiny race until the child binds it is acceptable for a benchmark), never one this
     process was given before: two calls in a row can otherwise return the same port,
     which made `listen` and `admin_listen` equal in one bench/profile.py run."""
-    while True:
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((LOOPBACK, 0))
             port = int(s.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise BenchError("no free loopback port not handed out before")
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None) -> None:

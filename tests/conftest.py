@@ -102,13 +102,14 @@ def free_port() -> int:
     """A loopback port nobody listens on now, never one this process was given before:
     two bind-to-0 calls in a row can return the same port once the first socket is
     closed, and `listen` and `admin_listen` must then differ (seen in a bench run)."""
-    while True:
+    for _ in range(200):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError("no free loopback port not handed out before")
 
 
 class PrivateRedis:

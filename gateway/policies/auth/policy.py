@@ -448,9 +448,7 @@ class JwksCache:
         except httpx.TimeoutException:
             outcome = "timeout"
             self.last_error = "timeout"
-        except httpx.HTTPError as exc:
-            # Its own name: mypyc types a name from its first binding, and one name for
-            # both exception types raised TypeError in a compiled build (bench/compiled.py).
+        except httpx.HTTPError as exc:  # not `failed`: mypyc types a name once (TypeError)
             outcome = "error"
             self.last_error = type(exc).__name__
         self.fetches += 1
