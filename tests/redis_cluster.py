@@ -22,6 +22,8 @@ from pathlib import Path
 
 import redis
 
+from tests.conftest import free_port as conftest_free_port
+
 HOST = "127.0.0.1"
 
 
@@ -34,20 +36,12 @@ def _bindable(port: int) -> bool:
         return True
 
 
-_HANDED_OUT: set[int] = set()
-
-
 def free_port(*, bus: bool = False) -> int:
-    """A free loopback port, never one this process was given before (bind-to-0 can
-    repeat itself); with `bus`, port + 10000 (the cluster bus) is free too."""
+    """tests/conftest.py's free port (never one handed out before in this process); with
+    `bus`, port + 10000 (the cluster bus) is free too."""
     for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind((HOST, 0))
-            port = int(sock.getsockname()[1])
-        if port in _HANDED_OUT:
-            continue
+        port = conftest_free_port()
         if not bus or (port + 10000 < 65536 and _bindable(port + 10000)):
-            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port pair found")
 
