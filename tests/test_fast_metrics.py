@@ -56,19 +56,96 @@ def test_anything_else_is_left_as_it_is() -> None:
     assert fast(o) is o
 
 
-def test_multiprocess_values_are_left_to_prometheus_client(tmp_path: Path) -> None:
-    """With server.workers > 1 values live in mmap files other processes read: no fast path."""
+# The same families as _families, in a process with PROMETHEUS_MULTIPROC_DIR set (it
+# is read when prometheus_client is imported), printed as the supervisor exposes them.
+_MP_CODE = """
+import sys
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from gateway.observability.collectors import LATENCY_BUCKETS, fast, flush_pending
+mode = sys.argv[1]
+c = Counter("t_requests_total", "h", ["route"])
+g = Gauge("t_in_flight", "h", multiprocess_mode="livesum")
+h = Histogram("t_seconds", "h", ["route"], buckets=LATENCY_BUCKETS)
+wrap = (lambda child: child) if mode == "plain" else fast
+cc, gg, hh = wrap(c.labels("a")), wrap(g), wrap(h.labels("a"))
+print(type(cc).__name__, type(gg).__name__, type(hh).__name__, file=sys.stderr)
+for amount in map(float, sys.argv[2].split(",")):
+    cc.inc()
+    gg.inc()
+    hh.observe(amount)
+    if mode == "flush-often":
+        flush_pending()
+gg.dec()
+cc.inc(2.5)
+if mode != "at-exit":
+    flush_pending()
+    r = CollectorRegistry()
+    MultiProcessCollector(r)
+    # Family order follows the files' order on disk: sorted, the text compares.
+    sys.stdout.write("\\n".join(sorted(generate_latest(r).decode().splitlines())))
+"""
+_MP_AMOUNTS = ",".join(str(a) for a in AMOUNTS)
+
+
+def _multiprocess(mode: str, tmp_path: Path) -> tuple[str, str]:
+    d = tmp_path / mode
+    d.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
+    out = subprocess.run(
+        [sys.executable, "-c", _MP_CODE, mode, _MP_AMOUNTS], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout, out.stderr
+
+
+def test_multiprocess_children_defer_and_expose_what_prometheus_client_would(
+    tmp_path: Path,
+) -> None:
+    """With server.workers > 1 values live in mmap files the supervisor reads: the hot
+    path adds to plain totals and the flush writes the same numbers prometheus_client's
+    own locked increments would have, whether it runs once or after every increment."""
+    plain, kinds = _multiprocess("plain", tmp_path)
+    assert "Deferred" not in kinds and "t_seconds_bucket" in plain
+    once, kinds = _multiprocess("fast", tmp_path)
+    assert kinds.split() == ["_DeferredValue", "_DeferredValue", "_DeferredHistogram"]
+    often, _ = _multiprocess("flush-often", tmp_path)
+    assert once == plain
+    assert often == plain
+
+
+def test_the_exit_flush_moves_what_the_thread_had_not(tmp_path: Path) -> None:
+    """A worker that exits (a drain ends in interpreter exit) leaves its last counts in
+    its file: the supervisor's /metrics still adds them up."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    plain, _ = _multiprocess("plain", tmp_path)
+    _multiprocess("at-exit", tmp_path)
+    r = CollectorRegistry()
+    MultiProcessCollector(r, path=str(tmp_path / "at-exit"))
+    assert "\n".join(sorted(generate_latest(r).decode().splitlines())) == plain
+
+
+def test_the_flusher_thread_moves_totals_without_being_asked(tmp_path: Path) -> None:
     code = (
-        "from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram\n"
+        "import time\n"
+        "from prometheus_client import Counter\n"
+        "from prometheus_client.multiprocess import MultiProcessCollector\n"
+        "from prometheus_client import CollectorRegistry\n"
         "from gateway.observability.collectors import fast\n"
-        "r = CollectorRegistry()\n"
-        "c = Counter('a_total', 'h', ['x'], registry=r).labels('1')\n"
-        "h = Histogram('b_seconds', 'h', ['x'], registry=r).labels('1')\n"
-        "g = Gauge('g', 'h', registry=r, multiprocess_mode='livesum')\n"
-        "print(fast(c) is c, fast(h) is h, fast(g) is g)\n"
+        "c = fast(Counter('a_total', 'h', ['x']).labels('1'))\n"
+        "c.inc(3)\n"
+        "def seen():\n"
+        "    r = CollectorRegistry()\n"
+        "    MultiProcessCollector(r)\n"
+        "    return r.get_sample_value('a_total', {'x': '1'})\n"
+        "deadline = time.monotonic() + 30\n"
+        "while seen() != 3.0 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "print(seen())\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["True", "True", "True"]
+    assert out.stdout.split() == ["3.0"]

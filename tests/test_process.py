@@ -212,6 +212,10 @@ async def test_sigterm_drains_in_flight_requests(fake_app: FakeApp, tmp_path: Pa
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
+_OK_200 = 'edge_requests_total{method="GET",route="default",status="200"}'
+_OK_40 = _OK_200 + " 40.0"
+
+
 async def test_two_workers_share_the_port(
     fake_app: FakeApp, redis_url: str, tmp_path: Path
 ) -> None:
@@ -229,7 +233,13 @@ async def test_two_workers_share_the_port(
 
         codes = await asyncio.gather(*(one("/slow?s=0.2") for _ in range(40)))
         assert codes == [200] * 40
-        metrics = (await c.get(admin + "/metrics")).text
+        # Each worker moves its counts into the shared files every FLUSH_INTERVAL.
+        total: list[str] = []
+        deadline = time.monotonic() + 30
+        while total != [_OK_40] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            metrics = (await c.get(admin + "/metrics")).text
+            total = [ln for ln in metrics.splitlines() if ln.startswith(_OK_200)]
         assert (await c.get(admin + "/readyz")).status_code == 200
         # SIGTERM while both workers hold requests: every worker drains its own.
         inflight = [asyncio.ensure_future(one("/slow?s=1")) for _ in range(10)]
@@ -239,13 +249,8 @@ async def test_two_workers_share_the_port(
         assert await asyncio.gather(*inflight) == [200] * 10
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         err = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
-    total = [
-        ln
-        for ln in metrics.splitlines()
-        if ln.startswith('edge_requests_total{method="GET",route="default",status="200"}')
-    ]
     # The supervisor's /metrics adds up both workers (Prometheus multiprocess mode).
-    assert total == ['edge_requests_total{method="GET",route="default",status="200"} 40.0']
+    assert total == [_OK_40]
     pids = {
         json.loads(line)["pid"]
         for line in err.splitlines()
