@@ -95,14 +95,37 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def uptime() -> str:
-    """`uptime` output (the load averages go in every report: the figures are noisy)."""
+# Where a KVM guest's idle policy shows (Linux's cpuidle-haltpoll driver).
+SYSFS_CPUIDLE = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def idle_policy(driver: Path = SYSFS_CPUIDLE, halt_poll: Path = HALT_POLL_NS) -> str:
+    """What an idle CPU does here. On a VM whose guest halt polling is 0 (this project's
+    machines boot with `haltpoll.guest_halt_poll_ns=0`), every idle vCPU exits to the
+    hypervisor and each wake-up costs hundreds of µs: a one-connection p50 then measures
+    wake-ups, not the gateway (docs/performance.md, eighth session). Linux's default is
+    200000 ns; bench/halt_poll.py sets it for one command."""
     try:
-        return subprocess.run(
+        name = driver.read_text().strip()
+    except OSError:
+        return "cpuidle: unknown"
+    try:
+        return f"cpuidle: {name}, guest_halt_poll_ns={halt_poll.read_text().strip()}"
+    except OSError:
+        return f"cpuidle: {name}"
+
+
+def uptime() -> str:
+    """`uptime` output (the load averages go in every report: the figures are noisy) and
+    the idle policy (which decides one-connection latencies on a VM)."""
+    try:
+        load = subprocess.run(
             ["uptime"], capture_output=True, text=True, timeout=5, check=False
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        load = "load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{load}; {idle_policy()}"
 
 
 def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
