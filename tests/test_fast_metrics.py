@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.observability.collectors import LATENCY_BUCKETS, Children, fast
@@ -58,60 +59,70 @@ def test_anything_else_is_left_as_it_is() -> None:
 
 # The same families as _families, in a process with PROMETHEUS_MULTIPROC_DIR set (it
 # is read when prometheus_client is imported), printed as the supervisor exposes them.
+# "once" and "at-exit" park the flusher thread, so only flush_pending() or the exit hook
+# can move anything.
 _MP_CODE = """
 import sys
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from gateway.observability.collectors import LATENCY_BUCKETS, fast, flush_pending
+import gateway.observability.collectors as col
 mode = sys.argv[1]
+if mode in ("once", "at-exit"):
+    col.FLUSH_INTERVAL = 1e9
 c = Counter("t_requests_total", "h", ["route"])
 g = Gauge("t_in_flight", "h", multiprocess_mode="livesum")
-h = Histogram("t_seconds", "h", ["route"], buckets=LATENCY_BUCKETS)
-wrap = (lambda child: child) if mode == "plain" else fast
+h = Histogram("t_seconds", "h", ["route"], buckets=col.LATENCY_BUCKETS)
+wrap = (lambda child: child) if mode == "plain" else col.fast
 cc, gg, hh = wrap(c.labels("a")), wrap(g), wrap(h.labels("a"))
 print(type(cc).__name__, type(gg).__name__, type(hh).__name__, file=sys.stderr)
 for amount in map(float, sys.argv[2].split(",")):
     cc.inc()
-    gg.inc()
+    gg.inc(0.5)
     hh.observe(amount)
     if mode == "flush-often":
-        flush_pending()
-gg.dec()
-cc.inc(2.5)
+        col.flush_pending()
+gg.dec(0.25)
+cc.inc(2.125)
 if mode != "at-exit":
-    flush_pending()
+    col.flush_pending()
     r = CollectorRegistry()
     MultiProcessCollector(r)
     # Family order follows the files' order on disk: sorted, the text compares.
     sys.stdout.write("\\n".join(sorted(generate_latest(r).decode().splitlines())))
 """
-_MP_AMOUNTS = ",".join(str(a) for a in AMOUNTS)
+# Binary fractions: every partial sum is exact, so a total moved in many deltas equals
+# one accumulated in place to the last bit (and a wrong sum shows: no NaN here).
+_EXACT = [0.0, 2**-11, 2**-10, 0.25, 0.5, 2.5, 29.75, 30.0, 31.0]
 
 
-def _multiprocess(mode: str, tmp_path: Path) -> tuple[str, str]:
-    d = tmp_path / mode
+def _multiprocess(mode: str, tmp_path: Path, amounts: list[float]) -> tuple[str, str]:
+    d = tmp_path / f"{mode}-{len(amounts)}"
     d.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
+    arg = ",".join(str(a) for a in amounts)
     out = subprocess.run(
-        [sys.executable, "-c", _MP_CODE, mode, _MP_AMOUNTS], env=env, capture_output=True, text=True
+        [sys.executable, "-c", _MP_CODE, mode, arg], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     return out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("amounts", [_EXACT, AMOUNTS], ids=["exact", "inf-nan"])
 def test_multiprocess_children_defer_and_expose_what_prometheus_client_would(
-    tmp_path: Path,
+    tmp_path: Path, amounts: list[float]
 ) -> None:
     """With server.workers > 1 values live in mmap files the supervisor reads: the hot
     path adds to plain totals and the flush writes the same numbers prometheus_client's
     own locked increments would have, whether it runs once or after every increment."""
-    plain, kinds = _multiprocess("plain", tmp_path)
+    plain, kinds = _multiprocess("plain", tmp_path, amounts)
     assert "Deferred" not in kinds and "t_seconds_bucket" in plain
-    once, kinds = _multiprocess("fast", tmp_path)
+    once, kinds = _multiprocess("once", tmp_path, amounts)
     assert kinds.split() == ["_DeferredValue", "_DeferredValue", "_DeferredHistogram"]
-    often, _ = _multiprocess("flush-often", tmp_path)
+    often, _ = _multiprocess("flush-often", tmp_path, amounts)
     assert once == plain
     assert often == plain
+    if amounts is _EXACT:
+        assert 't_seconds_sum{route="a"} 94.00146484375' in plain.splitlines()
 
 
 def test_the_exit_flush_moves_what_the_thread_had_not(tmp_path: Path) -> None:
@@ -119,11 +130,102 @@ def test_the_exit_flush_moves_what_the_thread_had_not(tmp_path: Path) -> None:
     its file: the supervisor's /metrics still adds them up."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    plain, _ = _multiprocess("plain", tmp_path)
-    _multiprocess("at-exit", tmp_path)
+    plain, _ = _multiprocess("plain", tmp_path, _EXACT)
+    _multiprocess("at-exit", tmp_path, _EXACT)
     r = CollectorRegistry()
-    MultiProcessCollector(r, path=str(tmp_path / "at-exit"))
+    MultiProcessCollector(r, path=str(tmp_path / f"at-exit-{len(_EXACT)}"))
     assert "\n".join(sorted(generate_latest(r).decode().splitlines())) == plain
+
+
+def _run_mp(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+_SEEN = (
+    "def seen():\n"
+    "    r = CollectorRegistry()\n"
+    "    MultiProcessCollector(r)\n"
+    "    return r.get_sample_value('a_total', {'x': '1'})\n"
+)
+_IMPORTS = (
+    "import os, time\n"
+    "from prometheus_client import CollectorRegistry, Counter\n"
+    "from prometheus_client.multiprocess import MultiProcessCollector\n"
+    "import gateway.observability.collectors as col\n"
+)
+
+
+def test_a_reload_gets_the_same_deferred_child_back(tmp_path: Path) -> None:
+    """Every reload builds its policies again and asks `fast` again: one twin per child,
+    or the flusher's list would grow with every SIGHUP."""
+    code = _IMPORTS + (
+        "c = Counter('a_total', 'h', ['x'])\n"
+        "twins = {id(col.fast(c.labels('1'))) for _ in range(100)}\n"
+        "print(len(twins), len(col._FLUSHER.children))\n"
+    )
+    out = _run_mp(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_forked_child_moves_only_its_own_counts(tmp_path: Path) -> None:
+    """prometheus_client gives a forked child files of its own: the parent's unmoved
+    counts stay the parent's to move, and the child gets a flusher thread of its own."""
+    code = (
+        _IMPORTS
+        + _SEEN
+        + (
+            "c = col.fast(Counter('a_total', 'h', ['x']).labels('1'))\n"
+            "c.inc(5)\n"
+            "col.flush_pending()\n"
+            "c.inc(2)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    c.inc(1)\n"
+            "    deadline = time.monotonic() + 30\n"
+            "    while seen() != 8.0 and time.monotonic() < deadline:\n"
+            "        time.sleep(0.01)\n"
+            "    os._exit(0 if seen() == 8.0 else 1)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "col.flush_pending()\n"
+            "print(os.waitstatus_to_exitcode(status), seen())\n"
+        )
+    )
+    out = _run_mp(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "8.0"]
+
+
+def test_a_failing_flush_is_logged_once_and_the_thread_goes_on(tmp_path: Path) -> None:
+    code = (
+        _IMPORTS
+        + _SEEN
+        + (
+            "import logging\n"
+            "logging.basicConfig()\n"
+            "c = col.fast(Counter('a_total', 'h', ['x']).labels('1'))\n"
+            "target, calls = c._target, []\n"
+            "real = target.inc\n"
+            "def inc(amount):\n"
+            "    calls.append(amount)\n"
+            "    if len(calls) <= 3:\n"
+            "        raise OSError('no space left on device')\n"
+            "    real(amount)\n"
+            "target.inc = inc\n"
+            "c.inc(3)\n"
+            "deadline = time.monotonic() + 30\n"
+            "while seen() != 3.0 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            "print(seen(), len(calls))\n"
+        )
+    )
+    out = _run_mp(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3.0", "4"]
+    assert out.stderr.count("moving metrics into the multiprocess files failed") == 1
 
 
 def test_the_flusher_thread_moves_totals_without_being_asked(tmp_path: Path) -> None:

@@ -15,12 +15,17 @@ at most that interval's worth.
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client.values import MutexValue
+
+log = logging.getLogger("gateway.metrics")
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -96,48 +101,75 @@ class _FastHistogram:
 
 
 # How often each process moves its deferred totals into the mmap files (multiprocess
-# mode only). Short enough that a scrape right after a burst sees it; one pass over the
-# children (a few hundred at most: label values are small fixed vocabularies) costs
-# microseconds.
+# mode only). Short enough that a scrape right after a burst sees it; a pass over the
+# children (one per label set: small fixed vocabularies, reloads reuse them) is a list
+# comparison each for the idle ones.
 FLUSH_INTERVAL = 0.1
 
 
 class _Deferred(Protocol):
     def flush(self) -> None: ...
 
+    def settle(self) -> None: ...
+
 
 class _Flusher:
-    """The process's deferred children and the daemon thread that flushes them. Each
-    child has one writer per field: the event-loop thread only adds to its totals, the
-    flush only advances what it has already moved (under one lock, so the thread and the
-    exit hook never move the same amount twice). No increment is lost and the hot path
-    takes no lock. Workers are spawned, not forked: a forked child would inherit totals
-    its parent already moved."""
+    """The process's deferred children (one per prometheus_client child) and the daemon
+    thread that flushes them. Each child has one writer per field: the event-loop thread
+    only adds to its totals, the flush only advances what it has already moved (under
+    one lock, so the thread and the exit hook never move the same amount twice). No
+    increment is lost and the hot path takes no lock, as long as only the event-loop
+    thread increments (true of every caller in gateway/)."""
 
     def __init__(self) -> None:
-        self.children: list[_Deferred] = []
+        self.children: dict[int, _Deferred] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._failing = False
+        atexit.register(self.flush)
+        # prometheus_client starts a forked child on files of its own pid: what the parent
+        # had counted stays the parent's to move, and the child needs its own thread.
+        os.register_at_fork(after_in_child=self._after_fork)
 
-    def add(self, child: _Deferred) -> None:
+    def get(self, child: Any, make: Callable[[Any], _Deferred]) -> _Deferred:
+        """The deferred twin of `child`, made once: a reload builds its policies again
+        and asks again, and a second twin would be a second entry to flush forever."""
         with self._lock:
-            self.children.append(child)
+            twin = self.children.get(id(child))
+            if twin is None:  # the twin keeps `child` alive, so its id stays its own
+                twin = self.children[id(child)] = make(child)
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="edge-metrics-flush", daemon=True
-                )
-                self._thread.start()
-                atexit.register(self.flush)
+                self._start()
+        return twin
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edge-metrics-flush", daemon=True)
+        self._thread.start()
 
     def flush(self) -> None:
         with self._lock:
-            for child in self.children:
-                child.flush()
+            for twin in self.children.values():
+                twin.flush()
 
     def _run(self) -> None:
         while True:
             time.sleep(FLUSH_INTERVAL)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a full disk under the mmap files: keep counting, say so once
+                if not self._failing:
+                    log.exception("moving metrics into the multiprocess files failed")
+                self._failing = True
+            else:
+                self._failing = False
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        for twin in self.children.values():
+            twin.settle()
+        self._thread = None
+        if self.children:
+            self._start()
 
 
 _FLUSHER = _Flusher()
@@ -158,7 +190,6 @@ class _DeferredValue:
         self._target = target
         self.total = 0.0
         self._flushed = 0.0
-        _FLUSHER.add(self)
 
     def inc(self, amount: float = 1) -> None:
         self.total += amount
@@ -172,6 +203,9 @@ class _DeferredValue:
             self._target.inc(total - self._flushed)
             self._flushed = total
 
+    def settle(self) -> None:
+        self._flushed = self.total
+
 
 class _DeferredHistogram:
     """`observe` of a multiprocess Histogram child: per-bucket counts (not cumulative,
@@ -182,10 +216,9 @@ class _DeferredHistogram:
     def __init__(self, child: Any) -> None:
         self._bounds: list[float] = list(child._upper_bounds)
         self._targets: list[Any] = [*child._buckets, child._sum]
-        self.counts = [0] * len(child._buckets)
+        self.counts: list[float] = [0] * len(child._buckets)
         self.total = 0.0
         self._flushed: list[float] = [0.0] * len(self._targets)
-        _FLUSHER.add(self)
 
     def observe(self, amount: float) -> None:
         self.total += amount
@@ -194,10 +227,15 @@ class _DeferredHistogram:
 
     def flush(self) -> None:
         now = [*self.counts, self.total]
+        if now == self._flushed:  # the common idle case: one C-level list comparison
+            return
         for i, (value, done) in enumerate(zip(now, self._flushed, strict=True)):
             if value != done:
                 self._targets[i].inc(value - done)
                 self._flushed[i] = value
+
+    def settle(self) -> None:
+        self._flushed = [*self.counts, self.total]
 
 
 def _histogram(child: Any, buckets: list[Any]) -> Any:
@@ -207,7 +245,7 @@ def _histogram(child: Any, buckets: list[Any]) -> Any:
     if all(type(v) is MutexValue and hasattr(v, "_value") for v in values):
         return _FastHistogram(child)
     if all(getattr(v, "_multiprocess", False) for v in values):
-        return _DeferredHistogram(child)
+        return _FLUSHER.get(child, _DeferredHistogram)
     return child
 
 
@@ -217,7 +255,7 @@ def fast(child: Any) -> Any:
     (`server.workers > 1`, values in mmap files) deferred totals the flusher moves. The
     child itself when the library's layout is not the one this was written against.
     Only for children that are incremented by amounts the caller controls (no
-    validation here)."""
+    validation here), and from the event-loop thread only (no lock on either path)."""
     buckets = getattr(child, "_buckets", None)
     if buckets is not None:
         return _histogram(child, list(buckets))
@@ -225,5 +263,5 @@ def fast(child: Any) -> Any:
     if type(value) is MutexValue and hasattr(value, "_value"):
         return _FastValue(value)
     if getattr(value, "_multiprocess", False):
-        return _DeferredValue(value)
+        return _FLUSHER.get(value, _DeferredValue)
     return child
