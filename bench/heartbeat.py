@@ -94,7 +94,10 @@ def ping_path(viewer: int, webinars: int = 1) -> str:
 
 def wrk_script(path: Path, webinars: int = 1) -> None:
     """A wrk Lua script: POST the ping, rotating over VIEWERS valid tokens; viewer i
-    pings webinar i mod `webinars`."""
+    pings webinar i mod `webinars`. The requests are built once per wrk thread, in
+    `init` (after wrk has set the Host header), not per request: formatting each one in
+    Lua cost wrk ~29 µs a request (0.31-0.33 of the two cores at 11k pings/s), CPU the
+    targets on the same machine then did not get."""
     tokens = ",\n".join(f'"{token(f"00000000-0000-4000-8000-{i:012d}")}"' for i in range(VIEWERS))
     paths = ",\n".join(f'"{ping_path(w, webinars)}"' for w in range(webinars))
     path.write_text(
@@ -107,14 +110,19 @@ local paths = {{
 }}
 local n = #tokens
 local w = #paths
+local requests = {{}}
 local i = 0
+init = function(args)
+  for k = 0, n - 1 do
+    requests[k + 1] = wrk.format("POST", paths[(k % w) + 1], {{
+      ["Authorization"] = "Bearer " .. tokens[k + 1],
+      ["Content-Type"] = "application/json",
+    }}, "{{}}")
+  end
+end
 request = function()
   i = i + 1
-  local k = i % n
-  return wrk.format("POST", paths[(k % w) + 1], {{
-    ["Authorization"] = "Bearer " .. tokens[k + 1],
-    ["Content-Type"] = "application/json",
-  }}, "{{}}")
+  return requests[(i % n) + 1]
 end
 """
     )
