@@ -144,11 +144,17 @@ def _run_mp(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+# What the supervisor would expose for a_total{x="1"}, and a bounded wait for a value
+# another thread or process moves there.
 _SEEN = (
     "def seen():\n"
     "    r = CollectorRegistry()\n"
     "    MultiProcessCollector(r)\n"
     "    return r.get_sample_value('a_total', {'x': '1'})\n"
+    "def wait_seen(value):\n"
+    "    deadline = time.monotonic() + 30\n"
+    "    while seen() != value and time.monotonic() < deadline:\n"
+    "        time.sleep(0.01)\n"
 )
 _IMPORTS = (
     "import os, time\n"
@@ -185,9 +191,7 @@ def test_a_forked_child_moves_only_its_own_counts(tmp_path: Path) -> None:
             "pid = os.fork()\n"
             "if pid == 0:\n"
             "    c.inc(1)\n"
-            "    deadline = time.monotonic() + 30\n"
-            "    while seen() != 8.0 and time.monotonic() < deadline:\n"
-            "        time.sleep(0.01)\n"
+            "    wait_seen(8.0)\n"
             "    os._exit(0 if seen() == 8.0 else 1)\n"
             "_, status = os.waitpid(pid, 0)\n"
             "col.flush_pending()\n"
@@ -216,9 +220,7 @@ def test_a_failing_flush_is_logged_once_and_the_thread_goes_on(tmp_path: Path) -
             "    real(amount)\n"
             "target.inc = inc\n"
             "c.inc(3)\n"
-            "deadline = time.monotonic() + 30\n"
-            "while seen() != 3.0 and time.monotonic() < deadline:\n"
-            "    time.sleep(0.01)\n"
+            "wait_seen(3.0)\n"
             "print(seen(), len(calls))\n"
         )
     )
@@ -230,24 +232,15 @@ def test_a_failing_flush_is_logged_once_and_the_thread_goes_on(tmp_path: Path) -
 
 def test_the_flusher_thread_moves_totals_without_being_asked(tmp_path: Path) -> None:
     code = (
-        "import time\n"
-        "from prometheus_client import Counter\n"
-        "from prometheus_client.multiprocess import MultiProcessCollector\n"
-        "from prometheus_client import CollectorRegistry\n"
-        "from gateway.observability.collectors import fast\n"
-        "c = fast(Counter('a_total', 'h', ['x']).labels('1'))\n"
-        "c.inc(3)\n"
-        "def seen():\n"
-        "    r = CollectorRegistry()\n"
-        "    MultiProcessCollector(r)\n"
-        "    return r.get_sample_value('a_total', {'x': '1'})\n"
-        "deadline = time.monotonic() + 30\n"
-        "while seen() != 3.0 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)\n"
-        "print(seen())\n"
+        _IMPORTS
+        + _SEEN
+        + (
+            "c = col.fast(Counter('a_total', 'h', ['x']).labels('1'))\n"
+            "c.inc(3)\n"
+            "wait_seen(3.0)\n"
+            "print(seen())\n"
+        )
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    out = _run_mp(code, tmp_path)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3.0"]
