@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from gateway.policies.heartbeat.policy import (
     FLUSH,
@@ -193,3 +194,51 @@ async def test_failed_flush_keeps_the_join_and_a_refusal_clears_it(store: Store)
     taken = b(await store.run(FLUSH, fkeys, ["take", 10]))
     assert taken[0::3] == [b"u:a", b"u:b"]
     assert taken[2::3] == [b"", str(T0 + 60_000).encode()]
+
+
+async def test_a_call_longer_than_a_slice_decides_each_heartbeat(store: Store) -> None:
+    # The script reads and writes each key once per call, in slices of 1,000 members
+    # (Lua's unpack is bounded): 2,500 viewers (5,000 ZADD arguments), every one twice,
+    # with a live negative answer so the negatives are looked up too.
+    keys = _webinar_keys("w1", "r")
+    blob = b"%d|404|application/json|{}" % (T0 + 60_000)
+    await store.run(OUTCOME, _outcome_keys(keys), ["neg", "u:1234", blob, GC])
+    viewers: list[ScriptArg] = []
+    for i in range(2500):
+        viewers += [f"u:{i}", 1]
+    res = await record(store, T0, viewers + viewers, batch=True)
+    first, repeat = res[1:5001], res[5001:]
+    assert first[0::2] == [2 if i == 1234 else 1 for i in range(2500)]
+    assert repeat[0::2] == [2 if i == 1234 else 0 for i in range(2500)]
+    assert first[1234 * 2 + 1] == repeat[1234 * 2 + 1] == blob
+    assert b(await store.run(PRESENCE, [seen_key("w1")], [T0])) == 2499
+    taken = b(await store.run(FLUSH, keys[3:6], ["take", 3000]))
+    assert len(taken[0::3]) == 2499
+
+
+async def test_redis_prunes_and_renews_the_idle_expiry_once_its_mark_is_a_second_old(
+    redis_url: str,
+) -> None:
+    # Pruning runs when the route's idle expiry was set more than a second ago (its
+    # TTL is the mark): stale members leave the sets and both TTLs are renewed.
+    store = RedisStore(redis_url, "t:", timeout=1.0)
+    await store.start()
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        seen_k, fwd_k = ("t:" + k for k in _webinar_keys("w1", "r")[:2])
+        await record(store, T0, ["u:old", 0])
+        assert GC - 1000 < await raw.pttl(seen_k) <= GC
+        assert GC - 1000 < await raw.pttl(fwd_k) <= GC
+        # A second and more later (the mark's TTL lowered instead of waiting):
+        await raw.pexpire(fwd_k, GC - 5000)
+        await raw.pexpire(seen_k, GC - 5000)
+        later = T0 + WINDOW + 1
+        assert (await record(store, later, ["u:new", 0]))[1] == 1
+        assert await raw.zscore(seen_k, "u:old") is None
+        assert await raw.zscore(fwd_k, "u:old") is None
+        assert await raw.zscore(seen_k, "u:new") == later
+        assert GC - 1000 < await raw.pttl(seen_k) <= GC
+        assert GC - 1000 < await raw.pttl(fwd_k) <= GC
+    finally:
+        await raw.aclose()
+        await store.close()

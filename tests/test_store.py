@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -163,3 +164,24 @@ async def test_redis_timeout_is_bounded(private_redis: str) -> None:
     assert time.perf_counter() - t0 < 2.5
     await s.close()
     await admin.close()
+
+
+async def test_start_warns_when_redis_is_older_than_the_scripts_need(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.store")
+    store = RedisStore(redis_url, "t:", timeout=1.0)
+    await store.start()  # the real server (7.x): nothing to say
+    await store.close()
+    assert not [r for r in caplog.records if "older than" in r.getMessage()]
+
+    async def old_info(section: str) -> dict[str, Any]:
+        assert section == "server"
+        return {"redis_version": "6.0.9"}
+
+    store = RedisStore(redis_url, "t:", timeout=1.0)
+    monkeypatch.setattr(store.client, "info", old_info)
+    await store.start()
+    await store.close()
+    (line,) = [r.getMessage() for r in caplog.records if "older than" in r.getMessage()]
+    assert line.startswith("Redis 6.0.9 is older than 6.2")

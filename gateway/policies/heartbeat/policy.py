@@ -132,9 +132,9 @@ def _score(v: float) -> bytes:
 
 def _gc_due(data: KeySpace, mark: str, now: int, gc: float) -> bool:
     """True at most once a second per webinar: then the twin prunes its sets and renews
-    their idle expiry (Redis does both on every call; here every keyspace touch costs a
-    TLRU lookup, and the pruned entries are garbage either way, since every read compares
-    scores with a cut-off)."""
+    their idle expiry, as the Lua script does (every keyspace touch costs a TLRU lookup
+    here and a write on Redis, and the pruned entries are garbage either way, since every
+    read compares scores with a cut-off)."""
     last = data.get(mark)
     if last is not None and now - int(last) < _PRUNE_EVERY_MS:
         return False

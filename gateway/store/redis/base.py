@@ -53,6 +53,8 @@ from gateway.store.base import (
 log = logging.getLogger("gateway.store")
 
 T = TypeVar("T")
+# The oldest Redis every script runs on: heartbeat_record reads with ZMSCORE (6.2).
+MIN_REDIS = (6, 2)
 # One call of a batch with its keys prefixed.
 Prefixed = tuple[list[str], list[Any]]
 
@@ -394,6 +396,26 @@ class RedisStore(Store):
             await self._learn()
         with contextlib.suppress(StoreError):
             await self.ping()
+        with contextlib.suppress(Exception):
+            await self._check_version()
+
+    async def _check_version(self) -> None:
+        """Say at start when the server is older than the scripts need: otherwise every
+        call of such a script fails and follows on_failure with only Redis's "unknown
+        command" to explain it. (A cluster client's INFO has no single version: skipped.)"""
+        info = await self.client.info("server")
+        version = info.get("redis_version") if isinstance(info, dict) else None
+        if not isinstance(version, str):
+            return
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < MIN_REDIS:
+            log.warning(
+                "Redis %s is older than %d.%d: the heartbeat scripts will fail and follow "
+                "on_failure",
+                version,
+                *MIN_REDIS,
+                extra={"redis_version": version},
+            )
 
     async def close(self) -> None:
         if self._refresh_task is not None:
