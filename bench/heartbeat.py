@@ -128,12 +128,50 @@ end
     )
 
 
+def redis_side(url: str | None) -> tuple[int, int, float] | None:
+    """Redis's own account, to difference around a run: EVALSHA calls, their µs (the
+    scripts' time, commands inside included) and the server's CPU seconds. None for the
+    memory store."""
+    if url is None or not url.startswith("redis://"):
+        return None
+    import redis  # the gateway's dependency; only the Redis runs need it
+
+    with redis.Redis.from_url(url) as r:
+        stats: Any = r.info("commandstats")
+        cpu: Any = r.info("cpu")
+    row = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+    return int(row["calls"]), int(row["usec"]), cpu["used_cpu_user"] + cpu["used_cpu_sys"]
+
+
+def print_redis_side(
+    before: tuple[int, int, float] | None, after: tuple[int, int, float] | None, pings: int
+) -> None:
+    """How many pings shared a record call, and what Redis spent a ping: the store's
+    part of the shed path that the gateway's CPU figure does not show."""
+    if before is None or after is None or not pings:
+        return
+    calls = after[0] - before[0]
+    print(
+        f"    redis: {calls:,} script calls ({pings / max(calls, 1):.1f} pings a call), "
+        f"{(after[1] - before[1]) / pings:.1f} µs of script time and "
+        f"{(after[2] - before[2]) * 1e6 / pings:.1f} µs of Redis CPU a ping",
+        flush=True,
+    )
+
+
 def _measure(
-    name: str, url: str, pid: int, script: Path, args: argparse.Namespace
+    name: str,
+    url: str,
+    pid: int,
+    script: Path,
+    args: argparse.Namespace,
+    store: str | None = None,
 ) -> dict[str, WrkResult]:
     run_wrk(url, 50, 2, args.warmup, script=script)
+    before = redis_side(store)
     out = {"c50": run_wrk(url, 50, 2, args.duration, cpu_pid=pid, script=script)}
     print_result(name, out["c50"])
+    print_redis_side(before, redis_side(store), out["c50"].requests)
     out["c1"] = run_wrk(url, 1, 1, args.duration_c1, cpu_pid=pid, script=script)
     print_result(name, out["c1"])
     return out
@@ -246,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, store, cwd in stores:
                 with gateway(hb_config(up.url, store), python=args.python, cwd=cwd) as gw:
                     label = key.split("_")[0] + " shed (" + store.split(":", 1)[0] + ")"
-                    results[key] = _measure(label, gw.url, gw.proc.pid, script, args)
+                    results[key] = _measure(label, gw.url, gw.proc.pid, script, args, store)
                     edge[key] = outcomes(gw.admin_url)
                     print(f"    edge outcomes: {edge[key]}", flush=True)
     except BenchError as exc:
