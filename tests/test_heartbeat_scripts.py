@@ -242,3 +242,27 @@ async def test_redis_prunes_and_renews_the_idle_expiry_once_its_mark_is_a_second
     finally:
         await raw.aclose()
         await store.close()
+
+
+async def test_redis_seen_set_recreated_within_the_second_gets_its_expiry(
+    redis_url: str,
+) -> None:
+    # Another route's negative outcome can remove the last viewer of the shared seen
+    # set (deleting it); this route's next call re-creates it while its own mark is
+    # fresh: the set must still get its idle expiry, or it would never expire.
+    store = RedisStore(redis_url, "t:", timeout=1.0)
+    await store.start()
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = _webinar_keys("w1", "r")
+        seen_k = "t:" + keys[0]
+        await record(store, T0, ["u:a", 0])
+        other = _webinar_keys("w1", "other")
+        blob = b"%d|403|application/json|{}" % (T0 + 60_000)
+        await store.run(OUTCOME, _outcome_keys(other), ["neg", "u:a", blob, GC])
+        assert await raw.exists(seen_k) == 0
+        await record(store, T0 + 1, ["u:b", 0])
+        assert GC - 1000 < await raw.pttl(seen_k) <= GC
+    finally:
+        await raw.aclose()
+        await store.close()

@@ -402,7 +402,8 @@ class RedisStore(Store):
     async def _check_version(self) -> None:
         """Say at start when the server is older than the scripts need: otherwise every
         call of such a script fails and follows on_failure with only Redis's "unknown
-        command" to explain it. (A cluster client's INFO has no single version: skipped.)"""
+        command" to explain it. On a cluster INFO goes to one node (redis-py's default node):
+        the check sees that node's version. A reply without a version is skipped."""
         info = await self.client.info("server")
         version = info.get("redis_version") if isinstance(info, dict) else None
         if not isinstance(version, str):

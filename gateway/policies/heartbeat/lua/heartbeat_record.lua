@@ -126,8 +126,11 @@ bulk('ZADD', KEYS[6], join)
 -- Garbage collection at most once a second per route, as the memory twin does: every
 -- read compares scores with a cut-off, so pruned members are garbage either way, and
 -- four writes a call were a fifth of a one-heartbeat call. The idle expiry set then
--- (gc ms) is the mark: a TTL above gc - 1 s means it ran less than a second ago.
-if redis.call('PTTL', KEYS[2]) <= tonumber(gc) - 1000 then
+-- (gc ms) is the mark: a TTL above gc - 1 s means it ran less than a second ago. The
+-- seen set is shared with other routes, whose outcomes can empty (delete) it: one this
+-- call re-created has no TTL, and must get one now, not only when this route's mark is
+-- due (that may never come).
+if redis.call('PTTL', KEYS[2]) <= tonumber(gc) - 1000 or redis.call('PTTL', KEYS[1]) < 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
   redis.call('PEXPIRE', KEYS[1], gc)
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
