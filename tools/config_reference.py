@@ -70,7 +70,10 @@ EXTRA: dict[str, str] = {
     "bounded state (docs/redis.md#when-the-store-fails), open = as if there were no edge, "
     "closed = 503. Each policy may override it.",
     "StoreConfig.timeout": "Bound on every store call (no retries).",
-    "StoreConfig.max_connections": "Connections per process (per master on a cluster).",
+    "StoreConfig.max_connections": (
+        "Connections per process (per master on a cluster). On one server, script calls "
+        "(every hot path's) and plain commands each have up to this many."
+    ),
     "StoreConfig.memory_max_keys": "Key bound of the memory:// store (LRU beyond it).",
     "UpstreamConfig.url": "http(s) base URL, no query.",
     "UpstreamConfig.connect_timeout": "TCP/TLS connect timeout.",

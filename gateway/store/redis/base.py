@@ -369,24 +369,26 @@ class RedisStore(Store):
             keys, args = calls[0]
             return [await self._eval(script, keys, args)]
         sha = await self._sha(script)
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            # execute_command, not pipe.evalsha(): redis-py's ClusterPipeline blocks the
-            # evalsha() method (scripts may touch any key), but routes a raw EVALSHA by its
-            # declared keys, which is exactly the contract every Script keeps.
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        replies = await self._commands([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             # Send only those again (the others ran and must not run twice).
             head = await self._retry_head(script)
-            pipe = self.client.pipeline(transaction=False)
-            for i in missing:
-                keys, args = calls[i]
-                pipe.execute_command(*head, len(keys), *keys, *args)
-            for i, r in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+            again = [(*head, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in missing]
+            for i, r in zip(missing, await self._commands(again), strict=True):
                 replies[i] = r
         return replies
+
+    async def _commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send raw commands together (one write per server); a reply, or the error for
+        that command alone, per command."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            # execute_command, not pipe.evalsha(): redis-py's ClusterPipeline blocks the
+            # evalsha() method (scripts may touch any key), but routes a raw EVALSHA by its
+            # declared keys, which is exactly the contract every Script keeps.
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
 
     # ------------------------------------------------------------ lifecycle
 

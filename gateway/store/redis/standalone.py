@@ -1,16 +1,22 @@
 """One Redis server: `redis://`, `rediss://`, `unix://` (redis-py parses the URL).
 
 Owns: the single-server client with a blocking connection pool (callers queue for a
-connection inside `store.timeout`). Everything else is the RedisStore base's.
+connection inside `store.timeout`), and which way script calls take: the ScriptLane
+(gateway/store/redis/lane.py), with connections of the pool's class and arguments.
+Everything else is the RedisStore base's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
+from gateway.store.base import Script, ScriptArg
 from gateway.store.redis.base import RedisStore
+from gateway.store.redis.lane import ScriptLane
 
 
 class StandaloneRedisStore(RedisStore):
@@ -23,4 +29,23 @@ class StandaloneRedisStore(RedisStore):
             timeout=max(self.timeout, 0.001),
             **common,
         )
+        # Script calls (every hot path's) take the lane; other commands the pool. Each
+        # holds up to max_connections.
+        self.lane = ScriptLane(pool, max_connections)
         return aioredis.Redis(connection_pool=pool)
+
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        sha = await self._sha(script)
+        (reply,) = await self.lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
+        if isinstance(reply, NoScriptError):
+            return await self._on_noscript(script, keys, args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return await self.lane.call(commands)
+
+    async def close(self) -> None:
+        await self.lane.close()
+        await super().close()
