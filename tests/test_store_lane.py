@@ -123,3 +123,23 @@ def test_pack_is_redis_py_s_protocol_and_refuses_what_it_refuses() -> None:
     assert pack([args, args]) == b"".join(conn.pack_command(*args)) * 2
     with pytest.raises(DataError):
         pack([("EVALSHA", "a" * 40, 0, None)])
+
+
+async def test_close_closes_a_connection_in_use_when_its_call_ends(
+    private_redis_server: PrivateRedis,
+) -> None:
+    url = private_redis_server.url
+    store = lane_store(url, timeout=2.0)
+    await store.start()
+    slow = asyncio.ensure_future(store.run(SLOW_ECHO, [], ["late", 100]))
+    while store.lane._open == 0:  # until the call holds its connection
+        await asyncio.sleep(0)
+    await store.close()
+    assert await slow == b"late"  # the call in flight still gets its answer
+    with pytest.raises(StoreError):
+        await store.run(ECHO, [], ["after close"])
+    # ...and then its connection is closed, not kept (a real socket event, bounded).
+    deadline = time.monotonic() + 5
+    while await script_clients(url):
+        assert time.monotonic() < deadline, "the lane kept a connection after close"
+        await asyncio.sleep(0.01)

@@ -31,6 +31,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
 # One command: the arguments of one EVALSHA (name included).
@@ -62,6 +63,7 @@ class ScriptLane:
             collections.deque()
         )
         self._closing: set[asyncio.Future[None]] = set()  # disconnects under way
+        self._closed = False
 
     async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one write and read their replies in order: each reply, or
@@ -83,15 +85,28 @@ class ScriptLane:
             self._give(conn, clean)
 
     async def close(self) -> None:
+        """Close every connection: the free ones now, the ones in use when their call
+        ends; callers in line (and later ones) get redis-py's ConnectionError (an
+        outage). Never raises: a server that does not answer the close does not keep
+        the rest open."""
+        self._closed = True
+        while self._line:
+            waiter = self._line.popleft()
+            if not waiter.done():
+                waiter.set_exception(RedisConnectionError("the store is closed"))
         free, self._free = self._free, []
         self._open -= len(free)
         for conn in free:
-            await conn.disconnect()
+            self._discard(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # ------------------------------------------------------------ connections
 
     async def _take(self) -> AbstractConnection:
         conn: AbstractConnection | None
+        if self._closed:
+            raise RedisConnectionError("the store is closed")
         while self._free:
             conn = self._free.pop()
             if _usable(conn):
@@ -130,10 +145,13 @@ class ScriptLane:
             self._pass_on(conn)
             return
         # The reply may still come: nobody may read it as theirs.
+        self._discard(conn)
+        self._pass_on(None)
+
+    def _discard(self, conn: AbstractConnection) -> None:
         task = asyncio.ensure_future(conn.disconnect(nowait=True))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        self._pass_on(None)
 
     def _pass_on(self, conn: AbstractConnection | None) -> None:
         """A connection (or, None, its slot) to the first in line, or back."""
@@ -144,12 +162,16 @@ class ScriptLane:
                 return
         if conn is None:
             self._open -= 1
+        elif self._closed:
+            self._open -= 1
+            self._discard(conn)
         else:
             self._free.append(conn)
 
 
 def _usable(conn: AbstractConnection) -> bool:
-    """False when the server closed it while it sat idle (redis-py's pool finds that with
-    a read before it hands a connection out; the stream's EOF flag says the same free)."""
+    """False when the server closed or reset it while it sat idle (redis-py's pool finds
+    a close with a read before it hands a connection out; the stream's EOF flag and its
+    error say the same without one)."""
     reader = getattr(conn, "_reader", None)
-    return reader is not None and not reader.at_eof()
+    return reader is not None and not reader.at_eof() and reader.exception() is None

@@ -47,5 +47,7 @@ class StandaloneRedisStore(RedisStore):
         return await self.lane.call(commands)
 
     async def close(self) -> None:
-        await self.lane.close()
-        await super().close()
+        try:
+            await self.lane.close()
+        finally:
+            await super().close()
