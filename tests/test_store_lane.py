@@ -143,3 +143,13 @@ async def test_close_closes_a_connection_in_use_when_its_call_ends(
     while await script_clients(url):
         assert time.monotonic() < deadline, "the lane kept a connection after close"
         await asyncio.sleep(0.01)
+
+
+async def test_a_url_encoding_other_than_utf8_keeps_redis_py_s_packer(redis_url: str) -> None:
+    store = lane_store(redis_url + "?encoding=latin-1", timeout=1.0)
+    await store.start()
+    try:
+        # "é" goes out as one latin-1 byte, as redis-py would send it (UTF-8 has two).
+        assert await store.run(ECHO, [], ["é"]) == b"\xe9"
+    finally:
+        await store.close()

@@ -55,6 +55,17 @@ class ScriptLane:
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         cls: Any = pool.connection_class  # redis-py's connect() is untyped
         self._make: Callable[[], Any] = lambda: cls(**kwargs)
+        # hiredis encodes str as strict UTF-8: a URL that asks for another encoding keeps
+        # redis-py's packer (an unconnected connection's, with the pool's encoder).
+        self._pack: Callable[[Sequence[Command]], bytes] = pack
+        if (kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict")) != (
+            "utf-8",
+            "strict",
+        ):
+            proto = self._make()
+            self._pack = lambda cmds: b"".join(
+                bytes(part) for c in cmds for part in proto.pack_command(*c)
+            )
         self.size = size
         self._free: list[AbstractConnection] = []
         self._open = 0  # connections that exist or are being made
@@ -68,7 +79,7 @@ class ScriptLane:
     async def call(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one write and read their replies in order: each reply, or
         the ResponseError the server answered for that command alone."""
-        data = pack(commands)
+        data = self._pack(commands)
         conn = await self._take()
         clean = False
         try:
