@@ -49,6 +49,7 @@ from gateway.store.base import (
     StoreError,
     StoreHealth,
 )
+from gateway.store.redis.lane import ScriptLane
 
 log = logging.getLogger("gateway.store")
 
@@ -144,6 +145,9 @@ class RedisStore(Store):
         # Callers queue here for a connection when the client's pool does not block when
         # full (the wait stays inside `store.timeout`); None where the pool blocks.
         self._gate: asyncio.Semaphore | None = None
+        # Where script calls go when the topology has one (set by `_connect`): one
+        # server, or Sentinel's master (gateway/store/redis/lane.py); else redis-py.
+        self.lane: ScriptLane | None = None
         self.client: aioredis.Redis | RedisCluster = self._connect(
             max_connections,
             {
@@ -358,10 +362,17 @@ class RedisStore(Store):
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         sha = await self._sha(script)
-        try:
-            return await self.client.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
+        if self.lane is None:
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._on_noscript(script, keys, args)
+        (reply,) = await self.lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
+        if isinstance(reply, NoScriptError):
             return await self._on_noscript(script, keys, args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def _pipeline(self, script: Script, calls: list[Prefixed]) -> list[Any]:
         if len(calls) == 1:
@@ -382,6 +393,8 @@ class RedisStore(Store):
     async def _commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send raw commands together (one write per server); a reply, or the error for
         that command alone, per command."""
+        if self.lane is not None:
+            return await self.lane.call(commands)
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             # execute_command, not pipe.evalsha(): redis-py's ClusterPipeline blocks the
@@ -425,4 +438,8 @@ class RedisStore(Store):
             self._refresh_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._refresh_task
-        await self.client.aclose()
+        try:
+            if self.lane is not None:
+                await self.lane.close()
+        finally:
+            await self.client.aclose()

@@ -8,13 +8,10 @@ Everything else is the RedisStore base's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
-from gateway.store.base import Script, ScriptArg
 from gateway.store.redis.base import RedisStore
 from gateway.store.redis.lane import ScriptLane
 
@@ -33,21 +30,3 @@ class StandaloneRedisStore(RedisStore):
         # holds up to max_connections.
         self.lane = ScriptLane(pool, max_connections)
         return aioredis.Redis(connection_pool=pool)
-
-    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        sha = await self._sha(script)
-        (reply,) = await self.lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
-        if isinstance(reply, NoScriptError):
-            return await self._on_noscript(script, keys, args)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    async def _commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        return await self.lane.call(commands)
-
-    async def close(self) -> None:
-        try:
-            await self.lane.close()
-        finally:
-            await super().close()
