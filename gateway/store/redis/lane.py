@@ -1,7 +1,8 @@
 """The script calls' own way to one Redis server, past redis-py's per-command machinery.
 
-Owns: `ScriptLane`, the connections that carry StandaloneRedisStore's EVALSHA calls (one,
-or several pipelined in one write). Every hot path of the gateway ends in a script call
+Owns: `ScriptLane`, the connections that carry the EVALSHA calls (one, or several
+pipelined in one write) of the one-server and the Sentinel stores (RedisStore.lane; a
+cluster's calls keep redis-py's routing). Every hot path of the gateway ends in a script call
 (heartbeat record, rate-limit GCRA, refresh, cache), and redis-py's `execute_command`
 spent ~115-130 µs of Python on one EVALSHA (docs/performance.md, ninth session): the
 pool's lock and observability counters, the retry wrapper (the store allows no retries),
@@ -50,7 +51,13 @@ class ScriptLane:
     """Connections for script calls to the server of `pool` (whose class and arguments
     make them), at most `size` at once."""
 
-    def __init__(self, pool: aioredis.ConnectionPool, size: int) -> None:
+    def __init__(
+        self,
+        pool: aioredis.ConnectionPool,
+        size: int,
+        *,
+        drop_idle_on_failure: bool = False,
+    ) -> None:
         # No socket timeouts: the store's CallBudget bounds (and cancels) every call.
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         cls: Any = pool.connection_class  # redis-py's connect() is untyped
@@ -67,6 +74,10 @@ class ScriptLane:
                 bytes(part) for c in cmds for part in proto.pack_command(*c)
             )
         self.size = size
+        # Sentinel: a call that failed suggests the master is gone, and so are the idle
+        # connections to it; the next call connects afresh, asking the sentinels, instead
+        # of spending a budget on each idle one (redis-py's pool reconnects the same way).
+        self._drop_idle = drop_idle_on_failure
         self._free: list[AbstractConnection] = []
         self._open = 0  # connections that exist or are being made
         # Callers waiting for a connection: each gets one, or None (= make one).
@@ -158,6 +169,11 @@ class ScriptLane:
         # The reply may still come: nobody may read it as theirs.
         self._discard(conn)
         self._pass_on(None)
+        if self._drop_idle and self._free:
+            free, self._free = self._free, []
+            self._open -= len(free)
+            for idle in free:
+                self._discard(idle)
 
     def _discard(self, conn: AbstractConnection) -> None:
         task = asyncio.ensure_future(conn.disconnect(nowait=True))

@@ -1,8 +1,9 @@
 """Redis behind Sentinel: `redis+sentinel://host:port[,host:port...]/service_name[/db]`.
 
 Owns: the master-following client (`Sentinel.master_for`), the connection gate (its pool
-raises when full instead of blocking), and finding the master again in the background
-after an outage, so a dead first sentinel does not eat every call's budget.
+raises when full instead of blocking), the script lane on the master (gateway/store/redis/
+lane.py), and finding the master again in the background after an outage, so a dead
+first sentinel does not eat every call's budget.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
 from gateway.store.redis.base import RedisStore
+from gateway.store.redis.lane import ScriptLane
 from gateway.store.redis.url import parse_store_url
 
 
@@ -39,6 +41,13 @@ class SentinelRedisStore(RedisStore):
             password=parsed.password,
             db=parsed.db,
             **common,
+        )
+        # Script calls take the lane, on connections of the pool's class: they ask the
+        # sentinels for the master when they connect and turn a READONLY answer from a
+        # demoted one into a connection error. A failed call drops the idle ones too,
+        # so the next call connects afresh instead of trying each (see ScriptLane).
+        self.lane = ScriptLane(
+            client.connection_pool, max_connections + 4, drop_idle_on_failure=True
         )
         return client
 
