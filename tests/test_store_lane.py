@@ -131,8 +131,9 @@ async def test_close_closes_a_connection_in_use_when_its_call_ends(
     url = private_redis_server.url
     store = lane_store(url, timeout=2.0)
     await store.start()
+    assert await store.run(SLOW_ECHO, [], ["loaded", 0]) == b"loaded"
     slow = asyncio.ensure_future(store.run(SLOW_ECHO, [], ["late", 100]))
-    while store.lane._open == 0:  # until the call holds its connection
+    while store.lane._free:  # until the call has taken the (one) connection
         await asyncio.sleep(0)
     await store.close()
     assert await slow == b"late"  # the call in flight still gets its answer
@@ -152,4 +153,27 @@ async def test_a_url_encoding_other_than_utf8_keeps_redis_py_s_packer(redis_url:
         # "é" goes out as one latin-1 byte, as redis-py would send it (UTF-8 has two).
         assert await store.run(ECHO, [], ["é"]) == b"\xe9"
     finally:
+        await store.close()
+
+
+async def test_scripts_flushed_from_the_server_run_once_each_and_are_cached_again(
+    redis_url: str,
+) -> None:
+    # NOSCRIPT (a restart, SCRIPT FLUSH, a promoted replica): the lane's own connection
+    # runs the script with EVAL, which also caches it there; pipelined calls are sent
+    # again only if they answered NOSCRIPT, so each runs exactly once.
+    store = lane_store(redis_url, timeout=1.0)
+    await store.start()
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await store.incr("n") == 1
+        await raw.script_flush()
+        assert await store.incr("n") == 2
+        await raw.script_flush()
+        counted = Script("lane_count", "return redis.call('INCR', KEYS[1])", lambda *_: None)
+        assert await store.run_many(counted, [(["m"], []), (["m"], [])]) == [1, 2]
+        assert await store.run_many(counted, [(["m"], []), (["m"], [])]) == [3, 4]
+        assert await raw.get("t:m") == b"4"
+    finally:
+        await raw.aclose()
         await store.close()

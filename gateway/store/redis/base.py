@@ -198,12 +198,20 @@ class RedisStore(Store):
         self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
         """EVALSHA answered NOSCRIPT (Redis restarted, SCRIPT FLUSH, a promoted replica
-        that never saw it): load it and call again."""
-        sha = await self._load(script)
-        return await self.client.evalsha(sha, len(keys), *keys, *args)
+        that never saw it): load it and call again. On the lane, EVAL on the same
+        connection: it runs the script once and caches it on that server."""
+        if self.lane is None:
+            sha = await self._load(script)
+            return await self.client.evalsha(sha, len(keys), *keys, *args)
+        (reply,) = await self.lane.call([("EVAL", script.lua, len(keys), *keys, *args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def _retry_head(self, script: Script) -> tuple[str, ...]:
         """The command head for pipelined calls that answered NOSCRIPT."""
+        if self.lane is not None:
+            return ("EVAL", script.lua)
         return ("EVALSHA", await self._load(script))
 
     async def _send_batch(self, script: Script, calls: list[Prefixed]) -> list[Any]:
@@ -356,7 +364,15 @@ class RedisStore(Store):
     # ------------------------------------------------------------ scripts
 
     async def _load(self, script: Script) -> str:
-        sha = str(await self.client.script_load(script.lua))
+        if self.lane is None:
+            sha = str(await self.client.script_load(script.lua))
+        else:
+            # Where the calls go: the pool may be on another server (a former Sentinel
+            # master that is now a replica).
+            (reply,) = await self.lane.call([("SCRIPT", "LOAD", script.lua)])
+            if isinstance(reply, Exception):
+                raise reply
+            sha = reply.decode() if isinstance(reply, bytes) else str(reply)
         self._shas[script.name] = sha
         return sha
 

@@ -69,6 +69,8 @@ class SentinelRedisStore(RedisStore):
             await self._rediscover()
 
     async def close(self) -> None:
-        await super().close()
-        for s in self._sentinel.sentinels:
-            await s.aclose()
+        try:
+            await super().close()
+        finally:
+            for s in self._sentinel.sentinels:
+                await s.aclose()
