@@ -364,15 +364,9 @@ class RedisStore(Store):
     # ------------------------------------------------------------ scripts
 
     async def _load(self, script: Script) -> str:
-        if self.lane is None:
-            sha = str(await self.client.script_load(script.lua))
-        else:
-            # Where the calls go: the pool may be on another server (a former Sentinel
-            # master that is now a replica).
-            (reply,) = await self.lane.call([("SCRIPT", "LOAD", script.lua)])
-            if isinstance(reply, Exception):
-                raise reply
-            sha = reply.decode() if isinstance(reply, bytes) else str(reply)
+        # Through the pool even where calls take the lane: a server that never saw it
+        # answers NOSCRIPT, and the lane then runs it with EVAL (see _on_noscript).
+        sha = str(await self.client.script_load(script.lua))
         self._shas[script.name] = sha
         return sha
 
