@@ -203,10 +203,7 @@ class RedisStore(Store):
         if self.lane is None:
             sha = await self._load(script)
             return await self.client.evalsha(sha, len(keys), *keys, *args)
-        (reply,) = await self.lane.call([("EVAL", script.lua, len(keys), *keys, *args)])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return await self.lane.one(("EVAL", script.lua, len(keys), *keys, *args))
 
     async def _retry_head(self, script: Script) -> tuple[str, ...]:
         """The command head for pipelined calls that answered NOSCRIPT."""
@@ -372,17 +369,12 @@ class RedisStore(Store):
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         sha = await self._sha(script)
-        if self.lane is None:
-            try:
+        try:
+            if self.lane is None:
                 return await self.client.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._on_noscript(script, keys, args)
-        (reply,) = await self.lane.call([("EVALSHA", sha, len(keys), *keys, *args)])
-        if isinstance(reply, NoScriptError):
+            return await self.lane.one(("EVALSHA", sha, len(keys), *keys, *args))
+        except NoScriptError:
             return await self._on_noscript(script, keys, args)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
     async def _pipeline(self, script: Script, calls: list[Prefixed]) -> list[Any]:
         if len(calls) == 1:

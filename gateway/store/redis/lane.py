@@ -106,6 +106,13 @@ class ScriptLane:
         finally:
             self._give(conn, clean)
 
+    async def one(self, command: Command) -> Any:
+        """One command's reply; an error reply (ResponseError, NoScriptError) raised."""
+        (reply,) = await self.call([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     async def close(self) -> None:
         """Close every connection: the free ones now, the ones in use when their call
         ends; callers in line (and later ones) get redis-py's ConnectionError (an
@@ -116,10 +123,7 @@ class ScriptLane:
             waiter = self._line.popleft()
             if not waiter.done():
                 waiter.set_exception(RedisConnectionError("the store is closed"))
-        free, self._free = self._free, []
-        self._open -= len(free)
-        for conn in free:
-            self._discard(conn)
+        self._drop_free()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -134,7 +138,7 @@ class ScriptLane:
             if _usable(conn):
                 return conn
             self._open -= 1
-            await conn.disconnect(nowait=True)
+            self._discard(conn)
         if self._open < self.size:
             self._open += 1
             return await self._connect()
@@ -169,11 +173,14 @@ class ScriptLane:
         # The reply may still come: nobody may read it as theirs.
         self._discard(conn)
         self._pass_on(None)
-        if self._drop_idle and self._free:
-            free, self._free = self._free, []
-            self._open -= len(free)
-            for idle in free:
-                self._discard(idle)
+        if self._drop_idle:
+            self._drop_free()
+
+    def _drop_free(self) -> None:
+        free, self._free = self._free, []
+        self._open -= len(free)
+        for conn in free:
+            self._discard(conn)
 
     def _discard(self, conn: AbstractConnection) -> None:
         task = asyncio.ensure_future(conn.disconnect(nowait=True))
