@@ -45,6 +45,18 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
     await s.close()
 
 
+@pytest.fixture
+async def on_redis(redis_url: str) -> AsyncIterator[tuple[Store, redis.asyncio.Redis]]:
+    """The Redis store and a plain client on the same database, for what only Redis has
+    (TTLs)."""
+    s = RedisStore(redis_url, "t:", timeout=1.0)
+    await s.start()
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    yield s, raw
+    await raw.aclose()
+    await s.close()
+
+
 def b(x: Any) -> Any:
     """Redis-shaped results to plain Python (bytes stay bytes, numbers become int)."""
     if isinstance(x, list):
@@ -217,52 +229,40 @@ async def test_a_call_longer_than_a_slice_decides_each_heartbeat(store: Store) -
 
 
 async def test_redis_prunes_and_renews_the_idle_expiry_once_its_mark_is_a_second_old(
-    redis_url: str,
+    on_redis: tuple[Store, redis.asyncio.Redis],
 ) -> None:
     # Pruning runs when the route's idle expiry was set more than a second ago (its
     # TTL is the mark): stale members leave the sets and both TTLs are renewed.
-    store = RedisStore(redis_url, "t:", timeout=1.0)
-    await store.start()
-    raw = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        seen_k, fwd_k = ("t:" + k for k in _webinar_keys("w1", "r")[:2])
-        await record(store, T0, ["u:old", 0])
-        assert GC - 1000 < await raw.pttl(seen_k) <= GC
-        assert GC - 1000 < await raw.pttl(fwd_k) <= GC
-        # A second and more later (the mark's TTL lowered instead of waiting):
-        await raw.pexpire(fwd_k, GC - 5000)
-        await raw.pexpire(seen_k, GC - 5000)
-        later = T0 + WINDOW + 1
-        assert (await record(store, later, ["u:new", 0]))[1] == 1
-        assert await raw.zscore(seen_k, "u:old") is None
-        assert await raw.zscore(fwd_k, "u:old") is None
-        assert await raw.zscore(seen_k, "u:new") == later
-        assert GC - 1000 < await raw.pttl(seen_k) <= GC
-        assert GC - 1000 < await raw.pttl(fwd_k) <= GC
-    finally:
-        await raw.aclose()
-        await store.close()
+    store, raw = on_redis
+    seen_k, fwd_k = ("t:" + k for k in _webinar_keys("w1", "r")[:2])
+    await record(store, T0, ["u:old", 0])
+    assert GC - 1000 < await raw.pttl(seen_k) <= GC
+    assert GC - 1000 < await raw.pttl(fwd_k) <= GC
+    # A second and more later (the mark's TTL lowered instead of waiting):
+    await raw.pexpire(fwd_k, GC - 5000)
+    await raw.pexpire(seen_k, GC - 5000)
+    later = T0 + WINDOW + 1
+    assert (await record(store, later, ["u:new", 0]))[1] == 1
+    assert await raw.zscore(seen_k, "u:old") is None
+    assert await raw.zscore(fwd_k, "u:old") is None
+    assert await raw.zscore(seen_k, "u:new") == later
+    assert GC - 1000 < await raw.pttl(seen_k) <= GC
+    assert GC - 1000 < await raw.pttl(fwd_k) <= GC
 
 
 async def test_redis_seen_set_recreated_within_the_second_gets_its_expiry(
-    redis_url: str,
+    on_redis: tuple[Store, redis.asyncio.Redis],
 ) -> None:
     # Another route's negative outcome can remove the last viewer of the shared seen
     # set (deleting it); this route's next call re-creates it while its own mark is
     # fresh: the set must still get its idle expiry, or it would never expire.
-    store = RedisStore(redis_url, "t:", timeout=1.0)
-    await store.start()
-    raw = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        keys = _webinar_keys("w1", "r")
-        seen_k = "t:" + keys[0]
-        await record(store, T0, ["u:a", 0])
-        other = _webinar_keys("w1", "other")
-        blob = b"%d|403|application/json|{}" % (T0 + 60_000)
-        await store.run(OUTCOME, _outcome_keys(other), ["neg", "u:a", blob, GC])
-        assert await raw.exists(seen_k) == 0
-        await record(store, T0 + 1, ["u:b", 0])
-        assert GC - 1000 < await raw.pttl(seen_k) <= GC
-    finally:
-        await raw.aclose()
-        await store.close()
+    store, raw = on_redis
+    keys = _webinar_keys("w1", "r")
+    seen_k = "t:" + keys[0]
+    await record(store, T0, ["u:a", 0])
+    other = _webinar_keys("w1", "other")
+    blob = b"%d|403|application/json|{}" % (T0 + 60_000)
+    await store.run(OUTCOME, _outcome_keys(other), ["neg", "u:a", blob, GC])
+    assert await raw.exists(seen_k) == 0
+    await record(store, T0 + 1, ["u:b", 0])
+    assert GC - 1000 < await raw.pttl(seen_k) <= GC

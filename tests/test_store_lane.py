@@ -5,7 +5,9 @@ killed), real sockets; what is checked is what a caller of the store sees."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -33,6 +35,17 @@ def lane_store(url: str, **kw: float) -> StandaloneRedisStore:
     return store
 
 
+@contextlib.asynccontextmanager
+async def started(url: str, **kw: float) -> AsyncIterator[StandaloneRedisStore]:
+    """A started lane store, closed after."""
+    store = lane_store(url, **kw)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def script_clients(url: str) -> int:
     """Connections whose last command was a script call (the lane's)."""
     async with aioredis.Redis.from_url(url) as raw:
@@ -44,9 +57,7 @@ async def test_a_call_cut_short_never_hands_its_reply_to_the_next(
 ) -> None:
     # Frozen Redis: the call is written and its budget runs out before the reply. Thawed,
     # that reply arrives on the old connection; the next call must get its own answer.
-    store = lane_store(private_redis_server.url, timeout=0.05)
-    await store.start()
-    try:
+    async with started(private_redis_server.url, timeout=0.05) as store:
         assert await store.run(ECHO, [], ["warm"]) == b"warm"
         private_redis_server.freeze()
         try:
@@ -56,25 +67,17 @@ async def test_a_call_cut_short_never_hands_its_reply_to_the_next(
             private_redis_server.thaw()
         assert await store.run(ECHO, [], ["B"]) == b"B"
         assert await store.run_many(ECHO, [([], ["C"]), ([], ["D"])]) == [b"C", b"D"]
-    finally:
-        await store.close()
 
 
 async def test_calls_beyond_its_size_wait_in_line_and_each_gets_its_answer(
     private_redis_server: PrivateRedis,
 ) -> None:
     url = private_redis_server.url
-    store = lane_store(url, timeout=2.0, max_connections=2)
-    await store.start()
-    try:
-        answers = await asyncio.gather(
-            *(store.run(SLOW_ECHO, [], [f"v{i}", 2]) for i in range(12))
-        )
+    async with started(url, timeout=2.0, max_connections=2) as store:
+        answers = await asyncio.gather(*(store.run(SLOW_ECHO, [], [f"v{i}", 2]) for i in range(12)))
         assert answers == [f"v{i}".encode() for i in range(12)]
         # No more than two connections carried them.
         assert await script_clients(url) == 2
-    finally:
-        await store.close()
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_call(
@@ -82,9 +85,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_ca
 ) -> None:
     # As after a Redis restart or an idle timeout: the next call must not fail on it.
     url = private_redis_server.url
-    store = lane_store(url, timeout=1.0)
-    await store.start()
-    try:
+    async with started(url, timeout=1.0) as store:
         assert await store.run(ECHO, [], ["before"]) == b"before"
         async with aioredis.Redis.from_url(url) as raw:
             assert await raw.client_kill_filter(_type="normal", skipme=True) >= 1
@@ -94,25 +95,19 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_ca
             assert time.monotonic() < deadline, "the server's close never arrived"
             await asyncio.sleep(0.01)
         assert await store.run(ECHO, [], ["after"]) == b"after"
-    finally:
-        await store.close()
 
 
 async def test_script_errors_are_answers_and_leave_the_connection_in_use(
     redis_url: str,
 ) -> None:
-    store = lane_store(redis_url, timeout=1.0)
-    await store.start()
     broken = Script("lane_broken", "return redis.call('NOSUCHCOMMAND')", lambda *_: None)
-    try:
+    async with started(redis_url, timeout=1.0) as store:
         with pytest.raises(StoreError) as err:
             await store.run(broken, [], [])
         assert err.value.kind != "timeout"
         replies = await store.run_many(ECHO, [([], ["x"]), ([], ["y"])])
         assert replies == [b"x", b"y"]
         assert store.lane._open == 1
-    finally:
-        await store.close()
 
 
 def test_pack_is_redis_py_s_protocol_and_refuses_what_it_refuses() -> None:
@@ -147,13 +142,9 @@ async def test_close_closes_a_connection_in_use_when_its_call_ends(
 
 
 async def test_a_url_encoding_other_than_utf8_keeps_redis_py_s_packer(redis_url: str) -> None:
-    store = lane_store(redis_url + "?encoding=latin-1", timeout=1.0)
-    await store.start()
-    try:
+    async with started(redis_url + "?encoding=latin-1", timeout=1.0) as store:
         # "é" goes out as one latin-1 byte, as redis-py would send it (UTF-8 has two).
         assert await store.run(ECHO, [], ["é"]) == b"\xe9"
-    finally:
-        await store.close()
 
 
 async def test_scripts_flushed_from_the_server_run_once_each_and_are_cached_again(
@@ -162,10 +153,10 @@ async def test_scripts_flushed_from_the_server_run_once_each_and_are_cached_agai
     # NOSCRIPT (a restart, SCRIPT FLUSH, a promoted replica): the lane's own connection
     # runs the script with EVAL, which also caches it there; pipelined calls are sent
     # again only if they answered NOSCRIPT, so each runs exactly once.
-    store = lane_store(redis_url, timeout=1.0)
-    await store.start()
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
+    async with (
+        started(redis_url, timeout=1.0) as store,
+        aioredis.Redis.from_url(redis_url) as raw,
+    ):
         assert await store.incr("n") == 1
         await raw.script_flush()
         assert await store.incr("n") == 2
@@ -174,6 +165,3 @@ async def test_scripts_flushed_from_the_server_run_once_each_and_are_cached_agai
         assert await store.run_many(counted, [(["m"], []), (["m"], [])]) == [1, 2]
         assert await store.run_many(counted, [(["m"], []), (["m"], [])]) == [3, 4]
         assert await raw.get("t:m") == b"4"
-    finally:
-        await raw.aclose()
-        await store.close()
