@@ -137,8 +137,13 @@ def redis_side(url: str | None) -> tuple[int, int, float] | None:
     import redis  # the gateway's dependency; only the Redis runs need it
 
     with redis.Redis.from_url(url) as r:
-        stats: Any = r.info("commandstats")
-        cpu: Any = r.info("cpu")
+        return redis_counters(r)
+
+
+def redis_counters(r: Any) -> tuple[int, int, float]:
+    """EVALSHA calls, their µs and the server's CPU seconds, from client `r`."""
+    stats: Any = r.info("commandstats")
+    cpu: Any = r.info("cpu")
     row = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
     return int(row["calls"]), int(row["usec"]), cpu["used_cpu_user"] + cpu["used_cpu_sys"]
 

@@ -23,9 +23,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from heartbeat import redis_counters
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = "gateway/policies/heartbeat/lua/heartbeat_record.lua"
@@ -40,16 +43,10 @@ def keys(tag: str) -> list[str]:
     return [p + k for k in ("seen", "fwd:r", "neg:r", "dirty:r", "ix:r", "join:r")]
 
 
-def evalsha_usec(r: redis.Redis) -> tuple[int, int]:
-    stats: Any = r.info("commandstats")
-    row = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
-    return int(row["calls"]), int(row["usec"])
-
-
 def run(r: redis.Redis, sha: str, tag: str, batch: int, pings: int, start: int) -> float:
     """Send `pings` heartbeats `batch` a call; returns Redis µs a ping."""
     ks = keys(tag)
-    calls0, usec0 = evalsha_usec(r)
+    calls0, usec0, _ = redis_counters(r)
     now = T0
     sent = 0
     for call in range(pings // batch):
@@ -58,7 +55,7 @@ def run(r: redis.Redis, sha: str, tag: str, batch: int, pings: int, start: int) 
         sent += batch
         args = [now, INTERVAL_MS, now - INTERVAL_MS, now - WINDOW_MS, 0, 30_000, 3_600_000, items]
         r.evalsha(sha, len(ks), *ks, *args)
-    calls1, usec1 = evalsha_usec(r)
+    calls1, usec1, _ = redis_counters(r)
     assert calls1 - calls0 == pings // batch
     return (usec1 - usec0) / sent
 
