@@ -31,7 +31,7 @@ class SentinelRedisStore(RedisStore):
         sentinel_kwargs = {
             k: v for k, v in common.items() if k.startswith("socket_") or k == "retry"
         }
-        self._sentinel = Sentinel(parsed.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        self._sentinel = Sentinel(parsed.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         self._service = parsed.service
         client: aioredis.Redis = self._sentinel.master_for(
             parsed.service,
