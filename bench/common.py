@@ -145,7 +145,8 @@ def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of a process's live children (every thread's)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(OSError):
@@ -165,7 +166,7 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         # utime and stime are fields 14 and 15 of /proc/PID/stat; [0] here is field 3.
         total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        stack += _children(p)
+        stack += children(p)
     return total
 
 
