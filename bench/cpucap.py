@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 from pathlib import Path
 
 from common import children
@@ -72,22 +73,33 @@ class CpuCap:
             raise CpuCapError(f"cannot make {group}: {exc}") from exc
         self.groups.append(group)
         quota = max(1000, round(self.share * PERIOD_US))
-        if (group / "cpu.cfs_quota_us").exists() or (self.root / "cpu.cfs_quota_us").exists():
-            # v1: the period first (a quota above the old period's is fine either way).
-            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (group / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-        (group / "cgroup.procs").write_text(str(pid))
+        try:
+            if (self.root / "cpu.cfs_quota_us").exists():
+                # v1: the period first (a quota above the old period's is fine either way).
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:  # e.g. the process is gone (ESRCH)
+            raise CpuCapError(f"cannot hold pid {pid} in {group}: {exc}") from exc
 
     def close(self) -> None:
+        """Move every held process back to the root group and remove the groups; a group
+        that cannot be removed is named on stderr (it would stay on the machine)."""
+        left = []
         for group in self.groups:
             with contextlib.suppress(OSError):
                 for pid in (group / "cgroup.procs").read_text().split():
-                    (self.root / "cgroup.procs").write_text(pid)
-            with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):  # one that exited meanwhile
+                        (self.root / "cgroup.procs").write_text(pid)
+            try:
                 group.rmdir()
+            except OSError:
+                left.append(str(group))
         self.groups = []
+        if left:
+            print(f"cpucap: could not remove {', '.join(left)}", file=sys.stderr)
 
     def __enter__(self) -> CpuCap:
         return self
@@ -96,12 +108,21 @@ class CpuCap:
         self.close()
 
 
-def worker_pids(pid: int) -> list[int]:
-    """The gateway's serving processes: its `multiprocessing` spawn children when it
-    supervises workers (`server.workers > 1`), else the process itself."""
+def worker_pids(pid: int, expected: int) -> list[int]:
+    """The gateway's `expected` serving processes: its `multiprocessing` spawn children
+    when it supervises workers (`server.workers > 1`), else the process itself. Anything
+    else is an error: holding the supervisor while its workers run free would make the
+    two-worker figure look better than it is, silently."""
     workers = []
     for child in children(pid):
         with contextlib.suppress(OSError):
             if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                 workers.append(child)
-    return workers or [pid]
+    if expected == 1 and not workers:
+        return [pid]
+    if len(workers) != expected or expected == 1:
+        raise CpuCapError(
+            f"expected {expected} serving process(es) under pid {pid}, found spawned workers "
+            f"{workers}"
+        )
+    return workers

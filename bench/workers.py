@@ -50,7 +50,7 @@ from common import (
     static_upstream,
     uptime,
 )
-from cpucap import CpuCap, CpuCapError, worker_pids
+from cpucap import CpuCap, CpuCapError, find_root, worker_pids
 from heartbeat import ISSUER, SECRET, hb_config, wrk_script
 
 TARGET = 1.8
@@ -91,14 +91,14 @@ def scaling(one: WrkResult, two: WrkResult, cpus: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _held(pid: int, args: argparse.Namespace) -> Iterator[list[int]]:
+def _held(pid: int, workers: int, args: argparse.Namespace) -> Iterator[list[int]]:
     """With --worker-cpu, each of the gateway's serving processes in its own capped group
     (the supervisor, which serves nothing, stays free); yields the held pids."""
     if args.worker_cpu is None:
         yield []
         return
     with CpuCap(args.worker_cpu) as cap:
-        pids = worker_pids(pid)
+        pids = worker_pids(pid, workers)
         for worker in pids:
             cap.hold(worker)
         yield pids
@@ -114,7 +114,7 @@ def _measure(args: argparse.Namespace, upstream: str, script: Path | None) -> li
             gw = stack.enter_context(
                 gateway(_config(upstream, args.redis, workers, args.shed), python=args.python)
             )
-            held = stack.enter_context(_held(gw.proc.pid, args))
+            held = stack.enter_context(_held(gw.proc.pid, workers, args))
             if held:
                 print(f"  {workers} worker(s): held pids {held}")
             gws[workers] = gw
@@ -129,6 +129,8 @@ def _measure(args: argparse.Namespace, upstream: str, script: Path | None) -> li
                     urls[workers], 100, 2, args.duration, cpu_pid=pid, script=script
                 )
                 print_result(f"round {i + 1}, {workers} worker(s)", got[workers], width=24)
+            if not got[1].rps:
+                raise BenchError("one worker served nothing: no ratio to take")
             pairs.append((got[1], got[2]))
     return pairs
 
@@ -172,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     require_tools()
     print(f"workers bench — {os.cpu_count()} CPUs — {uptime()}", flush=True)
     if args.worker_cpu is not None:
-        print(f"each worker held to {args.worker_cpu} of a core (cgroup CPU bandwidth)")
+        try:
+            # Before nginx and the gateways start: a machine that cannot hold them says so.
+            print(f"each worker held to {args.worker_cpu} of a core (cgroups in {find_root()})")
+        except CpuCapError as exc:
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     script = None
     if args.shed:

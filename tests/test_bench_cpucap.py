@@ -46,14 +46,43 @@ def test_v2_group_gets_cpu_max(tmp_path: Path) -> None:
     assert (cap.groups[0] / "cpu.max").read_text() == f"{PERIOD_US // 4} {PERIOD_US}"
 
 
-def test_close_moves_held_processes_back_to_the_root_group(tmp_path: Path) -> None:
+def test_close_moves_held_processes_back_and_removes_the_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _v1_root(tmp_path)
+    removed: list[Path] = []
+    # A real group is removed with its control files in it; a stand-in directory is not.
+    monkeypatch.setattr(Path, "rmdir", lambda self: removed.append(self))
     with CpuCap(0.5, root=root) as cap:
         cap.hold(11)
+        groups = list(cap.groups)
     assert (root / "cgroup.procs").read_text() == "11"
-    # (A real group is removed too; a stand-in directory with files in it cannot be, and
-    # close() goes on quietly, as it must for a group the kernel still holds.)
+    assert removed == groups
     assert cap.groups == []
+
+
+def test_a_group_left_behind_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cap = CpuCap(0.5, root=_v1_root(tmp_path))
+    cap.hold(12)
+    group = cap.groups[0]
+    cap.close()  # the stand-in still holds files: rmdir fails, as for a busy real group
+    assert f"could not remove {group}" in capsys.readouterr().err
+
+
+def test_a_process_that_cannot_be_held_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = CpuCap(0.5, root=_v1_root(tmp_path))
+    real_mkdir = Path.mkdir
+
+    def group_with_unwritable_procs(self: Path) -> None:
+        # The write into cgroup.procs fails, as the kernel's does for a pid that is gone.
+        real_mkdir(self)
+        real_mkdir(self / "cgroup.procs")
+
+    monkeypatch.setattr(Path, "mkdir", group_with_unwritable_procs)
+    with pytest.raises(CpuCapError, match="cannot hold pid 13"):
+        cap.hold(13)
 
 
 def test_no_cpu_controller_is_a_clear_error(tmp_path: Path) -> None:
@@ -71,28 +100,30 @@ def test_a_share_outside_one_core_is_refused(tmp_path: Path) -> None:
             CpuCap(share, root=root)
 
 
-def test_worker_pids_are_the_spawned_children_or_the_process_itself() -> None:
-    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(30,))
-    child.start()
+def test_worker_pids_are_the_spawned_workers_and_nothing_else() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    # A semaphore makes multiprocessing start its resource tracker, as the supervisor's
+    # Events do: a child that must not be taken for a worker.
+    ready = ctx.Event()
+    workers = [ctx.Process(target=time.sleep, args=(30,)) for _ in range(2)]
+    for w in workers:
+        w.start()
     lone = subprocess.Popen(["sleep", "30"])
     try:
-        # The supervisor's workers are multiprocessing spawn children.
-        assert child.pid in worker_pids(os.getpid())
-        assert lone.pid not in worker_pids(os.getpid())
+        assert sorted(worker_pids(os.getpid(), 2)) == sorted(w.pid for w in workers)
+        # Not what the caller expects: an error, not a guess.
+        with pytest.raises(CpuCapError, match="expected 3"):
+            worker_pids(os.getpid(), 3)
+        with pytest.raises(CpuCapError, match="expected 1"):
+            worker_pids(os.getpid(), 1)
         # A single-process gateway serves itself.
-        assert worker_pids(lone.pid) == [lone.pid]
+        assert worker_pids(lone.pid, 1) == [lone.pid]
+        with pytest.raises(CpuCapError):
+            worker_pids(lone.pid, 2)
     finally:
-        child.kill()
+        ready.set()
+        for w in workers:
+            w.kill()
+            w.join(5)
         lone.kill()
-        child.join(5)
         lone.wait(5)
-
-
-def test_two_caps_in_one_process_make_distinct_groups(tmp_path: Path) -> None:
-    # bench/workers.py holds the one-worker and the two-worker gateway at once.
-    root = _v1_root(tmp_path)
-    with CpuCap(0.5, root=root) as one, CpuCap(0.5, root=root) as two:
-        one.hold(1)
-        two.hold(2)
-        two.hold(3)
-        assert len({*one.groups, *two.groups}) == 3
