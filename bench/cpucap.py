@@ -11,8 +11,8 @@ shared. It is the smaller-scale version of "a core per worker, load elsewhere".
 
 Each held process gets a cgroup of its own under the CPU controller (cgroup v1's
 `cpu.cfs_quota_us`/`cpu.cfs_period_us`, or v2's `cpu.max`), with the kernel's default
-100 ms period. Needs root. `CpuCap.close()` moves
-any process still held back to the root group and removes the groups it made.
+100 ms period. Needs root. `CpuCap.close()` moves any process still held back to the root
+group and removes the groups it made.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class CpuCap:
             raise ValueError("share must be in (0, 1]")
         self.share = share
         self.root = root if root is not None else find_root()
+        # find_root's test for v1: its groups take a period and a quota, v2's cpu.max.
+        self.v1 = (self.root / "cpu.cfs_quota_us").exists()
         self.groups: list[Path] = []
 
     def hold(self, pid: int) -> None:
@@ -74,8 +76,8 @@ class CpuCap:
         self.groups.append(group)
         quota = max(1000, round(self.share * PERIOD_US))
         try:
-            if (self.root / "cpu.cfs_quota_us").exists():
-                # v1: the period first (a quota above the old period's is fine either way).
+            if self.v1:
+                # The period first (a quota above the old period's is fine either way).
                 (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
                 (group / "cpu.cfs_quota_us").write_text(str(quota))
             else:
@@ -120,9 +122,9 @@ def worker_pids(pid: int, expected: int) -> list[int]:
                 workers.append(child)
     if expected == 1 and not workers:
         return [pid]
-    if len(workers) != expected or expected == 1:
-        raise CpuCapError(
-            f"expected {expected} serving process(es) under pid {pid}, found spawned workers "
-            f"{workers}"
-        )
-    return workers
+    if expected > 1 and len(workers) == expected:
+        return workers
+    raise CpuCapError(
+        f"expected {expected} serving process(es) under pid {pid}, found spawned workers "
+        f"{workers}"
+    )

@@ -5,8 +5,8 @@ with two workers (Redis store, the catch-all route with `auth: optional`, access
 runs wrk (-t2 -c100) against each after a warm-up, in `--rounds` rounds that alternate
 which goes first, and prints requests/s, CPU µs per request (the whole process tree:
 supervisor and workers) and the median round's two-worker / one-worker requests/s ratio
-with the spread over the rounds (issue 20's target: >= 1.8 on two cores). With --shed the request is
-bench/heartbeat.py's presence ping (verified token, heartbeat absorbed) instead.
+with the spread over the rounds (issue 20's target: >= 1.8 on two cores). With --shed the
+request is bench/heartbeat.py's presence ping (verified token, heartbeat absorbed) instead.
 
     .venv/bin/python bench/workers.py --redis redis://127.0.0.1:6379/12
     .venv/bin/python bench/workers.py --redis redis://127.0.0.1:6379/12 --shed --quick
@@ -91,13 +91,13 @@ def scaling(one: WrkResult, two: WrkResult, cpus: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _held(pid: int, workers: int, args: argparse.Namespace) -> Iterator[list[int]]:
-    """With --worker-cpu, each of the gateway's serving processes in its own capped group
-    (the supervisor, which serves nothing, stays free); yields the held pids."""
-    if args.worker_cpu is None:
+def _held(pid: int, workers: int, share: float | None) -> Iterator[list[int]]:
+    """With a share (--worker-cpu), each of the gateway's serving processes in its own
+    capped group (the supervisor, which serves nothing, stays free); yields the held pids."""
+    if share is None:
         yield []
         return
-    with CpuCap(args.worker_cpu) as cap:
+    with CpuCap(share) as cap:
         pids = worker_pids(pid, workers)
         for worker in pids:
             cap.hold(worker)
@@ -114,7 +114,7 @@ def _measure(args: argparse.Namespace, upstream: str, script: Path | None) -> li
             gw = stack.enter_context(
                 gateway(_config(upstream, args.redis, workers, args.shed), python=args.python)
             )
-            held = stack.enter_context(_held(gw.proc.pid, workers, args))
+            held = stack.enter_context(_held(gw.proc.pid, workers, args.worker_cpu))
             if held:
                 print(f"  {workers} worker(s): held pids {held}")
             gws[workers] = gw
